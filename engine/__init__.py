@@ -1,0 +1,13 @@
+"""A minimal GPT-2 inference runtime: checkpoints, tokenizer, static KV cache, generation, CLI."""
+
+from .config import CONFIGS, GPT2Config
+from .errors import CheckpointError, ConfigError, ContextLengthError, EngineError
+from .generation import GenerationOutput, generate
+from .loader import load_model
+from .model import GPT2
+from .tokenizer import EOT_ID, decode, encode
+
+__all__ = [
+    "CONFIGS", "EOT_ID", "GPT2", "CheckpointError", "ConfigError", "ContextLengthError", "EngineError",
+    "GPT2Config", "GenerationOutput", "decode", "encode", "generate", "load_model",
+]

@@ -1,0 +1,74 @@
+"""The one table that decides which implementation runs each op of the model.
+
+``eager`` is plain PyTorch (the reference, and the CPU path); ``triton`` swaps in our fused
+kernels op by op. Nothing else in the runtime knows which backend runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import kernels
+
+
+# Below this many rows, CPU fp16 GEMV beats fp32; above it, fp16 GEMM is many times slower than
+# upcasting to fp32 (no native fp16 FMA on AVX-512 CPUs; 4x at 32 rows, 5x at 512, measured here).
+CPU_FP16_GEMV_MAX_ROWS = 16
+
+
+def eager_linear(x, weight, bias=None, activation=None, residual=None):
+    """``kernels.linear_ref``, upcast to fp32 for fp16 GEMMs on CPU, where that is faster."""
+    if x.device.type == "cpu" and x.dtype == torch.float16 and x.numel() > CPU_FP16_GEMV_MAX_ROWS * x.shape[-1]:
+        r = residual.float() if residual is not None else None
+        b = bias.float() if bias is not None else None
+        return kernels.linear_ref(x.float(), weight.float(), b, activation, r).to(x.dtype)
+    return kernels.linear_ref(x, weight, bias, activation, residual)
+
+
+def eager_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None):
+    h = eager_linear(x, fc_weight, fc_bias, activation="gelu_tanh")
+    return eager_linear(h, proj_weight, proj_bias, residual=residual)
+
+
+@dataclass(frozen=True)
+class Ops:
+    layer_norm: Callable        # (x, w, b, eps) -> y
+    add_layer_norm: Callable    # (x, residual, w, b, eps) -> (y, x + residual)
+    linear: Callable            # (x, w, b, activation=None, residual=None) -> y
+    gelu_mlp: Callable          # (x, fc_w, fc_b, proj_w, proj_b, residual=None) -> y
+    attention: Callable         # (q, k, v, causal=True) -> o, prefill
+    decode_attention: Callable  # (q, k_cache, v_cache, cache_lens) -> o
+    sample: Callable            # (logits, temperature, top_k, top_p, seed, offset) -> tokens
+
+
+EAGER = Ops(
+    layer_norm=kernels.layer_norm_ref,
+    add_layer_norm=kernels.add_layer_norm_ref,
+    linear=eager_linear,
+    gelu_mlp=eager_gelu_mlp,
+    attention=kernels.flash_attention_ref,
+    decode_attention=kernels.decode_attention_ref,
+    sample=kernels.sample_ref,
+)
+
+# Ops without a Triton kernel yet run their eager reference.
+TRITON = Ops(
+    layer_norm=kernels.layer_norm_ref,
+    add_layer_norm=kernels.add_layer_norm_ref,
+    linear=kernels.linear_ref,
+    gelu_mlp=kernels.gelu_mlp_ref,
+    attention=kernels.flash_attention_ref,
+    decode_attention=kernels.decode_attention_ref,
+    sample=kernels.sample_ref,
+)
+
+BACKENDS: dict[str, Ops] = {"eager": EAGER, "triton": TRITON}
+
+
+def get_backend(name: str) -> Ops:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]

@@ -1,0 +1,81 @@
+"""``load_model``: a checkpoint source, a device, a dtype and a backend -> a ready GPT2."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .backends import get_backend
+from .errors import EngineError
+from .model import GPT2
+from .weights import load_state_dict
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# On CPU, fp16 matmuls run ~5x faster than fp32 here (AVX-512 fp16 conversion, half the bytes) and
+# greedy tokens still match fp32 on the parity tests; see benchmarks/results/cpu.
+CPU_DEFAULT_DTYPE = torch.float16
+GPU_DEFAULT_DTYPE = torch.float16
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return GPU_DEFAULT_DTYPE if device.type == "cuda" else CPU_DEFAULT_DTYPE
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise EngineError(f"unknown dtype {dtype!r}; choose one of float32, float16, bfloat16")
+        return DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise EngineError(f"unsupported dtype {dtype}; choose torch.float32, torch.float16 or torch.bfloat16")
+    return dtype
+
+
+def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, backend: str = "eager", seed: int = 0) -> GPT2:
+    """Load GPT-2 weights and build the model, ready for inference.
+
+    source: a local HF directory, a hub name (``gpt2``, ``openai-community/gpt2-xl``) or
+    ``random:<size>`` (seeded random weights, no network). device: default cuda when available.
+    dtype: float32/float16/bfloat16, default float16 on both CPU and GPU. backend: ``eager`` or
+    ``triton``. The model records its load time in ``model.load_seconds``.
+    """
+    start = time.perf_counter()
+    try:
+        device = torch.device(device) if device is not None else default_device()
+    except RuntimeError as e:
+        raise EngineError(f"invalid device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device cuda was requested but this PyTorch sees no CUDA GPU")
+    dtype = parse_dtype(dtype, device)
+    ops = get_backend(backend)
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise EngineError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU)")
+    config, state = load_state_dict(source, seed=seed)
+    with torch.device("meta"):
+        model = GPT2(config, ops)
+    state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False).eval()
+    if device.type == "cpu" and dtype == torch.float32:
+        _use_input_major_weights(model)
+    model.load_seconds = time.perf_counter() - start
+    return model
+
+
+def _use_input_major_weights(model: GPT2) -> None:
+    """Store every matmul weight [in, out]-contiguous, seen as its [out, in] transpose.
+
+    On CPU, MKL's fp32 GEMV streams ``x @ W[in, out]`` at ~19 GB/s but ``x @ W[out, in].T`` at ~11
+    (measured on the 2-core CI machine); fp16/bf16 prefer [out, in], as do the GPU kernels. The
+    tied lm_head gets its own [in, out] copy since the embedding lookup needs ``wte`` row-major.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
+    model.lm_head_weight = model.wte.weight.t().contiguous().t()

@@ -1,0 +1,132 @@
+"""GPT-2 (pre-LN transformer) whose every op goes through the backend's ``Ops`` table.
+
+The residual stream is carried beside the normalised activations so that every residual add is
+fused with the LayerNorm that follows it (``add_layer_norm``): embeddings -> ln_1 -> attention ->
+add+ln_2 -> MLP -> add+ln_1 of the next layer ... -> add+ln_f -> lm_head (tied to ``wte``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .backends import Ops
+from .cache import StaticKVCache
+from .config import GPT2Config
+
+# attend(layer, q, k, v) -> o, all (B, H, T, D)
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model. Parameters are named as HF's, with linear weights stored [out, in]."""
+
+    def __init__(self, config: GPT2Config, ops: Ops):
+        super().__init__()
+        self.config = config
+        self.ops = ops
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head_weight: torch.Tensor | None = None  # (vocab, C); None means wte itself (tied)
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """Hidden states after ln_f. input_ids (B, T) int64; positions (B, T) or (T,). Returns (B, T, C)."""
+        ops, cfg, eps = self.ops, self.config, self.config.layer_norm_epsilon
+        resid = self.wte.weight[input_ids] + self.wpe.weight[positions]
+        b, t, c = resid.shape
+        h = ops.layer_norm(resid, self.h[0].ln_1.weight, self.h[0].ln_1.bias, eps)
+        next_norms = [blk.ln_1 for blk in self.h[1:]] + [self.ln_f]
+        for i, (blk, next_norm) in enumerate(zip(self.h, next_norms)):
+            qkv = ops.linear(h, blk.attn.c_attn.weight, blk.attn.c_attn.bias)
+            q, k, v = qkv.view(b, t, 3, cfg.n_head, cfg.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+            o = attend(i, q, k, v).transpose(1, 2).reshape(b, t, c)
+            a = ops.linear(o, blk.attn.c_proj.weight, blk.attn.c_proj.bias)
+            h, resid = ops.add_layer_norm(a, resid, blk.ln_2.weight, blk.ln_2.bias, eps)
+            m = ops.gelu_mlp(h, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias)
+            h, resid = ops.add_layer_norm(m, resid, next_norm.weight, next_norm.bias, eps)
+        return h
+
+    def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.wte.weight if self.lm_head_weight is None else self.lm_head_weight
+        return self.ops.linear(h, weight)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of every position, no cache. input_ids (B, T) int64 -> (B, T, vocab) in the model dtype."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h = self._layers(input_ids, positions, lambda i, q, k, v: self.ops.attention(q, k, v, causal=True))
+        return self._lm_head(h)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Run right-padded prompts, fill the cache, return each row's next-token logits.
+
+        input_ids (B, T) int64, row b real up to lengths[b] and padded after; lengths int (B,) on
+        the model device. Writes cache slots [0, T) and sets cache.lens = lengths. Returns (B, vocab).
+        """
+        t = input_ids.shape[1]
+        positions = torch.arange(t, device=input_ids.device)
+
+        def attend(i, q, k, v):
+            cache.k[i, :, :, :t] = k
+            cache.v[i, :, :, :t] = v
+            return self.ops.attention(q, k, v, causal=True)
+
+        h = self._layers(input_ids, positions, attend)
+        cache.lens.copy_(lengths)
+        return self._lm_head(h[cache.rows, lengths.long() - 1])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, cache: StaticKVCache, kv_len: int) -> torch.Tensor:
+        """One step: append ``tokens`` (B,) at each row's position cache.lens, return logits (B, vocab).
+
+        ``kv_len`` is a host-side bound >= every row's new length (the caller knows it without a
+        device sync); attention reads only slots below each row's length. Advances cache.lens.
+        """
+        pos = cache.lens.long()
+        new_lens = cache.lens + 1
+        k_all, v_all = cache.k[:, :, :, :kv_len], cache.v[:, :, :, :kv_len]
+
+        def attend(i, q, k, v):
+            cache.k[i, cache.rows, :, pos] = k[:, :, 0]
+            cache.v[i, cache.rows, :, pos] = v[:, :, 0]
+            return self.ops.decode_attention(q, k_all[i], v_all[i], new_lens)
+
+        h = self._layers(tokens[:, None], pos[:, None], attend)
+        cache.lens.copy_(new_lens)
+        return self._lm_head(h[:, 0])

@@ -1,0 +1,29 @@
+"""What every kernel module shares: the op namespace and input checks."""
+
+from __future__ import annotations
+
+import torch
+
+NS = "gpt2engine"  # torch.ops.gpt2engine.<op>; the C++ sampler registers under NS + "_C"
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, t: torch.Tensor, *, dtypes=FLOAT_DTYPES, ndim: int | None = None,
+                 shape: tuple[int, ...] | None = None, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None, last_dim_contiguous: bool = True) -> None:
+    """Raise ValueError naming ``name`` when ``t`` is not what a kernel needs."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}, supported: {', '.join(map(str, dtypes))}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {list(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {list(t.shape)}, expected {list(shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (all inputs on one device)")
+    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")

@@ -52,6 +52,8 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
         raise EngineError(f"invalid device {device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError("device cuda was requested but this PyTorch sees no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EngineError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     dtype = parse_dtype(dtype, device)
     ops = get_backend(backend)
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

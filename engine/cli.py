@@ -1,0 +1,139 @@
+"""``python -m engine.generate``: stream GPT-2 text to stdout, stats to stderr.
+
+A user mistake ends in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from .backends import BACKENDS
+from .loader import DTYPES
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage too; one line is what we promise
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _non_negative_float(name):
+    def parse(text):
+        v = float(text)
+        if not math.isfinite(v) or v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text}")
+        return v
+    return parse
+
+
+def _top_p(text):
+    v = float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"--top-p must be in (0, 1], got {text}")
+    return v
+
+
+def _int_at_least(name, low):
+    def parse(text):
+        v = int(text)
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= {low}, got {text}")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m engine.generate", description="Generate text with GPT-2.")
+    p.add_argument("--model", default="gpt2",
+                   help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, openai-community/...), "
+                        "a local HF directory, or random:<size> for random weights (default: gpt2)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (default: read standard input when it is not a terminal)")
+    src.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=_int_at_least("--max-new-tokens", 1), default=100)
+    p.add_argument("--temperature", type=_non_negative_float("--temperature"), default=1.0,
+                   help="0 means greedy (default: 1.0)")
+    p.add_argument("--top-k", type=_int_at_least("--top-k", 0), default=0, help="0 disables (default: 0)")
+    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus mass in (0, 1]; 1 disables (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--num-samples", type=_int_at_least("--num-samples", 1), default=1,
+                   help="samples of the same prompt, generated as one batch")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: float16 (the fastest on CPU here too, with greedy tokens matching fp32)")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="eager")
+    p.add_argument("--allow-special", action="store_true", help="treat <|endoftext|> in the prompt as the special token")
+    p.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false",
+                   help="keep generating after <|endoftext|>")
+    return p
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise _UsageError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    return ""
+
+
+def run(args) -> int:
+    import torch
+
+    from .errors import EngineError
+    from .generation import generate
+    from .loader import load_model
+
+    prompt = _read_prompt(args)
+    try:
+        model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        if args.num_samples == 1:
+            def on_text(row, piece):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        else:
+            on_text = None
+        out = generate(model, [prompt] * args.num_samples, args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=args.stop_at_eos,
+                       on_text=on_text, allow_special=args.allow_special)
+    except (EngineError, torch.cuda.OutOfMemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.num_samples == 1:
+        sys.stdout.write("\n")
+    else:
+        for i, text in enumerate(out.texts):
+            sys.stdout.write(f"=== sample {i + 1} ===\n{text}\n")
+    sys.stdout.flush()
+    new = sum(len(t) for t in out.tokens)
+    print(f"[{model.config.n_layer}L/{model.config.n_embd}d {model.dtype} {model.device} {args.backend}] "
+          f"load {model.load_seconds:.2f} s | prompt {len(out.prompt_tokens[0])} tok, prefill "
+          f"{out.prefill_seconds * 1e3:.1f} ms | {new} new tok, decode {out.decode_tokens_per_second:.1f} tok/s",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,45 @@
+"""Shared fixtures. The Triton interpreter must be switched on before any kernel is defined."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TINY = dict(n_layer=2, n_head=3, n_embd=96, n_positions=128, vocab_size=50257)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """A random HF GPT2LMHeadModel with an odd shape; every parameter perturbed away from HF's init."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1234)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(hf_model, tmp_path_factory):
+    """Directory holding hf_model as config.json + model.safetensors."""
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    hf_model.save_pretrained(path)
+    return path

@@ -1,0 +1,150 @@
+"""The reference sampler's semantics: hard invariants and a chi-square fit with shown power."""
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from kernels.sampling import sample_ref
+
+DRAWS = 200_000
+
+
+def _expected(logits, temperature, top_k, top_p):
+    """The exact float64 distribution the semantics define, written independently of sample_ref."""
+    x = logits.double() / temperature
+    vals, order = torch.sort(x, descending=True, stable=True)
+    if top_k:
+        vals = torch.where(vals >= vals[top_k - 1], vals, -math.inf)
+    p = torch.softmax(vals, 0)
+    before = torch.cumsum(p, 0) - p
+    keep = before < top_p
+    keep[0] = True
+    p = torch.where(keep, p, 0.0)
+    out = torch.zeros_like(p)
+    out[order] = p / p.sum()
+    return out
+
+
+def _chi2_pvalue(counts, probs):
+    """Pearson chi-square, pooling bins expected below 5; a drawn token of probability 0 gives p = 0."""
+    n = counts.sum()
+    if (counts[probs == 0] > 0).any():
+        return 0.0
+    exp = probs * n
+    big = exp >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]]).double()
+    ex = torch.cat([exp[big], exp[~big].sum()[None]])
+    if ex[-1] == 0:
+        obs, ex = obs[:-1], ex[:-1]
+    return stats.chisquare(obs.numpy(), ex.numpy()).pvalue
+
+
+def _draw(sampler, logits, draws, seed, **kw):
+    """Counts per token over ``draws`` rows of stride 0 (one uniform per row makes them independent)."""
+    chunk = max(1, min(draws, 50_000_000 // logits.shape[-1]))  # bound the sort's memory at large vocab
+    counts = torch.zeros(logits.shape[-1], dtype=torch.long)
+    for offset, start in enumerate(range(0, draws, chunk)):
+        rows = logits.expand(min(chunk, draws - start), -1)
+        counts += torch.bincount(sampler(rows, seed=seed, offset=offset, **kw), minlength=logits.shape[-1])
+    return counts
+
+
+SETTINGS = [  # (vocab, temperature, top_k, top_p): neither binds, top-k binds, top-p binds, both
+    (7, 1.0, 0, 1.0), (7, 0.7, 3, 1.0), (111, 1.3, 0, 0.8), (111, 1.0, 20, 0.9), (50257, 0.9, 50, 0.95),
+]
+
+
+@pytest.mark.parametrize("vocab,temperature,top_k,top_p", SETTINGS)
+def test_chi_square_fit(vocab, temperature, top_k, top_p):
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(vocab)) * 2
+    draws = DRAWS if vocab < 1000 else 5_000  # a 50257-wide draw costs ~1.4 ms on CPU
+    counts = _draw(sample_ref, logits, draws, temperature=temperature, top_k=top_k, top_p=top_p, seed=5)
+    assert _chi2_pvalue(counts, _expected(logits[0], temperature, top_k, top_p)) > 1e-6
+
+
+def _no_renormalisation(logits, temperature, top_k, top_p, seed, offset):
+    # Keeps the survivors' full-softmax probabilities and gives the rest of the mass to the top token.
+    x = logits.float() / temperature
+    p = torch.softmax(x, -1)
+    keep = x >= x.topk(top_k, -1).values[:, -1:]
+    p = torch.where(keep, p, 0.0)
+    p[:, 0] += 1 - p.sum(-1)
+    return torch.multinomial(p, 1, generator=torch.Generator().manual_seed(seed + offset)).squeeze(1)
+
+
+BROKEN = {
+    "no_renormalisation": _no_renormalisation,
+    "top_k_off_by_one": lambda logits, top_k, **kw: sample_ref(logits, top_k=top_k + 1, **kw),
+    "temperature_after_softmax": lambda logits, temperature, **kw: sample_ref(logits, temperature=1.0, **kw),
+    "top_p_boundary_inclusive": lambda logits, top_p, **kw: sample_ref(logits, top_p=top_p - 0.05, **kw),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_harness_rejects_broken_samplers(name):
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.6, 0.2, -0.5, -1.0]])
+    logits = logits[:, torch.argsort(torch.rand(7, generator=torch.Generator().manual_seed(1)))]
+    kw = dict(temperature=0.7, top_k=3, top_p=1.0) if name != "top_p_boundary_inclusive" else \
+        dict(temperature=1.0, top_k=0, top_p=0.8)
+    counts = _draw(BROKEN[name], logits, DRAWS, seed=5, **kw)
+    assert _chi2_pvalue(counts, _expected(logits[0], kw["temperature"], kw["top_k"], kw["top_p"])) < 1e-6
+
+
+def test_hard_invariants():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 300, generator=g)
+    logits[:, 7] = logits[:, 11] = 50.0  # a tie for the maximum: the first index wins
+    assert (sample_ref(logits, temperature=0) == 7).all()
+    assert (sample_ref(logits, temperature=1.0, top_k=1, seed=3) == 7).all()
+    x = torch.randn(64, 300, generator=g)
+    top10 = x.topk(10, -1).indices
+    tok = sample_ref(x, temperature=1.5, top_k=10, seed=1)
+    assert (top10 == tok[:, None]).any(-1).all()
+    masked = x.clone()
+    masked[:, ::2] = -math.inf
+    assert (sample_ref(masked, seed=2) % 2 == 1).all()
+    one_hot = torch.full((4, 300), -math.inf)
+    one_hot[torch.arange(4), torch.tensor([3, 99, 0, 299])] = 0.0
+    assert sample_ref(one_hot, top_k=5000, top_p=0.5, seed=1).tolist() == [3, 99, 0, 299]
+
+
+def test_determinism_row_independence_and_flagged_rows():
+    x = torch.randn(8, 1000, generator=torch.Generator().manual_seed(1))
+    a = sample_ref(x, top_p=0.9, seed=11, offset=4)
+    assert torch.equal(a, sample_ref(x, top_p=0.9, seed=11, offset=4))
+    assert not torch.equal(a, sample_ref(x, top_p=0.9, seed=11, offset=5))
+    y = x.clone()
+    y[3] = torch.randn(1000)
+    y[5] = float("nan")
+    y[6] = -math.inf
+    b = sample_ref(y, top_p=0.9, seed=11, offset=4)
+    keep = [0, 1, 2, 4, 7]
+    assert torch.equal(a[keep], b[keep]) and b[5] == -1 and b[6] == -1
+
+
+def test_per_row_parameters():
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    tok = sample_ref(x, temperature=torch.tensor([0.0, 1.0, 1.0]), top_k=torch.tensor([0, 1, 0]), seed=1)
+    assert tok[0] == x[0].argmax() and tok[1] == x[1].argmax()
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0.0),
+                                dict(top_p=1.01), dict(top_k=-1), dict(temperature=torch.tensor([1.0, -1.0]))])
+def test_bad_parameters(kw):
+    with pytest.raises(ValueError):
+        sample_ref(torch.randn(2, 10), **kw)
+
+
+@pytest.mark.parametrize("top_k,top_p,scale", [(50, 1.0, 2.0), (0, 0.9, 6.0), (0, 0.99, 1.0), (2000, 0.9, 2.0),
+                                               (0, 1.0, 1.0), (30, 0.5, 2.0)])
+def test_candidate_shortcut_equals_full_sort(monkeypatch, top_k, top_p, scale):
+    """Sorting only the top candidates (or none) must give exactly the full sort's tokens."""
+    import kernels.sampling as sampling
+
+    x = torch.randn(16, 50257, generator=torch.Generator().manual_seed(top_k)) * scale
+    x[3, :40] = 9.0  # ties across the top-k boundary force the full sort for that call
+    fast = sample_ref(x, top_k=top_k, top_p=top_p, seed=9, offset=1)
+    monkeypatch.setattr(sampling, "CANDIDATES", 10**9)
+    assert torch.equal(fast, sample_ref(x, top_k=top_k, top_p=top_p, seed=9, offset=1))

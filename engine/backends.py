@@ -56,8 +56,8 @@ EAGER = Ops(
 
 # Ops without a Triton kernel yet run their eager reference.
 TRITON = Ops(
-    layer_norm=kernels.layer_norm_ref,
-    add_layer_norm=kernels.add_layer_norm_ref,
+    layer_norm=kernels.layer_norm,
+    add_layer_norm=kernels.add_layer_norm,
     linear=kernels.linear_ref,
     gelu_mlp=kernels.gelu_mlp_ref,
     attention=kernels.flash_attention_ref,

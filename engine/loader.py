@@ -61,23 +61,26 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     config, state = load_state_dict(source, seed=seed)
     with torch.device("meta"):
         model = GPT2(config, ops)
-    state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+    input_major = device.type == "cpu" and dtype == torch.float32
+    state = {name: _place(t, device, dtype, input_major) for name, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
-    if device.type == "cpu" and dtype == torch.float32:
-        _use_input_major_weights(model)
+    if input_major:
+        model.lm_head_weight = _place(model.wte.weight.t(), device, dtype, input_major=False).t()
     model.load_seconds = time.perf_counter() - start
     return model
 
 
-def _use_input_major_weights(model: GPT2) -> None:
-    """Store every matmul weight [in, out]-contiguous, seen as its [out, in] transpose.
+def _place(t: torch.Tensor, device: torch.device, dtype: torch.dtype, input_major: bool) -> torch.Tensor:
+    """Move and cast a weight once, choosing its memory layout.
 
-    On CPU, MKL's fp32 GEMV streams ``x @ W[in, out]`` at ~19 GB/s but ``x @ W[out, in].T`` at ~11
-    (measured on the 2-core CI machine); fp16/bf16 prefer [out, in], as do the GPU kernels. The
-    tied lm_head gets its own [in, out] copy since the embedding lookup needs ``wte`` row-major.
+    Matmul weights arrive as (out, in) views. On CPU in fp32, MKL's GEMV streams ``x @ W[in, out]``
+    at ~19 GB/s but ``x @ W[out, in].T`` at ~11 (measured on the 2-core CI machine), so there they
+    stay input-major views; everywhere else (fp16/bf16 on CPU, all GPU kernels) (out, in) is
+    contiguous. The tied lm_head gets its own input-major copy, since the embedding lookup needs
+    ``wte`` row-major.
     """
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight = torch.nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
-    model.lm_head_weight = model.wte.weight.t().contiguous().t()
+    t = t.to(device=device, dtype=dtype)
+    if input_major and t.dim() == 2 and t.t().is_contiguous():
+        return t
+    return t.contiguous()

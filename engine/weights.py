@@ -3,8 +3,8 @@
 Sources: a local HF directory (``model.safetensors``, a sharded ``model.safetensors.index.json``
 or ``pytorch_model.bin``), a hub name resolved through ``huggingface_hub``, or ``random:<size>``.
 The result is always a state dict in the engine's layout: HF names without the ``transformer.``
-prefix, the four Conv1D weights transposed once to the ``nn.Linear`` layout [out, in], and no
-``lm_head.weight`` (tied to ``wte``).
+prefix, the four Conv1D weights seen in the ``nn.Linear`` layout [out, in] (as transposed views,
+so the loader decides once whether to copy them), and no ``lm_head.weight`` (tied to ``wte``).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def to_engine_layout(hf_state: dict[str, torch.Tensor], config: GPT2Config) -> d
         if not state[name].is_floating_point():
             raise CheckpointError(f"tensor {name} has non-float dtype {state[name].dtype}")
         if name.endswith(CONV1D_WEIGHTS):
-            state[name] = state[name].t().contiguous()
+            state[name] = state[name].t()  # a view: the loader picks the memory layout
     return state
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import triton
 
 NS = "gpt2engine"  # torch.ops.gpt2engine.<op>; the C++ sampler registers under NS + "_C"
 
@@ -27,3 +28,13 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=FLOAT_DTYPES, ndim: int |
         raise ValueError(f"{name} is on {t.device}, expected {device} (all inputs on one device)")
     if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def row_settings(n: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for a kernel that holds one row of ``n`` elements in registers.
+
+    About 8 elements per thread: 4 warps for GPT-2's 768, 8 for 1600, up to 32 warps (1024 threads,
+    the most a block may have) for the widest rows.
+    """
+    block = triton.next_power_of_2(n)
+    return block, min(32, max(1, block // 256))

@@ -1,0 +1,43 @@
+"""One timer for every benchmark: CUDA via triton's do_bench, CPU via perf_counter."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def bench(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, reps: int = 10) -> dict:
+    """Median and 20/80 % quantiles of ``fn``'s run time in ms.
+
+    On CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs). On CPU:
+    ``time.perf_counter`` over ``reps`` runs after ``warmup`` unmeasured ones.
+    """
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": median, "ms_p20": p20, "ms_p80": p80}
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return {"ms": statistics.median(times), "ms_p20": q[1], "ms_p80": q[7]}
+
+
+def wall(fn: Callable[[], object], device: torch.device | str) -> tuple[object, float]:
+    """(result, seconds) of one call, synchronising CUDA around it."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start

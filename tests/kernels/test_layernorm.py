@@ -1,0 +1,131 @@
+"""kernels.layer_norm / add_layer_norm against a float64 reference."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import kernels
+from kernels._ops import NS
+from kernels.layernorm import _layer_norm_launch, add_layer_norm_ref, layer_norm_ref
+
+WIDTHS = [1, 7, 768, 1023, 1600, 4231]
+ROWS = [1, 3, 37]  # one row, and primes
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def _inputs(m, n, dtype, device, seed, mean=0.0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (mean + scale * torch.randn(m, n, generator=g)).to(device, dtype)
+    r = (0.5 * torch.randn(m, n, generator=g)).to(device, dtype)
+    w = (1 + 0.3 * torch.randn(n, generator=g)).to(device, dtype)
+    b = (0.3 * torch.randn(n, generator=g)).to(device, dtype)
+    return x, r, w, b
+
+
+def _poison_empty(monkeypatch):
+    """Make every torch.empty(_like) the launcher allocates start as NaN, so unwritten outputs show."""
+    real_empty, real_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_like(*a, **k).fill_(float("nan")))
+
+
+def _assert_close(got, want64, dtype):
+    atol, rtol = TOL[dtype]
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.double().cpu(), want64.cpu(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("n", WIDTHS)
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_layer_norm(m, n, dtype, device, monkeypatch):
+    x, _, w, b = _inputs(m, n, dtype, device, seed=m * n)
+    want = layer_norm_ref(x.double(), w.double(), b.double())
+    _poison_empty(monkeypatch)
+    _assert_close(kernels.layer_norm(x, w, b, 1e-5), want, dtype)
+
+
+@pytest.mark.parametrize("n", WIDTHS)
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_add_layer_norm(m, n, dtype, device, monkeypatch):
+    x, r, w, b = _inputs(m, n, dtype, device, seed=m + n)
+    want_y, want_s = add_layer_norm_ref(x.double(), r.double(), w.double(), b.double())
+    _poison_empty(monkeypatch)
+    y, s = kernels.add_layer_norm(x, r, w, b, 1e-5)
+    _assert_close(s, want_s, dtype)
+    _assert_close(y, want_y, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_mean_keeps_precision(dtype, device):
+    """mean -2.3, scale 4 (and x100): naive E[x^2] - E[x]^2 in low precision would fail this."""
+    for scale in (4.0, 400.0):
+        x, r, w, b = _inputs(5, 1600, dtype, device, seed=1, mean=-2.3 * scale / 4, scale=scale)
+        _assert_close(kernels.layer_norm(x, w, b), layer_norm_ref(x.double(), w.double(), b.double()), dtype)
+        y, _ = kernels.add_layer_norm(x, r, w, b)
+        _assert_close(y, add_layer_norm_ref(x.double(), r.double(), w.double(), b.double())[0], dtype)
+
+
+def test_strided_rows_and_3d(device):
+    base, rbase, w, b = _inputs(12, 2 * 769, torch.float16, device, seed=2)
+    x, r = base[:, 5:774], rbase[::1, 100:869]  # rows strided by 1538, last dim contiguous
+    assert not x.is_contiguous()
+    y, s = kernels.add_layer_norm(x, r, w[:769].contiguous(), b[:769].contiguous())
+    want_y, want_s = add_layer_norm_ref(x.double(), r.double(), w[:769].double(), b[:769].double())
+    _assert_close(y, want_y, torch.float16)
+    _assert_close(s, want_s, torch.float16)
+    x3 = base[:, :768].reshape(3, 4, 768)
+    y3 = kernels.layer_norm(x3, w[:768].contiguous(), b[:768].contiguous())
+    assert y3.shape == (3, 4, 768)
+    _assert_close(y3, layer_norm_ref(x3.double(), w[:768].double(), b[:768].double()), torch.float16)
+
+
+def test_deterministic(device):
+    x, r, w, b = _inputs(17, 1600, torch.float16, device, seed=3)
+    first = kernels.add_layer_norm(x, r, w, b)
+    for _ in range(3):
+        again = kernels.add_layer_norm(x, r, w, b)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_opcheck_and_torch_ops(device):
+    x, r, w, b = _inputs(3, 97, torch.float32, device, seed=4)
+    opcheck(getattr(torch.ops, NS).layer_norm.default, (x, w, b, 1e-5))
+    opcheck(getattr(torch.ops, NS).add_layer_norm.default, (x, r, w, b, 1e-5))
+
+
+def test_torch_compile_traces_through(device):
+    x, r, w, b = _inputs(4, 64, torch.float32, device, seed=5)
+
+    def block(x, r):
+        y, s = kernels.add_layer_norm(x, r, w, b, 1e-5)
+        return kernels.layer_norm(y * 2, w, b, 1e-5) + s
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
+    torch.testing.assert_close(compiled(x, r), block(x, r))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x, r, w, b: kernels.layer_norm(x, w[:-1], b), r"weight has shape \[63\], expected \[64\]"),
+    (lambda x, r, w, b: kernels.layer_norm(x, w, b.repeat(2)), r"bias has shape \[128\], expected \[64\]"),
+    (lambda x, r, w, b: kernels.layer_norm(x.to(torch.int32), w, b), "x has dtype torch.int32"),
+    (lambda x, r, w, b: kernels.add_layer_norm(x, r[:2], w, b), r"residual has shape \[2, 64\], expected \[4, 64\]"),
+    (lambda x, r, w, b: kernels.add_layer_norm(x, r.half(), w, b), "residual has dtype torch.float16"),
+    (lambda x, r, w, b: kernels.layer_norm(x.t(), w, b), "contiguous in its last dim"),
+    # A mixed-device call dispatches on the "highest" device; the launcher must refuse it.
+    (lambda x, r, w, b: _layer_norm_launch(x, None, w.to("meta"), b, 1e-5), "weight is on meta"),
+])
+def test_bad_input(call, match, device):
+    x, r, w, b = _inputs(4, 64, torch.float32, device, seed=6)
+    with pytest.raises(ValueError, match=match):
+        call(x, r, w, b)
+
+
+@pytest.mark.gpu
+def test_cpu_gpu_mix_is_refused():
+    x, r, w, b = _inputs(4, 64, torch.float16, "cuda", seed=7)
+    with pytest.raises(ValueError, match="weight is on cpu"):
+        kernels.layer_norm(x, w.cpu(), b)
+    with pytest.raises(ValueError, match="residual is on cpu"):
+        kernels.add_layer_norm(x, r.cpu(), w, b)

@@ -24,6 +24,8 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures, keep going
 run pytest python -m pytest -q -rs
 run aot python -m kernels.aot
 run bench_layernorm python -m benchmarks.bench_layernorm
+run bench_linear_fp16 python -m benchmarks.bench_linear --dtype fp16
+run bench_linear_bf16 python -m benchmarks.bench_linear --dtype bf16
 run e2e python -m benchmarks.e2e
 cp -r benchmarks/results "$OUT/results"
 exit $status

@@ -90,7 +90,7 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
 
     batch, device = len(rows), model.device
     cache = StaticKVCache(cfg, batch, longest + max_new_tokens, model.dtype, device)
-    input_ids = torch.full((batch, longest), EOT_ID, dtype=torch.long)
+    input_ids = torch.zeros((batch, longest), dtype=torch.long)  # right padding, never attended
     for r, ids in enumerate(rows):
         input_ids[r, :len(ids)] = torch.tensor(ids)
     lengths = torch.tensor([len(ids) for ids in rows], dtype=torch.int32, device=device)

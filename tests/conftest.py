@@ -38,6 +38,20 @@ def hf_model():
 
 
 @pytest.fixture(scope="session")
+def small_vocab_checkpoint(tmp_path_factory):
+    """TINY with a 1000-token vocabulary: what the interpreted Triton backend can run in seconds."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(99)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**TINY, "vocab_size": 1000}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("small_vocab_gpt2")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(hf_model, tmp_path_factory):
     """Directory holding hf_model as config.json + model.safetensors."""
     path = tmp_path_factory.mktemp("tiny_gpt2")

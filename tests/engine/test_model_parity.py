@@ -84,10 +84,24 @@ def test_default_cpu_dtype_greedy_matches_fp32(tiny_checkpoint, model32):
     assert engine.generate(model, ids, 32, temperature=0, stop_at_eos=False).tokens == want
 
 
-def test_triton_backend_matches_eager(tiny_checkpoint, model32):
-    model = engine.load_model(tiny_checkpoint, device="cuda" if torch.cuda.is_available() else "cpu",
-                              dtype=torch.float32, backend="triton")
-    ids = _ids(2, 13, seed=4)
-    torch.testing.assert_close(model(ids).cpu(), model32(ids), atol=1e-4, rtol=1e-4)
-    want = engine.generate(model32, ids, 6, temperature=0, stop_at_eos=False).tokens
-    assert engine.generate(model, ids, 6, temperature=0, stop_at_eos=False).tokens == want
+def test_triton_backend_matches_eager(small_vocab_checkpoint):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eager = engine.load_model(small_vocab_checkpoint, device=device, dtype=torch.float32)
+    model = engine.load_model(small_vocab_checkpoint, device=device, dtype=torch.float32, backend="triton")
+    ids = torch.randint(0, 1000, (2, 13), generator=torch.Generator().manual_seed(4)).to(device)
+    torch.testing.assert_close(model(ids), eager(ids), atol=1e-4, rtol=1e-4)
+    prompts = [[5, 17, 400], [9] * 11]  # ragged: exercises prefill, then split-K decode steps
+    want = engine.generate(eager, prompts, 6, temperature=0, stop_at_eos=False).tokens
+    assert engine.generate(model, prompts, 6, temperature=0, stop_at_eos=False).tokens == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_backend_matches_eager_gpu(tiny_checkpoint, dtype):
+    eager = engine.load_model(tiny_checkpoint, device="cuda", dtype=dtype)
+    model = engine.load_model(tiny_checkpoint, device="cuda", dtype=dtype, backend="triton")
+    ids = _ids(3, 100, seed=8).cuda()
+    want, got = eager(ids).float(), model(ids).float()
+    assert (got - want).norm() / want.norm() < (5e-3 if dtype == torch.float16 else 3e-2)
+    out = engine.generate(model, ["Hello", "A longer prompt about kernels"], 20, temperature=0.8, top_k=50, seed=0)
+    assert all(len(t) > 0 for t in out.tokens)

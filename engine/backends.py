@@ -6,6 +6,7 @@ kernels op by op. Nothing else in the runtime knows which backend runs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,14 +55,15 @@ EAGER = Ops(
     sample=kernels.sample_ref,
 )
 
-# Ops without a Triton kernel yet run their eager reference.
+# The sampler has no Triton kernel: both backends run the reference (a compiled sampler is planned).
 TRITON = Ops(
     layer_norm=kernels.layer_norm,
     add_layer_norm=kernels.add_layer_norm,
     linear=kernels.linear,
     gelu_mlp=kernels.gelu_mlp,
-    attention=kernels.flash_attention_ref,
-    decode_attention=kernels.decode_attention_ref,
+    attention=kernels.flash_attention,
+    # The runtime guarantees q_len <= cache_lens <= the cache view: skip the check's host sync.
+    decode_attention=functools.partial(kernels.decode_attention, check_lens=False),
     sample=kernels.sample_ref,
 )
 

@@ -11,6 +11,7 @@ kernel module joins by adding itself to ``MODULES``. Must run without ``TRITON_I
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns unless the (default) choice is explicit
 
-MODULES = ["kernels.layernorm", "kernels.linear"]
+MODULES = ["kernels.layernorm", "kernels.linear", "kernels.attention"]
 ARCHS = (80, 90)
 
 
@@ -69,32 +70,47 @@ def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
     return {"FRAME": int(frame[1]), "SPILL": int(frame[2]) + int(frame[3])} if frame else {}
 
 
+def all_specs() -> list[dict]:
+    specs, seen = [], set()
+    for module in MODULES:
+        for spec in importlib.import_module(module).aot_specs():
+            if spec["name"] not in seen:
+                seen.add(spec["name"])
+                specs.append(spec)
+    return specs
+
+
+def _compile_one(job: tuple[int, int]) -> tuple[int, int, dict | str]:
+    index, arch = job
+    try:
+        return index, arch, compile_spec(all_specs()[index], arch)
+    except Exception as e:  # report every failing config, not only the first
+        return index, arch, (str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces kernels with Python functions", file=sys.stderr)
         return 2
+    specs = all_specs()
+    jobs = [(i, arch) for i in range(len(specs)) for arch in ARCHS]
+    # Compiles are independent and CPU-bound: use every core (fork: no GPU driver is involved).
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        results = pool.map(_compile_one, jobs, chunksize=4)
     failures = 0
     print(f"{'kernel':<48} {'sm':>3} {'warps':>5} {'REG':>4} {'SHARED':>7} {'STACK':>5} {'SPILL':>5} {'LOCAL':>5}")
-    seen = set()
-    for module in MODULES:
-        for spec in importlib.import_module(module).aot_specs():
-            if spec["name"] in seen:
-                continue
-            seen.add(spec["name"])
-            for arch in ARCHS:
-                try:
-                    r = compile_spec(spec, arch)
-                except Exception as e:  # report every failing config, not only the first
-                    failures += 1
-                    print(f"{spec['name']:<48} {arch:>3} COMPILE ERROR: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-                    continue
-                spills = r.get("LOCAL", 0) > 0 or r.get("SPILL", 0) > 0
-                failures += spills
-                print(f"{spec['name']:<48} {arch:>3} {spec['num_warps']:>5} {r.get('REG', -1):>4} "
-                      f"{max(r.get('SHARED', 0), r['shared_meta']):>7} {r.get('STACK', 0):>5} {r.get('SPILL', 0):>5} "
-                      f"{r.get('LOCAL', 0):>5}"
-                      + ("  SPILLS" if spills else ""))
-    print(f"{failures} failure(s)")
+    for index, arch, r in results:
+        spec = specs[index]
+        if isinstance(r, str):
+            failures += 1
+            print(f"{spec['name']:<48} {arch:>3} COMPILE ERROR: {r}")
+            continue
+        spills = r.get("LOCAL", 0) > 0 or r.get("SPILL", 0) > 0
+        failures += spills
+        print(f"{spec['name']:<48} {arch:>3} {spec['num_warps']:>5} {r.get('REG', -1):>4} "
+              f"{max(r.get('SHARED', 0), r['shared_meta']):>7} {r.get('STACK', 0):>5} {r.get('SPILL', 0):>5} "
+              f"{r.get('LOCAL', 0):>5}" + ("  SPILLS" if spills else ""))
+    print(f"{len(jobs)} compiles, {failures} failure(s)")
     return 1 if failures else 0
 
 

@@ -1,16 +1,321 @@
-"""Causal attention: prefill over a whole prompt and decode over a static KV cache.
+"""Causal attention: flash-attention prefill and split-KV (flash-decoding) decode over a static cache.
 
-Only the eager references live here for now; the Triton flash kernels plug in beside them.
+    o = softmax(q k^T * scale + mask) v
+
+Prefill (``flash_attention``): one program per (query block, batch*head) streams key/value blocks
+through an online softmax in fp32 (running max and sum, rescaled accumulator), never writing the
+score matrix. The causal mask is aligned bottom-right: with Tq < Tk, query i sees keys
+``j <= i + Tk - Tq`` (a prompt continued on a cache).
+
+Decode (``decode_attention``): each (batch*head) row's valid cache prefix is cut into NUM_SPLITS
+chunks; one program per chunk writes a partial (max, sum, accumulator), and a second kernel
+combines them, so batch 1 still fills the GPU. Keys at or past a row's length are never loaded.
+The lengths are read on the device: no host sync, and the grid depends only on shapes.
+References: FlashAttention-2 (Dao, 2023), the Triton fused-attention tutorial, flash-decoding.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._ops import NS, check_tensor
+
+HEAD_DIMS = (32, 64, 80, 128)  # any D up to 128 works; these (one per block size and alignment) are compiled ahead of time
+MAX_HEAD_DIM = 128
+MAX_DECODE_QUERIES = 16
+LOG2E = 1.4426950408889634
 
 
-def flash_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                        scale: float | None = None) -> torch.Tensor:
+@triton.jit
+def _flash_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D), any strides but unit D stride
+    o_ptr,                # (B, H, Tq, D) output, any strides but unit D stride
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    H, Tq, Tk, D, qk_scale,  # qk_scale = scale * log2(e): the softmax runs in base 2
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rm = start_m + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
+                mask=(rm[:, None] < Tq) & d_ok[None, :], other=0.0)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    offset = Tk - Tq  # bottom-right alignment of the causal mask
+    end = tl.minimum(Tk, start_m + BLOCK_M + offset) if CAUSAL else Tk
+    for start_n in range(0, end, BLOCK_N):
+        cols = start_n + rn
+        kv_mask = (cols[:, None] < Tk) & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt + rd[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = cols[None, :] < Tk
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rm[:, None] + offset)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * stride_vt + rd[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + rm[:, None] * stride_ot + rd[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < Tq) & d_ok[None, :])
+
+
+@triton.jit
+def _decode_attn_partial_kernel(
+    q_ptr,                # (B, H, Lq, D) the newest Lq tokens' queries
+    k_ptr, v_ptr,         # (B, H, L, D) caches, unit D stride
+    lens_ptr,             # (B,) int32 valid length per row, including the Lq new tokens
+    part_o_ptr,           # (B*H, NUM_SPLITS, BLOCK_Q, BLOCK_D) fp32 partial accumulators
+    part_ml_ptr,          # (B*H, NUM_SPLITS, 2, BLOCK_Q) fp32 partial running max and sum
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    H, Lq, L, D, chunk, qk_scale,
+    NUM_SPLITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    length = tl.minimum(tl.load(lens_ptr + b), L)  # never read past the cache, whatever lens says
+    rq = tl.arange(0, BLOCK_Q)
+    rn = tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rq[:, None] * stride_qt + rd[None, :],
+                mask=(rq[:, None] < Lq) & d_ok[None, :], other=0.0)
+    last_key = length - Lq + rq  # query i sees keys j <= last_key[i]
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+
+    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + rn
+        kv_mask = (cols[:, None] < hi) & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt + rd[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where((cols[None, :] < hi) & (cols[None, :] <= last_key[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that has seen no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * stride_vt + rd[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    part = (bh * NUM_SPLITS + split).to(tl.int64)
+    tl.store(part_o_ptr + part * BLOCK_Q * BLOCK_D + rq[:, None] * BLOCK_D + rd[None, :], acc)
+    tl.store(part_ml_ptr + part * 2 * BLOCK_Q + rq, m_i)
+    tl.store(part_ml_ptr + part * 2 * BLOCK_Q + BLOCK_Q + rq, l_i)
+
+
+@triton.jit
+def _decode_attn_combine_kernel(
+    part_o_ptr, part_ml_ptr,  # as written by _decode_attn_partial_kernel
+    o_ptr,                    # (B, H, Lq, D) output, unit D stride
+    stride_ob, stride_oh, stride_ot,
+    H, Lq, D,
+    NUM_SPLITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rq = tl.arange(0, BLOCK_Q)
+    rd = tl.arange(0, BLOCK_D)
+    base = bh.to(tl.int64) * NUM_SPLITS
+    m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + rq))
+    l = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        m_s = tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + rq)
+        w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m))  # an empty split weighs nothing
+        l += w * tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + BLOCK_Q + rq)
+        acc += w[:, None] * tl.load(part_o_ptr + (base + s) * BLOCK_Q * BLOCK_D + rq[:, None] * BLOCK_D + rd[None, :])
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + rq[:, None] * stride_ot + rd[None, :],
+             (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=(rq[:, None] < Lq) & (rd[None, :] < D))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # only fp32 operands care
+
+
+def prefill_settings(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel."""
+    if dtype == torch.float32:
+        return (32, 32, 4, 2) if d <= 64 else (32, 32, 8, 2)
+    if d <= 64:
+        return 128, 64, 8, 2
+    return 64, 64, 8, 2  # 4 warps spill on sm_80 at D = 128
+
+
+def decode_settings(d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for the split-KV partial kernel."""
+    if dtype == torch.float32:
+        return (32, 4) if d <= 64 else (32, 8)
+    return 64, 4
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4, dtype=q.dtype, device=q.device)
+    check_tensor("v", v, ndim=4, dtype=q.dtype, device=q.device)
+    d = q.shape[-1]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D = {d} is not supported (1 <= D <= {MAX_HEAD_DIM})")
+
+
+def _flash_attention_launch(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
+    _check_qkv(q, k, v)
+    b, h, tq, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape[-1] != d or v.shape != k.shape:
+        raise ValueError(f"q has shape {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: "
+                         "expected k and v of shape (B, H, Tk, D) matching q's B, H and D")
+    tk = k.shape[2]
+    if causal and tq > tk:
+        raise ValueError(f"causal attention needs Tq <= Tk (bottom-right mask), got Tq = {tq}, Tk = {tk}")
+    # Laid out (B, Tq, H, D) so that the caller's transpose(1, 2).reshape(B, Tq, H * D) is free.
+    o = torch.empty((b, tq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    if o.numel() == 0:
+        return o
+    if tk == 0:
+        raise ValueError("k and v hold no keys (Tk = 0)")
+    block_m, block_n, warps, stages = prefill_settings(d, q.dtype)
+    scale = d ** -0.5 if scale is None else scale
+    _flash_attn_fwd_kernel[(triton.cdiv(tq, block_m), b * h)](
+        q, k, v, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        h, tq, tk, d, scale * LOG2E, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
+    return o
+
+
+@torch.library.custom_op(f"{NS}::flash_attention", mutates_args=())
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:
+    """Attention without materialising the score matrix.
+
+    Args:
+        q: (B, H, Tq, D); k, v: (B, H, Tk, D). fp32/fp16/bf16, any strides with unit stride in D;
+            D <= 128. With ``causal``, Tq <= Tk and the mask is aligned bottom-right.
+        scale: default 1/sqrt(D).
+    Returns:
+        o: (B, H, Tq, D) in q's dtype, laid out as (B, Tq, H, D) in memory (so that
+        ``o.transpose(1, 2).reshape(B, Tq, H * D)`` is a view). Softmax statistics in fp32.
+    """
+    return _flash_attention_launch(q, k, v, causal, scale)
+
+
+@flash_attention.register_fake
+def _(q, k, v, causal=True, scale=None):
+    b, h, tq, d = q.shape
+    return q.new_empty((b, tq, h, d)).transpose(1, 2)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def decode_splits(rows: int, max_len: int, sm_count: int) -> tuple[int, int]:
+    """(NUM_SPLITS, keys per split) for ``rows`` = B*H rows over a cache of ``max_len`` slots.
+
+    Enough splits for ~2 programs per SM, each at least 64 keys; a power of two so that the
+    compiled kernels stay few. Depends on shapes only, never on the lengths' values.
+    """
+    splits = 1
+    while rows * splits * 2 <= 2 * sm_count and triton.cdiv(max_len, splits * 2) >= 64 and splits < 64:
+        splits *= 2
+    return splits, triton.cdiv(max_len, splits)
+
+
+def _decode_attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor,
+                             scale: float | None, check_lens: bool) -> Tensor:
+    _check_qkv(q, k_cache, v_cache)
+    b, h, lq, d = q.shape
+    if k_cache.shape[:2] != (b, h) or k_cache.shape[-1] != d or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q has shape {list(q.shape)}, k_cache {list(k_cache.shape)}, v_cache "
+                         f"{list(v_cache.shape)}: expected caches (B, H, max_len, D) matching q's B, H and D")
+    if not 1 <= lq <= MAX_DECODE_QUERIES:
+        raise ValueError(f"decode takes 1 to {MAX_DECODE_QUERIES} queries per row, got q_len = {lq}")
+    check_tensor("cache_lens", cache_lens, dtypes=(torch.int32,), shape=(b,), device=q.device)
+    max_len = k_cache.shape[2]
+    if check_lens:  # a host sync: the runtime's decode loop turns it off
+        lo, hi = int(cache_lens.min()), int(cache_lens.max())
+        if lo < lq or hi > max_len:
+            raise ValueError(f"cache_lens must be in [q_len, max_len] = [{lq}, {max_len}], got values in [{lo}, {hi}]")
+    o = torch.empty_like(q, memory_format=torch.contiguous_format) if q.is_contiguous() else \
+        torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    splits, chunk = decode_splits(b * h, max_len, _sm_count(q.device))
+    block_q, block_d = MAX_DECODE_QUERIES, max(16, triton.next_power_of_2(d))
+    part_o = torch.empty((b * h, splits, block_q, block_d), dtype=torch.float32, device=q.device)
+    part_ml = torch.empty((b * h, splits, 2, block_q), dtype=torch.float32, device=q.device)
+    scale = d ** -0.5 if scale is None else scale
+    block_n, warps = decode_settings(d, q.dtype)
+    _decode_attn_partial_kernel[(b * h, splits)](
+        q, k_cache, v_cache, cache_lens, part_o, part_ml, q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), h, lq, max_len, d, chunk, scale * LOG2E, NUM_SPLITS=splits, BLOCK_Q=block_q,
+        BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=2)
+    _decode_attn_combine_kernel[(b * h,)](
+        part_o, part_ml, o, o.stride(0), o.stride(1), o.stride(2), h, lq, d,
+        NUM_SPLITS=splits, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
+    return o
+
+
+@torch.library.custom_op(f"{NS}::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, scale: float | None = None,
+                     check_lens: bool = True) -> Tensor:
+    """Attention of each row's newest Lq queries over its valid cache prefix (split-KV).
+
+    Args:
+        q: (B, H, Lq, D), 1 <= Lq <= 16, the new tokens' queries (their keys and values are
+            already in the cache). fp32/fp16/bf16, unit stride in D.
+        k_cache, v_cache: (B, H, max_len, D) in q's dtype, unit stride in D (the static cache).
+        cache_lens: int32 (B,) valid length per row including the Lq new tokens. Query i of row b
+            sees keys ``j < cache_lens[b] - (Lq - 1 - i)``; slots past it are never read.
+        check_lens: verify ``q_len <= cache_lens <= max_len`` (costs a host sync; pass False inside
+            a decode loop or a CUDA graph, where the kernel still clamps reads to max_len).
+    Returns:
+        (B, H, Lq, D) in q's dtype.
+    """
+    return _decode_attention_launch(q, k_cache, v_cache, cache_lens, scale, check_lens)
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, cache_lens, scale=None, check_lens=True):
+    if q.is_contiguous():
+        return torch.empty_like(q)
+    b, h, lq, d = q.shape
+    return q.new_empty((b, lq, h, d)).transpose(1, 2)
+
+
+def flash_attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:
     """softmax(q k^T * scale + mask) v. q (B, H, Tq, D); k, v (B, H, Tk, D); returns (B, H, Tq, D).
 
     The causal mask is aligned bottom-right when Tq < Tk: the last query sees every key.
@@ -23,15 +328,12 @@ def flash_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         cache_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Attention of a few new queries over each row's valid cache prefix.
+def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor,
+                         scale: float | None = None, check_lens: bool = True) -> Tensor:
+    """Attention of a few new queries over each row's valid cache prefix, in plain PyTorch.
 
-    q (B, H, Lq, D) holds the newest Lq tokens of each row, already written to the cache;
-    k_cache, v_cache (B, H, L, D); cache_lens int (B,) = valid length per row including the
-    new tokens. Query i of row b sees keys ``j < cache_lens[b] - (Lq - 1 - i)``.
-    Slots past each length must hold finite values here (the Triton kernel never reads them).
-    Returns (B, H, Lq, D).
+    Same arguments as ``decode_attention``. Slots past each length must hold finite values here
+    (the Triton kernel never reads them). Returns (B, H, Lq, D).
     """
     lq, slots, d = q.shape[-2], k_cache.shape[-2], q.shape[-1]
     last_visible = cache_lens.view(-1, 1, 1, 1).long() - (lq - torch.arange(lq, device=q.device)).view(1, 1, lq, 1)
@@ -40,3 +342,41 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     scores = torch.matmul(q, k_cache.transpose(-1, -2)).float() * (scale if scale is not None else d ** -0.5)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     return torch.matmul(probs.to(v_cache.dtype), v_cache)
+
+
+def aot_specs():
+    """The prefill and decode kernels at every head dim, dtype and config the launchers pick."""
+    for dtype, tname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        ptr = f"*{tname}"
+        for d in HEAD_DIMS:
+            block_d = max(16, triton.next_power_of_2(d))
+            block_m, block_n, warps, stages = prefill_settings(d, dtype)
+            for causal in (True, False):
+                strides = [f"stride_{t}{a}" for t in "qkvo" for a in "bht"]
+                yield dict(
+                    name=f"flash_attn[{tname},D={d},causal={int(causal)}]", fn=_flash_attn_fwd_kernel,
+                    signature={"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, **{s: "i32" for s in strides},
+                               "H": "i32", "Tq": "i32", "Tk": "i32", "D": "i32", "qk_scale": "fp32",
+                               **{c: "constexpr" for c in ("CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "DOT_PRECISION")}},
+                    constexprs={"CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
+                                "DOT_PRECISION": _dot_precision(dtype)},
+                    divisible=[s for s in strides if not s.endswith("h")] + (["D"] if d % 16 == 0 else []),
+                    num_warps=warps, num_stages=stages)
+            block_n, warps = decode_settings(d, dtype)
+            for splits in (16,):  # NUM_SPLITS only enters index arithmetic: one value stands for all
+                strides = [f"stride_{t}{a}" for t in "qkv" for a in "bht"]
+                yield dict(
+                    name=f"decode_partial[{tname},D={d},splits={splits}]", fn=_decode_attn_partial_kernel,
+                    signature={"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "lens_ptr": "*i32", "part_o_ptr": "*fp32",
+                               "part_ml_ptr": "*fp32", **{s: "i32" for s in strides}, "H": "i32", "Lq": "i32",
+                               "L": "i32", "D": "i32", "chunk": "i32", "qk_scale": "fp32",
+                               **{c: "constexpr" for c in ("NUM_SPLITS", "BLOCK_Q", "BLOCK_N", "BLOCK_D", "DOT_PRECISION")}},
+                    constexprs={"NUM_SPLITS": splits, "BLOCK_Q": MAX_DECODE_QUERIES, "BLOCK_N": block_n,
+                                "BLOCK_D": block_d, "DOT_PRECISION": _dot_precision(dtype)},
+                    divisible=[s for s in strides if not s.endswith("h")], num_warps=warps, num_stages=2)
+                yield dict(
+                    name=f"decode_combine[{tname},D={d},splits={splits}]", fn=_decode_attn_combine_kernel,
+                    signature={"part_o_ptr": "*fp32", "part_ml_ptr": "*fp32", "o_ptr": ptr, "stride_ob": "i32",
+                               "stride_oh": "i32", "stride_ot": "i32", "H": "i32", "Lq": "i32", "D": "i32",
+                               "NUM_SPLITS": "constexpr", "BLOCK_Q": "constexpr", "BLOCK_D": "constexpr"},
+                    constexprs={"NUM_SPLITS": splits, "BLOCK_Q": MAX_DECODE_QUERIES, "BLOCK_D": block_d}, num_warps=4)

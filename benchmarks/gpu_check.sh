@@ -26,6 +26,7 @@ run aot python -m kernels.aot
 run bench_layernorm python -m benchmarks.bench_layernorm
 run bench_linear_fp16 python -m benchmarks.bench_linear --dtype fp16
 run bench_linear_bf16 python -m benchmarks.bench_linear --dtype bf16
+run bench_attention python -m benchmarks.bench_attention
 run e2e python -m benchmarks.e2e
 cp -r benchmarks/results "$OUT/results"
 exit $status

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# BENCH_RESULTS_DIR redirects output (the smoke tests use it to leave committed results alone).
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
 
 
 def device_name(device: torch.device | str) -> str:

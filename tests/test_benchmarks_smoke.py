@@ -1,0 +1,24 @@
+"""Every benchmark runs end to end at small sizes on CPU, so a GPU session finds it working."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("args", [
+    ["benchmarks.bench_layernorm", "--smoke"],
+    ["benchmarks.bench_linear", "--smoke"],
+    ["benchmarks.bench_attention", "--smoke"],
+    ["benchmarks.e2e", "--models", "gpt2", "--batch", "1", "2", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "1"],
+])
+def test_benchmark_runs(args, tmp_path):
+    env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if args[0] == "benchmarks.e2e":
+        assert (tmp_path / "cpu" / "e2e.json").exists() and (tmp_path / "cpu" / "e2e.md").exists()

@@ -6,8 +6,9 @@ Semantics (HF's ``generate``, written once here and matched by every implementat
   >= the k-th largest (ties at the boundary are kept); ``top_k = 0`` disables it.
 - ``top_p < 1`` sorts the survivors by probability (descending, stable) and keeps a token when the
   mass strictly before it is < ``top_p``; the top token is always kept; ``top_p = 1`` disables it.
-- one token is drawn from the renormalised survivors with one uniform number per row, keyed by
-  ``(seed, offset, row)``: rows are independent and a draw reproduces exactly.
+- one token is drawn from the renormalised survivors, walked in vocabulary order, with one uniform
+  number per row from Philox keyed by ``(seed, offset, row)``: rows are independent, a draw
+  reproduces exactly, and every implementation draws the same token from the same input.
 - a row holding NaN, or only -inf, is flagged with token -1; the other rows are untouched.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from numbers import Number
 
+import numpy as np
 import torch
 
 Param = float | int | torch.Tensor
@@ -41,11 +43,29 @@ def check_sampling_params(temperature: Param = 1.0, top_k: Param = 0, top_p: Par
             raise ValueError(f"top_p must be in (0, 1], got {p}")
 
 
+def _mulhilo(a: int, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = np.uint64(a) * b.astype(np.uint64)
+    return (p >> np.uint64(32)).astype(np.uint32), (p & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
 def uniforms(seed: int | torch.Tensor, offset: int | torch.Tensor, rows: int) -> torch.Tensor:
-    """One float64 uniform in [0, 1) per row, a pure function of (seed, offset, row)."""
-    seed, offset = int(seed), int(offset)
-    key = (seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9) % (1 << 63)
-    return torch.rand(rows, generator=torch.Generator().manual_seed(key), dtype=torch.float64)
+    """One float64 uniform in [0, 1) per row: Philox4x32-10 keyed by ``seed``, counter (offset, row).
+
+    Bit-identical to ``philox_uniform`` in csrc/philox.h, so the reference and the compiled
+    samplers draw the same token from the same logits.
+    """
+    seed, offset = int(seed) % (1 << 64), int(offset) % (1 << 64)
+    row = np.arange(rows, dtype=np.uint64)
+    c = [np.full(rows, offset & 0xFFFFFFFF, np.uint32), np.full(rows, offset >> 32, np.uint32),
+         (row & np.uint64(0xFFFFFFFF)).astype(np.uint32), (row >> np.uint64(32)).astype(np.uint32)]
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(0xD2511F53, c[0])
+        hi1, lo1 = _mulhilo(0xCD9E8D57, c[2])
+        c = [hi1 ^ c[1] ^ np.uint32(k0), lo1, hi0 ^ c[3] ^ np.uint32(k1), lo0]
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    bits = ((c[0] >> np.uint32(5)).astype(np.uint64) << np.uint64(26)) | (c[1] >> np.uint32(6)).astype(np.uint64)
+    return torch.from_numpy(bits.astype(np.float64) / 2.0**53)
 
 
 def _per_row(v: Param, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -115,6 +135,9 @@ def sample_ref(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0,
     keep = (before < p[:, None]) | (p[:, None] >= 1)
     keep[:, 0] = True
     probs = torch.where(keep, probs, 0.0)
+    # The draw walks the kept tokens in vocabulary order, as the compiled samplers do.
+    by_id = torch.argsort(order, dim=-1)
+    order, probs = order.gather(1, by_id), probs.gather(1, by_id)
     cdf = torch.cumsum(probs, dim=-1)
     u = uniforms(seed, offset, rows).to(dev)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
@@ -122,3 +145,53 @@ def sample_ref(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0,
     tokens = order.gather(1, torch.minimum(pick, last)).squeeze(1)
     tokens = torch.where(greedy, greedy_tokens, tokens)
     return torch.where(bad, -1, tokens)
+
+
+def _row_tensor(v: Param, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        if v.numel() not in (1, rows):
+            raise ValueError(f"a per-row sampling parameter must have 1 or {rows} values, got shape {list(v.shape)}")
+        return v.to(device=device, dtype=dtype).reshape(-1).expand(rows).contiguous()
+    return torch.full((rows,), v, dtype=dtype, device=device)
+
+
+def _scalar_tensor(name: str, v: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.dtype != torch.int64:
+            raise ValueError(f"{name} must be an int or a 0-d int64 tensor, got {v.dtype} {list(v.shape)}")
+        return v.reshape(()).to(device)
+    return torch.tensor(int(v), dtype=torch.int64, device=device)
+
+
+def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
+           seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0) -> torch.Tensor:
+    """Draw one token per row with the compiled sampler (C++ on CPU, CUDA on GPU).
+
+    Args:
+        logits: (B, V) fp32/fp16/bf16, any V >= 1; rows may be strided, even expanded (stride 0).
+        temperature, top_k, top_p: numbers, or per-row tensors (B,). 0 temperature or top_k 1 is
+            argmax; top_k 0 and top_p 1 disable those filters. Checked before any kernel runs.
+        seed, offset: ints or 0-d int64 tensors (on the logits' device for a CUDA graph); the
+            decode loop advances ``offset`` by one per step.
+    Returns:
+        int64 (B,) on the logits' device; -1 flags a row of NaN or only -inf (other rows untouched).
+
+    Semantics and random numbers are those of ``sample_ref``: same inputs, same tokens.
+    Falls back to ``sample_ref`` (with one warning) where the extension cannot be compiled.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a tensor of shape (B, V), got {getattr(logits, 'shape', type(logits))}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"logits has dtype {logits.dtype}, supported: fp32, fp16, bf16")
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have at least one column")
+    check_sampling_params(temperature, top_k, top_p)
+    from . import _extension
+
+    if not _extension.load():
+        return sample_ref(logits, temperature, top_k, top_p, seed, offset)
+    rows, dev = logits.shape[0], logits.device
+    return getattr(torch.ops, _extension.LIB).sample(
+        logits, _row_tensor(temperature, rows, torch.float32, dev), _row_tensor(top_k, rows, torch.int64, dev),
+        _row_tensor(top_p, rows, torch.float64, dev), _scalar_tensor("seed", seed, dev),
+        _scalar_tensor("offset", offset, dev))

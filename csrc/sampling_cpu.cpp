@@ -1,0 +1,144 @@
+// Sampling on CPU: temperature, then top-k, then top-p over the renormalised rest (HF semantics,
+// spelled out in kernels/sampling.py). Rows run in parallel; a row touches only its own logits.
+// Sort-free where it can be: top-k by selection (nth_element), top-p by sorting only the tokens
+// above a probability threshold that provably holds the nucleus.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "philox.h"
+
+namespace gpt2engine {
+namespace {
+
+struct RowParams {
+  float temperature;
+  int64_t top_k;
+  double top_p;
+  double u;
+};
+
+// Returns the token, or -1 for a row of NaN or only -inf.
+int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParams& prm,
+                   std::vector<float>& scaled, std::vector<int64_t>& ids, std::vector<float>& scratch) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t argmax = -1;
+  for (int64_t j = 0; j < vocab; ++j) {
+    const float v = x[j * stride];
+    if (std::isnan(v)) return -1;
+    if (v > best) {  // strict: the first index wins ties
+      best = v;
+      argmax = j;
+    }
+  }
+  if (argmax < 0) return -1;  // every logit is -inf
+  if (prm.temperature == 0.0f || prm.top_k == 1) return argmax;
+
+  for (int64_t j = 0; j < vocab; ++j) scaled[j] = x[j * stride] / prm.temperature;
+  const double top = static_cast<double>(best / prm.temperature);
+  // Top-k keeps every token >= the k-th largest scaled logit (ties at the boundary included).
+  float kth = -std::numeric_limits<float>::infinity();
+  if (prm.top_k > 0 && prm.top_k < vocab) {
+    scratch.assign(scaled.begin(), scaled.begin() + vocab);
+    std::nth_element(scratch.begin(), scratch.begin() + (prm.top_k - 1), scratch.end(), std::greater<float>());
+    kth = scratch[prm.top_k - 1];
+  }
+  // Unnormalised weights of the top-k survivors (all tokens when top-k is off); -inf weighs 0.
+  double total = 0.0;
+  for (int64_t j = 0; j < vocab; ++j) {
+    if (scaled[j] >= kth) total += std::exp(static_cast<double>(scaled[j]) - top);
+  }
+  ids.clear();
+  if (prm.top_p < 1.0) {
+    // The nucleus is the prefix of the sorted survivors whose preceding mass is < top_p. Any set
+    // {weight >= t} whose mass reaches top_p contains it, so sort only that set, lowering t until it does.
+    for (double t = 1.0 / 16;; t /= 16) {
+      ids.clear();
+      double mass = 0.0;
+      for (int64_t j = 0; j < vocab; ++j) {
+        if (scaled[j] < kth) continue;
+        const double w = std::exp(static_cast<double>(scaled[j]) - top);
+        if (w >= t) {
+          ids.push_back(j);
+          mass += w;
+        }
+      }
+      if (mass >= prm.top_p * total || t < 1e-300) break;
+    }
+    std::sort(ids.begin(), ids.end(), [&](int64_t a, int64_t b) {
+      return scaled[a] > scaled[b] || (scaled[a] == scaled[b] && a < b);
+    });
+    double before = 0.0;
+    size_t keep = 0;
+    for (; keep < ids.size(); ++keep) {
+      if (keep > 0 && before >= prm.top_p) break;  // the top token is always kept
+      before += std::exp(static_cast<double>(scaled[ids[keep]]) - top) / total;
+    }
+    ids.resize(keep);
+    std::sort(ids.begin(), ids.end());  // the draw walks the kept tokens in vocabulary order
+  } else {
+    for (int64_t j = 0; j < vocab; ++j) {
+      if (scaled[j] >= kth) ids.push_back(j);
+    }
+  }
+  // Inverse CDF over the kept tokens in vocabulary order: the first whose cumulative weight exceeds u * mass.
+  double kept = 0.0;
+  for (int64_t j : ids) kept += std::exp(static_cast<double>(scaled[j]) - top);
+  const double target = prm.u * kept;
+  double cum = 0.0;
+  int64_t last_positive = ids.front();
+  for (int64_t j : ids) {
+    const double w = std::exp(static_cast<double>(scaled[j]) - top);
+    if (w > 0) last_positive = j;
+    cum += w;
+    if (cum > target) return j;
+  }
+  return last_positive;  // rounding left the target at the very end
+}
+
+at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                      const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be (B, V), got ", logits.sizes());
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  const at::Tensor x = logits.scalar_type() == at::kFloat ? logits : logits.to(at::kFloat);
+  const at::Tensor temp = temperature.to(at::kFloat).contiguous();
+  const at::Tensor k = top_k.to(at::kLong).contiguous();
+  const at::Tensor p = top_p.to(at::kDouble).contiguous();
+  TORCH_CHECK(temp.numel() == rows && k.numel() == rows && p.numel() == rows, "per-row parameters must have ", rows, " values");
+  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  const uint64_t off = static_cast<uint64_t>(offset.item<int64_t>());
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  if (rows == 0) return out;
+  TORCH_CHECK(vocab > 0, "logits must have at least one column");
+  const float* xp = x.data_ptr<float>();
+  const int64_t stride_row = x.stride(0), stride_col = x.stride(1);
+  const float* tp = temp.data_ptr<float>();
+  const int64_t* kp = k.data_ptr<int64_t>();
+  const double* pp = p.data_ptr<double>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scaled(vocab), scratch;
+    std::vector<int64_t> ids;
+    ids.reserve(1024);
+    for (int64_t r = begin; r < end; ++r) {
+      const RowParams prm{tp[r], kp[r], pp[r], philox_uniform(s, off, static_cast<uint64_t>(r))};
+      op[r] = sample_row(xp + r * stride_row, stride_col, vocab, prm, scaled, ids, scratch);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gpt2engine_C, m) {
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gpt2engine_C, CPU, m) { m.impl("sample", &sample_cpu); }
+
+}  // namespace gpt2engine

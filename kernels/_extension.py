@@ -1,0 +1,56 @@
+"""Loads the compiled sampler (csrc/): built by setup.py, or compiled once on first use."""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from ._ops import NS
+
+LIB = NS + "_C"  # torch.ops.gpt2engine_C
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def sources(cuda: bool) -> list[str]:
+    files = [CSRC / "sampling_cpu.cpp"] + ([CSRC / "sampling_cuda.cu"] if cuda else [])
+    return [str(f) for f in files]
+
+
+def _cuda_build_possible() -> bool:
+    return torch.version.cuda is not None and (shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME"))
+
+
+@functools.cache
+def load() -> bool:
+    """Register torch.ops.gpt2engine_C.sample. False (with one warning) when it cannot be built."""
+    if hasattr(torch.ops, LIB) and hasattr(getattr(torch.ops, LIB), "sample"):
+        return True
+    built = glob.glob(str(Path(__file__).resolve().parent / "_C*.so"))
+    if built:
+        torch.ops.load_library(built[0])
+        return True
+    if not (CSRC / "sampling_cpu.cpp").exists():
+        warnings.warn("gpt2engine: the sampling extension was not built and csrc/ is not here; "
+                      "using the PyTorch reference sampler", stacklevel=3)
+        return False
+    from torch.utils import cpp_extension
+
+    cuda = _cuda_build_possible()
+    print(f"gpt2engine: compiling the {'CPU+CUDA' if cuda else 'CPU'} sampling extension once "
+          "(cached by torch.utils.cpp_extension)...", file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(
+            name=LIB, sources=sources(cuda), is_python_module=False, verbose=False,
+            extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-std=c++17"] if cuda else None)
+    except Exception as e:  # no compiler, no headers: the reference still samples correctly
+        warnings.warn(f"gpt2engine: could not compile the sampling extension ({str(e).splitlines()[0]}); "
+                      "using the PyTorch reference sampler", stacklevel=3)
+        return False
+    return True

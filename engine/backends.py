@@ -52,10 +52,10 @@ EAGER = Ops(
     gelu_mlp=eager_gelu_mlp,
     attention=kernels.flash_attention_ref,
     decode_attention=kernels.decode_attention_ref,
-    sample=kernels.sample_ref,
+    sample=kernels.sample,
 )
 
-# The sampler has no Triton kernel: both backends run the reference (a compiled sampler is planned).
+# Both backends sample with the compiled sampler (csrc/: C++ on CPU, CUDA on GPU).
 TRITON = Ops(
     layer_norm=kernels.layer_norm,
     add_layer_norm=kernels.add_layer_norm,
@@ -64,7 +64,7 @@ TRITON = Ops(
     attention=kernels.flash_attention,
     # The runtime guarantees q_len <= cache_lens <= the cache view: skip the check's host sync.
     decode_attention=functools.partial(kernels.decode_attention, check_lens=False),
-    sample=kernels.sample_ref,
+    sample=kernels.sample,
 )
 
 BACKENDS: dict[str, Ops] = {"eager": EAGER, "triton": TRITON}

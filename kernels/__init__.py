@@ -6,10 +6,10 @@ Importable on its own: nothing here imports the ``engine`` runtime.
 from .attention import decode_attention, decode_attention_ref, flash_attention, flash_attention_ref
 from .layernorm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 from .linear import gelu_mlp, gelu_mlp_ref, linear, linear_ref
-from .sampling import check_sampling_params, sample_ref
+from .sampling import check_sampling_params, sample, sample_ref
 
 __all__ = [
     "add_layer_norm", "add_layer_norm_ref", "check_sampling_params", "decode_attention", "decode_attention_ref",
     "flash_attention", "flash_attention_ref", "layer_norm",
-    "gelu_mlp", "gelu_mlp_ref", "layer_norm_ref", "linear", "linear_ref", "sample_ref",
+    "gelu_mlp", "gelu_mlp_ref", "layer_norm_ref", "linear", "linear_ref", "sample", "sample_ref",
 ]

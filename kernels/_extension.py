@@ -27,11 +27,23 @@ def _cuda_build_possible() -> bool:
     return torch.version.cuda is not None and (shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME"))
 
 
+def _register_fake() -> None:
+    """Shape rule for torch.compile: one int64 token per row."""
+    @torch.library.register_fake(f"{LIB}::sample")
+    def _(logits, temperature, top_k, top_p, seed, offset):
+        return logits.new_empty((logits.shape[0],), dtype=torch.long)
+
+
 @functools.cache
 def load() -> bool:
     """Register torch.ops.gpt2engine_C.sample. False (with one warning) when it cannot be built."""
-    if hasattr(torch.ops, LIB) and hasattr(getattr(torch.ops, LIB), "sample"):
-        return True
+    if not _load_library():
+        return False
+    _register_fake()
+    return True
+
+
+def _load_library() -> bool:
     built = glob.glob(str(Path(__file__).resolve().parent / "_C*.so"))
     if built:
         torch.ops.load_library(built[0])

@@ -1,4 +1,5 @@
-"""The reference sampler's semantics: hard invariants and a chi-square fit with shown power."""
+"""The samplers (PyTorch reference and the compiled C++/CUDA one): hard invariants, agreement with
+each other, and a chi-square fit against the exact distribution, with the harness's power shown."""
 
 import math
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 from scipy import stats
 
-from kernels.sampling import sample_ref
+from kernels.sampling import sample, sample_ref
+
+SAMPLERS = {"ref": sample_ref, "compiled": sample}
 
 DRAWS = 200_000
 
@@ -57,10 +60,11 @@ SETTINGS = [  # (vocab, temperature, top_k, top_p): neither binds, top-k binds, 
 
 
 @pytest.mark.parametrize("vocab,temperature,top_k,top_p", SETTINGS)
-def test_chi_square_fit(vocab, temperature, top_k, top_p):
-    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(vocab)) * 2
-    draws = DRAWS if vocab < 1000 else 5_000  # a 50257-wide draw costs ~1.4 ms on CPU
-    counts = _draw(sample_ref, logits, draws, temperature=temperature, top_k=top_k, top_p=top_p, seed=5)
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_chi_square_fit(name, vocab, temperature, top_k, top_p, device):
+    logits = (torch.randn(1, vocab, generator=torch.Generator().manual_seed(vocab)) * 2).to(device)
+    draws = DRAWS if vocab < 1000 else (5_000 if name == "ref" else 20_000)  # 50257-wide draws: ~1.4 ms (ref), ~0.6 ms (C++)
+    counts = _draw(SAMPLERS[name], logits, draws, temperature=temperature, top_k=top_k, top_p=top_p, seed=5).cpu()
     assert _chi2_pvalue(counts, _expected(logits[0], temperature, top_k, top_p)) > 1e-6
 
 
@@ -92,31 +96,35 @@ def test_harness_rejects_broken_samplers(name):
     assert _chi2_pvalue(counts, _expected(logits[0], kw["temperature"], kw["top_k"], kw["top_p"])) < 1e-6
 
 
-def test_hard_invariants():
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_hard_invariants(name, device):
+    sample_ref = SAMPLERS[name]  # noqa: F811 - the same checks for every implementation
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(64, 300, generator=g)
+    logits = torch.randn(64, 300, generator=g).to(device)
     logits[:, 7] = logits[:, 11] = 50.0  # a tie for the maximum: the first index wins
     assert (sample_ref(logits, temperature=0) == 7).all()
     assert (sample_ref(logits, temperature=1.0, top_k=1, seed=3) == 7).all()
-    x = torch.randn(64, 300, generator=g)
+    x = torch.randn(64, 300, generator=g).to(device)
     top10 = x.topk(10, -1).indices
     tok = sample_ref(x, temperature=1.5, top_k=10, seed=1)
     assert (top10 == tok[:, None]).any(-1).all()
     masked = x.clone()
     masked[:, ::2] = -math.inf
     assert (sample_ref(masked, seed=2) % 2 == 1).all()
-    one_hot = torch.full((4, 300), -math.inf)
+    one_hot = torch.full((4, 300), -math.inf, device=device)
     one_hot[torch.arange(4), torch.tensor([3, 99, 0, 299])] = 0.0
     assert sample_ref(one_hot, top_k=5000, top_p=0.5, seed=1).tolist() == [3, 99, 0, 299]
 
 
-def test_determinism_row_independence_and_flagged_rows():
-    x = torch.randn(8, 1000, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_determinism_row_independence_and_flagged_rows(name, device):
+    sample_ref = SAMPLERS[name]  # noqa: F811
+    x = torch.randn(8, 1000, generator=torch.Generator().manual_seed(1)).to(device)
     a = sample_ref(x, top_p=0.9, seed=11, offset=4)
     assert torch.equal(a, sample_ref(x, top_p=0.9, seed=11, offset=4))
     assert not torch.equal(a, sample_ref(x, top_p=0.9, seed=11, offset=5))
     y = x.clone()
-    y[3] = torch.randn(1000)
+    y[3] = torch.randn(1000, device=device)
     y[5] = float("nan")
     y[6] = -math.inf
     b = sample_ref(y, top_p=0.9, seed=11, offset=4)
@@ -124,17 +132,21 @@ def test_determinism_row_independence_and_flagged_rows():
     assert torch.equal(a[keep], b[keep]) and b[5] == -1 and b[6] == -1
 
 
-def test_per_row_parameters():
-    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_per_row_parameters(name, device):
+    sample_ref = SAMPLERS[name]  # noqa: F811
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(2)).to(device)
     tok = sample_ref(x, temperature=torch.tensor([0.0, 1.0, 1.0]), top_k=torch.tensor([0, 1, 0]), seed=1)
+    assert torch.equal(tok, sample(x, temperature=torch.tensor([0.0, 1.0, 1.0]), top_k=torch.tensor([0, 1, 0]), seed=1))
     assert tok[0] == x[0].argmax() and tok[1] == x[1].argmax()
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0.0),
                                 dict(top_p=1.01), dict(top_k=-1), dict(temperature=torch.tensor([1.0, -1.0]))])
-def test_bad_parameters(kw):
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_bad_parameters(name, kw):
     with pytest.raises(ValueError):
-        sample_ref(torch.randn(2, 10), **kw)
+        SAMPLERS[name](torch.randn(2, 10), **kw)
 
 
 @pytest.mark.parametrize("top_k,top_p,scale", [(50, 1.0, 2.0), (0, 0.9, 6.0), (0, 0.99, 1.0), (2000, 0.9, 2.0),
@@ -148,3 +160,47 @@ def test_candidate_shortcut_equals_full_sort(monkeypatch, top_k, top_p, scale):
     fast = sample_ref(x, top_k=top_k, top_p=top_p, seed=9, offset=1)
     monkeypatch.setattr(sampling, "CANDIDATES", 10**9)
     assert torch.equal(fast, sample_ref(x, top_k=top_k, top_p=top_p, seed=9, offset=1))
+
+
+SWEEP = [dict(temperature=0.0), dict(temperature=0.7), dict(top_k=50), dict(top_k=3, temperature=1.5),
+         dict(top_p=0.9), dict(top_p=0.3, temperature=2.0), dict(top_k=50, top_p=0.9, temperature=0.8),
+         dict(top_k=100000), dict(top_p=1e-9)]
+
+
+@pytest.mark.parametrize("kw", SWEEP, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("vocab", [1, 7, 111, 50257])
+def test_compiled_equals_reference(kw, vocab, device):
+    """Same semantics and the same Philox numbers: the same token, row by row."""
+    x = (torch.randn(33, vocab, generator=torch.Generator().manual_seed(vocab)) * 3).to(device)
+    x[5, : vocab // 2] = x[5, 0]  # ties, including at top-k / top-p boundaries
+    for offset in range(3):
+        assert torch.equal(sample(x, seed=17, offset=offset, **kw), sample_ref(x, seed=17, offset=offset, **kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_low_precision_and_strided_rows(dtype, device):
+    base = torch.randn(8, 2 * 500, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    x = base[:, ::2]  # strided columns
+    want = sample_ref(x.float(), top_k=40, top_p=0.8, seed=2)
+    assert torch.equal(sample(x, top_k=40, top_p=0.8, seed=2), want)
+    one = base[:1, :500].expand(6, -1)  # stride-0 rows: one uniform per row keeps them independent
+    assert torch.equal(sample(one, seed=4), sample_ref(one.float(), seed=4))
+
+
+def test_seed_and_offset_tensors(device):
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(5)).to(device)
+    as_ints = sample(x, top_p=0.9, seed=123, offset=9)
+    seed, offset = torch.tensor(123, device=device), torch.tensor(9, device=device)
+    assert torch.equal(sample(x, top_p=0.9, seed=seed, offset=offset), as_ints)
+    with pytest.raises(ValueError, match="seed must be an int or a 0-d int64 tensor"):
+        sample(x, seed=torch.tensor([1.0]))
+
+
+def test_torch_compile_traces_the_compiled_sampler(device):
+    x = torch.randn(2, 100, device=device)
+
+    def step(logits):
+        return sample(logits * 2.0, temperature=0.9, top_k=10, seed=1)
+
+    compiled = torch.compile(step, backend="aot_eager" if device.type == "cpu" else "inductor")
+    assert torch.equal(compiled(x), step(x))

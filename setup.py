@@ -1,4 +1,32 @@
+"""Install ``engine`` and ``kernels``; build the C++/CUDA sampler (csrc/) when torch is importable.
+
+Under pip's default build isolation torch is absent (and must stay so: an unpinned torch there
+would pull a multi-GB CUDA build), so the extension is left to ``kernels._extension``, which
+compiles it once on first use. ``pip install -e . --no-build-isolation`` builds it here: the CUDA
+part too wherever torch has CUDA and nvcc is found.
+"""
+
+import os
+
 from setuptools import find_packages, setup
+
+
+def sampler_extension():
+    if os.environ.get("GPT2ENGINE_NO_EXTENSION") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    sources = ["csrc/sampling_cpu.cpp"] + (["csrc/sampling_cuda.cu"] if cuda else [])
+    flags = {"cxx": ["-O3"], "nvcc": ["-O3"]} if cuda else {"cxx": ["-O3"]}
+    ext = (CUDAExtension if cuda else CppExtension)("kernels._C", sources, extra_compile_args=flags)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = sampler_extension()
 
 setup(
     name="gpt2engine",
@@ -8,6 +36,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
         "triton>=3.6; platform_system == 'Linux'",

@@ -27,6 +27,7 @@ run bench_layernorm python -m benchmarks.bench_layernorm
 run bench_linear_fp16 python -m benchmarks.bench_linear --dtype fp16
 run bench_linear_bf16 python -m benchmarks.bench_linear --dtype bf16
 run bench_attention python -m benchmarks.bench_attention
+run bench_sampling python -m benchmarks.bench_sampling
 run e2e python -m benchmarks.e2e
 cp -r benchmarks/results "$OUT/results"
 exit $status

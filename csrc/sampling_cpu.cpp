@@ -24,8 +24,8 @@ struct RowParams {
 };
 
 // Returns the token, or -1 for a row of NaN or only -inf.
-int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParams& prm,
-                   std::vector<float>& scaled, std::vector<int64_t>& ids, std::vector<float>& scratch) {
+int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParams& prm, std::vector<float>& scaled,
+                   std::vector<double>& weights, std::vector<int64_t>& ids, std::vector<float>& scratch) {
   float best = -std::numeric_limits<float>::infinity();
   int64_t argmax = -1;
   for (int64_t j = 0; j < vocab; ++j) {
@@ -48,10 +48,11 @@ int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParam
     std::nth_element(scratch.begin(), scratch.begin() + (prm.top_k - 1), scratch.end(), std::greater<float>());
     kth = scratch[prm.top_k - 1];
   }
-  // Unnormalised weights of the top-k survivors (all tokens when top-k is off); -inf weighs 0.
+  // Unnormalised weights of the top-k survivors (0 for the rest and for -inf), computed once.
   double total = 0.0;
   for (int64_t j = 0; j < vocab; ++j) {
-    if (scaled[j] >= kth) total += std::exp(static_cast<double>(scaled[j]) - top);
+    weights[j] = scaled[j] >= kth ? std::exp(static_cast<double>(scaled[j]) - top) : 0.0;
+    total += weights[j];
   }
   ids.clear();
   if (prm.top_p < 1.0) {
@@ -61,11 +62,9 @@ int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParam
       ids.clear();
       double mass = 0.0;
       for (int64_t j = 0; j < vocab; ++j) {
-        if (scaled[j] < kth) continue;
-        const double w = std::exp(static_cast<double>(scaled[j]) - top);
-        if (w >= t) {
+        if (weights[j] >= t && scaled[j] >= kth) {
           ids.push_back(j);
-          mass += w;
+          mass += weights[j];
         }
       }
       if (mass >= prm.top_p * total || t < 1e-300) break;
@@ -77,7 +76,7 @@ int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParam
     size_t keep = 0;
     for (; keep < ids.size(); ++keep) {
       if (keep > 0 && before >= prm.top_p) break;  // the top token is always kept
-      before += std::exp(static_cast<double>(scaled[ids[keep]]) - top) / total;
+      before += weights[ids[keep]] / total;
     }
     ids.resize(keep);
     std::sort(ids.begin(), ids.end());  // the draw walks the kept tokens in vocabulary order
@@ -88,14 +87,13 @@ int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParam
   }
   // Inverse CDF over the kept tokens in vocabulary order: the first whose cumulative weight exceeds u * mass.
   double kept = 0.0;
-  for (int64_t j : ids) kept += std::exp(static_cast<double>(scaled[j]) - top);
+  for (int64_t j : ids) kept += weights[j];
   const double target = prm.u * kept;
   double cum = 0.0;
   int64_t last_positive = ids.front();
   for (int64_t j : ids) {
-    const double w = std::exp(static_cast<double>(scaled[j]) - top);
-    if (w > 0) last_positive = j;
-    cum += w;
+    if (weights[j] > 0) last_positive = j;
+    cum += weights[j];
     if (cum > target) return j;
   }
   return last_positive;  // rounding left the target at the very end
@@ -123,11 +121,12 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scaled(vocab), scratch;
+    std::vector<double> weights(vocab);
     std::vector<int64_t> ids;
     ids.reserve(1024);
     for (int64_t r = begin; r < end; ++r) {
       const RowParams prm{tp[r], kp[r], pp[r], philox_uniform(s, off, static_cast<uint64_t>(r))};
-      op[r] = sample_row(xp + r * stride_row, stride_col, vocab, prm, scaled, ids, scratch);
+      op[r] = sample_row(xp + r * stride_row, stride_col, vocab, prm, scaled, weights, ids, scratch);
     }
   });
   return out;

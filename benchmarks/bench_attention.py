@@ -12,22 +12,18 @@ no results are written.
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels defines its @triton.jit functions
+from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before kernels loads
 
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels  # noqa: E402
+import kernels
 
-from .report import bar_plot, write_results  # noqa: E402
-from .roofline import copy_gbps, matmul_tflops  # noqa: E402
-from .timing import bench  # noqa: E402
+from .report import bar_plot, write_results
+from .roofline import copy_gbps, matmul_tflops
+from .timing import bench
 
 PREFILL = [(1, 12, t) for t in (128, 512, 1024, 2048, 4096)] + [(8, 25, 1024), (16, 25, 1024)]  # (B, H, T)
 DECODE = [(b, 12, n) for b in (1, 8, 64) for n in (128, 512, 1024)] + [(1, 12, 8192), (8, 12, 8192)]  # (B, H, len)
@@ -63,7 +59,7 @@ def prefill_rows(shapes, d, dtype, device, causal_mask):
             ms = bench(fn, device)["ms"]
             row[f"{name}_ms"], row[f"{name}_tflops"] = ms, flops / ms / 1e9
         rows.append(row)
-        print(row, flush=True)
+        print_row(row)
     return rows
 
 
@@ -85,16 +81,12 @@ def decode_rows(shapes, d, dtype, device, roof):
             row[f"{name}_ms"], row[f"{name}_gbps"] = ms, nbytes / ms / 1e6
         row["ours_pct_copy"] = 100 * row["ours_gbps"] / roof
         rows.append(row)
-        print(row, flush=True)
+        print_row(row)
     return rows
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="small shapes only (what runs on CPU)")
-    args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    smoke = args.smoke or device.type == "cpu"
+    args, device, smoke = parse(__doc__, argv)
     dtype, d = torch.float16, 64
     prefill, decode = ([(1, 2, 77)], [(2, 2, 100)]) if smoke else (PREFILL, DECODE)
     roof = copy_gbps(device)
@@ -104,8 +96,7 @@ def main(argv=None):
         return torch.ones(t, t, dtype=torch.bool, device=device).tril()
 
     rows = prefill_rows(prefill, d, dtype, device, causal_mask) + decode_rows(decode, d, dtype, device, roof)
-    if device.type == "cpu":
-        print("CPU run: kernels ran in the Triton interpreter; timings are not performance figures, nothing written")
+    if interpreted(device):
         return
     cols = ["kind", "B", "H", "T", "ours_ms", "sdpa_flash_ms", "sdpa_math_ms", "sdpa_ms", "eager_ms", "ours_tflops",
             "sdpa_flash_tflops", "ours_gbps", "sdpa_gbps", "ours_pct_copy"]

@@ -11,21 +11,17 @@ the run proves the benchmark works, and its timings mean nothing, so no results 
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels defines its @triton.jit functions
+from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before kernels loads
 
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-import kernels  # noqa: E402
+import kernels
 
-from .report import bar_plot, write_results  # noqa: E402
-from .roofline import copy_gbps  # noqa: E402
-from .timing import bench  # noqa: E402
+from .report import bar_plot, write_results
+from .roofline import copy_gbps
+from .timing import bench
 
 ROWS = [1, 16, 256, 4096, 16384]
 WIDTHS = [768, 1024, 1280, 1600, 4096, 8192]
@@ -49,11 +45,7 @@ def cases(x, r, w, b):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="small shapes only (what runs on CPU)")
-    args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    smoke = args.smoke or device.type == "cpu"
+    args, device, smoke = parse(__doc__, argv)
     rows, widths = ([1, 16], [768, 1600]) if smoke else (ROWS, WIDTHS)
     roof = copy_gbps(device)
     print(f"device copy bandwidth: {roof:.0f} GB/s")
@@ -74,10 +66,9 @@ def main(argv=None):
                            "speedup": t_eager / t_ours}
                     row["ours_pct_copy"] = 100 * row["ours_gbps"] / roof
                     results.append(row)
-                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+                    print_row(row)
 
-    if device.type == "cpu":
-        print("CPU run: kernels ran in the Triton interpreter; timings are not performance figures, nothing written")
+    if interpreted(device):
         return
     cols = ["op", "dtype", "rows", "width", "ours_ms", "eager_ms", "ours_gbps", "eager_gbps", "ours_pct_copy", "speedup"]
     out = write_results("layernorm", device, results, cols, {"copy_gbps": roof},

@@ -13,21 +13,17 @@ proves the benchmark works; its timings mean nothing and no results are written.
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels defines its @triton.jit functions
+from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before kernels loads
 
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-import kernels  # noqa: E402
+import kernels
 
-from .report import bar_plot, write_results  # noqa: E402
-from .roofline import copy_gbps, matmul_tflops  # noqa: E402
-from .timing import bench  # noqa: E402
+from .report import bar_plot, write_results
+from .roofline import copy_gbps, matmul_tflops
+from .timing import bench
 
 LAYERS = {  # model -> width
     "gpt2": 768, "gpt2-medium": 1024, "gpt2-large": 1280, "gpt2-xl": 1600,
@@ -50,13 +46,8 @@ def eager(x, w, b, act, r):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="small shapes only (what runs on CPU)")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
-    args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args, device, smoke = parse(__doc__, argv, lambda p: p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"]))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    smoke = args.smoke or device.type == "cpu"
     if smoke:
         models, rows, vocab = {"tiny": 96}, [1, 33], 1000
         dtype = torch.float16 if device.type == "cpu" else dtype  # interpreter: no bf16 tl.dot
@@ -88,10 +79,9 @@ def main(argv=None):
                        "vs_eager": t["eager"] / t["ours"]}
                 row["ours_pct_hbm"] = 100 * row["ours_gbps"] / roof_gbps
                 results.append(row)
-                print(" ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}" for k_, v in row.items()), flush=True)
+                print_row(row)
 
-    if device.type == "cpu":
-        print("CPU run: kernels ran in the Triton interpreter; timings are not performance figures, nothing written")
+    if interpreted(device):
         return
     cols = ["model", "layer", "M", "N", "K", "ours_ms", "eager_ms", "cublas_ms", "ours_tflops", "cublas_tflops",
             "ours_gbps", "ours_pct_hbm", "vs_cublas", "vs_eager"]

@@ -10,12 +10,11 @@ GPU (the CUDA path). Results go to benchmarks/results/<device>/sampling.*.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import kernels
 
+from .kernel_cli import parse, print_row
 from .report import bar_plot, write_results
 from .timing import bench
 
@@ -38,11 +37,8 @@ def torch_sort_sampler(logits, temperature, top_k, top_p):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true")
-    args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batches = [1, 8] if args.smoke else [1, 8, 64, 256]
+    args, device, _ = parse(__doc__, argv)
+    batches = [1, 8] if args.smoke else [1, 8, 64, 256]  # the C++ path on CPU gives real figures
     kernels.sample(torch.randn(1, 10, device=device))  # build / load the extension outside the timings
     rows = []
     for batch in batches:
@@ -56,7 +52,7 @@ def main(argv=None):
                 row[f"{impl}_us"] = bench(fn, device, warmup=3, reps=20)["ms"] * 1e3
             row["speedup_vs_sort"] = row["torch_sort_us"] / row["ours_us"]
             rows.append(row)
-            print(row, flush=True)
+            print_row(row)
     cols = ["batch", "setting", "ours_us", "torch_sort_us", "torch_multinomial_us", "speedup_vs_sort"]
     out = write_results("sampling", device, rows, cols, {"vocab": 50257, "temperature": 0.8},
                         notes="Latency per call in microseconds (median). torch_multinomial applies no top-k/top-p.")

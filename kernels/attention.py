@@ -33,6 +33,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold one block of base-2 scores s (rows, keys) and values v (keys, D) into the running
+    max m_i, sum l_i and accumulator acc (all fp32); returns the updated three."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _flash_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D), any strides but unit D stride
     o_ptr,                # (B, H, Tq, D) output, any strides but unit D stride
@@ -69,13 +82,8 @@ def _flash_attn_fwd_kernel(
         if CAUSAL:
             visible = visible & (cols[None, :] <= rm[:, None] + offset)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + cols[:, None] * stride_vt + rd[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * stride_ob + h * stride_oh + rm[:, None] * stride_ot + rd[None, :],
              out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < Tq) & d_ok[None, :])
@@ -119,14 +127,8 @@ def _decode_attn_partial_kernel(
         k = tl.load(k_base + cols[:, None] * stride_kt + rd[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where((cols[None, :] < hi) & (cols[None, :] <= last_key[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that has seen no key yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + cols[:, None] * stride_vt + rd[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
     part = (bh * NUM_SPLITS + split).to(tl.int64)
     tl.store(part_o_ptr + part * BLOCK_Q * BLOCK_D + rq[:, None] * BLOCK_D + rd[None, :], acc)
     tl.store(part_ml_ptr + part * 2 * BLOCK_Q + rq, m_i)

@@ -9,6 +9,8 @@ from torch.library import opcheck
 import kernels
 from kernels._ops import NS
 
+from .helpers import assert_close_to, poison_empty
+
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]  # interpreter: no bf16 tl.dot
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
@@ -30,25 +32,14 @@ def _rand(shape, dtype, device, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
 
 
-def _poison_empty(monkeypatch):
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
-
-
-def _check(got, want, dtype):
-    atol, rtol = TOL[dtype]
-    assert not torch.isnan(got).any()
-    torch.testing.assert_close(got.double().cpu(), want.cpu(), atol=atol, rtol=rtol)
-
-
 @pytest.mark.parametrize("t", [1, 2, 17, 77, 130])
 @pytest.mark.parametrize("d", [32, 64, 80])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_causal(t, d, dtype, device, monkeypatch):
     q, k, v = (_rand((2, 3, t, d), dtype, device, seed=t * d + i) for i in range(3))
     want = _reference(q, k, v, _causal_mask(t, t, device))
-    _poison_empty(monkeypatch)
-    _check(kernels.flash_attention(q, k, v, causal=True), want, dtype)
+    poison_empty(monkeypatch)
+    assert_close_to(kernels.flash_attention(q, k, v, causal=True), want, TOL[dtype])
 
 
 @pytest.mark.parametrize("tq,tk", [(1, 50), (5, 77), (33, 130)])
@@ -57,7 +48,7 @@ def test_prefill_fewer_queries_than_keys(tq, tk, causal, device):
     dtype = torch.float16
     q, k, v = _rand((1, 2, tq, 64), dtype, device, 1), _rand((1, 2, tk, 64), dtype, device, 2), _rand((1, 2, tk, 64), dtype, device, 3)
     mask = _causal_mask(tq, tk, device) if causal else torch.ones(1, 1, tq, tk, dtype=torch.bool, device=device)
-    _check(kernels.flash_attention(q, k, v, causal=causal), _reference(q, k, v, mask), dtype)
+    assert_close_to(kernels.flash_attention(q, k, v, causal=causal), _reference(q, k, v, mask), TOL[dtype])
 
 
 def test_prefill_on_strided_views_of_fused_qkv(device):
@@ -66,7 +57,7 @@ def test_prefill_on_strided_views_of_fused_qkv(device):
     qkv = _rand((b, t, 3 * h * d), torch.float16, device, 4)
     q, k, v = qkv.view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)
     o = kernels.flash_attention(q, k, v)
-    _check(o, _reference(q, k, v, _causal_mask(t, t, device)), torch.float16)
+    assert_close_to(o, _reference(q, k, v, _causal_mask(t, t, device)), TOL[torch.float16])
     assert o.transpose(1, 2).is_contiguous()  # so the caller's reshape to (B, T, H * D) is free
 
 
@@ -90,21 +81,21 @@ def _decode_case(lens, lq, d, dtype, device, max_len=64, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_ragged_lengths_never_reads_past_them(lens, d, dtype, device, monkeypatch):
     q, k, v, lens_t, want = _decode_case(lens, 1, d, dtype, device, seed=sum(lens) + d)
-    _poison_empty(monkeypatch)
-    _check(kernels.decode_attention(q, k, v, lens_t), want, dtype)
+    poison_empty(monkeypatch)
+    assert_close_to(kernels.decode_attention(q, k, v, lens_t), want, TOL[dtype])
 
 
 @pytest.mark.parametrize("lq", [2, 5])
 def test_decode_several_queries_causal_inside(lq, device):
     q, k, v, lens_t, want = _decode_case([9, 40, 64], lq, 64, torch.float16, device, seed=lq)
-    _check(kernels.decode_attention(q, k, v, lens_t), want, torch.float16)
+    assert_close_to(kernels.decode_attention(q, k, v, lens_t), want, TOL[torch.float16])
 
 
 def test_decode_many_splits(device):
     """A long cache with B*H = 2 is cut into many splits; most of them empty for the short row."""
     q, k, v, lens_t, want = _decode_case([1000, 3], 1, 64, torch.float16, device, max_len=1024)
     assert kernels.attention.decode_splits(2 * 2, 1024, 132)[0] >= 8
-    _check(kernels.decode_attention(q, k, v, lens_t), want, torch.float16)
+    assert_close_to(kernels.decode_attention(q, k, v, lens_t), want, TOL[torch.float16])
 
 
 def test_decode_equals_prefill_last_row(device):

@@ -6,6 +6,8 @@ from torch.library import opcheck
 
 import kernels
 from kernels._ops import NS
+
+from .helpers import assert_close_to, poison_empty
 from kernels.layernorm import _layer_norm_launch, add_layer_norm_ref, layer_norm_ref
 
 WIDTHS = [1, 7, 768, 1023, 1600, 4231]
@@ -22,27 +24,14 @@ def _inputs(m, n, dtype, device, seed, mean=0.0, scale=1.0):
     return x, r, w, b
 
 
-def _poison_empty(monkeypatch):
-    """Make every torch.empty(_like) the launcher allocates start as NaN, so unwritten outputs show."""
-    real_empty, real_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_like(*a, **k).fill_(float("nan")))
-
-
-def _assert_close(got, want64, dtype):
-    atol, rtol = TOL[dtype]
-    assert not torch.isnan(got).any()
-    torch.testing.assert_close(got.double().cpu(), want64.cpu(), atol=atol, rtol=rtol)
-
-
 @pytest.mark.parametrize("n", WIDTHS)
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_layer_norm(m, n, dtype, device, monkeypatch):
     x, _, w, b = _inputs(m, n, dtype, device, seed=m * n)
     want = layer_norm_ref(x.double(), w.double(), b.double())
-    _poison_empty(monkeypatch)
-    _assert_close(kernels.layer_norm(x, w, b, 1e-5), want, dtype)
+    poison_empty(monkeypatch)
+    assert_close_to(kernels.layer_norm(x, w, b, 1e-5), want, TOL[dtype])
 
 
 @pytest.mark.parametrize("n", WIDTHS)
@@ -51,10 +40,10 @@ def test_layer_norm(m, n, dtype, device, monkeypatch):
 def test_add_layer_norm(m, n, dtype, device, monkeypatch):
     x, r, w, b = _inputs(m, n, dtype, device, seed=m + n)
     want_y, want_s = add_layer_norm_ref(x.double(), r.double(), w.double(), b.double())
-    _poison_empty(monkeypatch)
+    poison_empty(monkeypatch)
     y, s = kernels.add_layer_norm(x, r, w, b, 1e-5)
-    _assert_close(s, want_s, dtype)
-    _assert_close(y, want_y, dtype)
+    assert_close_to(s, want_s, TOL[dtype])
+    assert_close_to(y, want_y, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -62,9 +51,9 @@ def test_large_mean_keeps_precision(dtype, device):
     """mean -2.3, scale 4 (and x100): naive E[x^2] - E[x]^2 in low precision would fail this."""
     for scale in (4.0, 400.0):
         x, r, w, b = _inputs(5, 1600, dtype, device, seed=1, mean=-2.3 * scale / 4, scale=scale)
-        _assert_close(kernels.layer_norm(x, w, b), layer_norm_ref(x.double(), w.double(), b.double()), dtype)
+        assert_close_to(kernels.layer_norm(x, w, b), layer_norm_ref(x.double(), w.double(), b.double()), TOL[dtype])
         y, _ = kernels.add_layer_norm(x, r, w, b)
-        _assert_close(y, add_layer_norm_ref(x.double(), r.double(), w.double(), b.double())[0], dtype)
+        assert_close_to(y, add_layer_norm_ref(x.double(), r.double(), w.double(), b.double())[0], TOL[dtype])
 
 
 def test_strided_rows_and_3d(device):
@@ -73,12 +62,12 @@ def test_strided_rows_and_3d(device):
     assert not x.is_contiguous()
     y, s = kernels.add_layer_norm(x, r, w[:769].contiguous(), b[:769].contiguous())
     want_y, want_s = add_layer_norm_ref(x.double(), r.double(), w[:769].double(), b[:769].double())
-    _assert_close(y, want_y, torch.float16)
-    _assert_close(s, want_s, torch.float16)
+    assert_close_to(y, want_y, TOL[torch.float16])
+    assert_close_to(s, want_s, TOL[torch.float16])
     x3 = base[:, :768].reshape(3, 4, 768)
     y3 = kernels.layer_norm(x3, w[:768].contiguous(), b[:768].contiguous())
     assert y3.shape == (3, 4, 768)
-    _assert_close(y3, layer_norm_ref(x3.double(), w[:768].double(), b[:768].double()), torch.float16)
+    assert_close_to(y3, layer_norm_ref(x3.double(), w[:768].double(), b[:768].double()), TOL[torch.float16])
 
 
 def test_deterministic(device):

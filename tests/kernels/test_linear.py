@@ -7,6 +7,8 @@ from torch.library import opcheck
 
 import kernels
 from kernels._ops import NS
+
+from .helpers import assert_close_to, poison_empty
 from kernels.linear import gelu_mlp_ref, gemm_config, linear_ref
 
 # (M, K, N): one row, split-K (K = 1600 at M = 1), odd K and N, both regimes (M <= 16 and above).
@@ -27,17 +29,6 @@ def _inputs(m, k, n, dtype, device, seed):
     return [t.to(device, dtype) for t in (x, w, b, r)]
 
 
-def _poison_empty(monkeypatch):
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
-
-
-def _check(got, want64, dtype):
-    atol, rtol = TOLS[dtype]
-    assert not torch.isnan(got).any()
-    torch.testing.assert_close(got.double().cpu(), want64.cpu(), atol=atol, rtol=rtol)
-
-
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -47,8 +38,8 @@ def test_linear(m, k, n, dtype, epilogue, device, monkeypatch):
     b, r = (b if has_bias else None), (r if has_res else None)
     want = linear_ref(x.double(), w.double(), b.double() if b is not None else None, act,
                       r.double() if r is not None else None)
-    _poison_empty(monkeypatch)
-    _check(kernels.linear(x, w, b, act, r), want, dtype)
+    poison_empty(monkeypatch)
+    assert_close_to(kernels.linear(x, w, b, act, r), want, TOLS[dtype])
 
 
 def test_split_k_is_exercised():
@@ -64,10 +55,10 @@ def test_gelu_mlp(dtype, device, monkeypatch):
     fc_w, proj_w = (torch.randn(f, c, generator=g) / c**0.5).to(device, dtype), (torch.randn(c, f, generator=g) / f**0.5).to(device, dtype)
     fc_b, proj_b, r = (0.1 * torch.randn(f, generator=g)).to(device, dtype), (0.1 * torch.randn(c, generator=g)).to(device, dtype), torch.randn(2, 5, c, generator=g).to(device, dtype)
     want = gelu_mlp_ref(*(t.double() for t in (x, fc_w, fc_b, proj_w, proj_b, r)))
-    _poison_empty(monkeypatch)
+    poison_empty(monkeypatch)
     got = kernels.gelu_mlp(x, fc_w, fc_b, proj_w, proj_b, r)
     assert got.shape == (2, 5, c)
-    _check(got, want, dtype)
+    assert_close_to(got, want, TOLS[dtype])
 
 
 def test_strided_inputs_and_weight_layouts(device):
@@ -77,7 +68,7 @@ def test_strided_inputs_and_weight_layouts(device):
     x_wide[:, 50:250] = x
     w_input_major = w.t().contiguous().t()
     want = linear_ref(x.double(), w.double(), b.double())
-    _check(kernels.linear(x_wide[:, 50:250], w_input_major, b), want, torch.float32)
+    assert_close_to(kernels.linear(x_wide[:, 50:250], w_input_major, b), want, TOLS[torch.float32])
 
 
 def test_deterministic(device):

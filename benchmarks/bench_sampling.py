@@ -49,10 +49,13 @@ def main(argv=None):
                    "torch_multinomial": lambda: torch.multinomial(torch.softmax(logits / 0.8, -1), 1)}
             row = {"batch": batch, "setting": name}
             for impl, fn in fns.items():
-                row[f"{impl}_us"] = bench(fn, device, warmup=3, reps=20)["ms"] * 1e3
+                row[f"{impl}_us"] = bench(fn, device, warmup=1 if args.smoke else 3, reps=3 if args.smoke else 20)["ms"] * 1e3
             row["speedup_vs_sort"] = row["torch_sort_us"] / row["ours_us"]
             rows.append(row)
             print_row(row)
+    if args.smoke:
+        print("smoke run: nothing written")
+        return
     cols = ["batch", "setting", "ours_us", "torch_sort_us", "torch_multinomial_us", "speedup_vs_sort"]
     out = write_results("sampling", device, rows, cols, {"vocab": 50257, "temperature": 0.8},
                         notes="Latency per call in microseconds (median). torch_multinomial applies no top-k/top-p.")

@@ -44,51 +44,53 @@ def save_random_checkpoint(name: str, directory: Path) -> Path:
     return directory
 
 
-def _median(values):
-    return statistics.median(values)
+class Ours:
+    """Our engine at one (backend, dtype): load once, then measure greedy generation."""
+
+    def __init__(self, ckpt, device, dtype, backend):
+        self.impl, self.dtype = f"ours {backend}", DTYPE_NAMES[dtype]
+        self.model, self.load_s = wall(lambda: engine.load_model(ckpt, device=device, dtype=dtype, backend=backend), device)
+
+    def measure(self, ids, new_tokens):
+        """(prefill ms, decode tok/s summed over the batch, row 0's tokens)."""
+        out = engine.generate(self.model, ids, new_tokens, temperature=0, stop_at_eos=False)
+        return out.prefill_seconds * 1e3, out.decode_tokens_per_second, out.tokens[0]
 
 
-def run_ours(ckpt, device, dtype, backend, batches, prompt_len, new_tokens, repeats):
-    model, load_s = wall(lambda: engine.load_model(ckpt, device=device, dtype=dtype, backend=backend), device)
+class HF:
+    """HF transformers ``generate``: prefill = a 1-token generate, decode = the rest of a full one."""
+
+    def __init__(self, ckpt, device, dtype):
+        from transformers import GPT2LMHeadModel
+
+        self.impl, self.dtype, self.device = "HF transformers", DTYPE_NAMES[dtype], device
+        self.model, self.load_s = wall(lambda: GPT2LMHeadModel.from_pretrained(ckpt, dtype=dtype).to(device).eval(), device)
+
+    def _generate(self, ids, n):
+        with torch.inference_mode():
+            return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=False, pad_token_id=50256)
+
+    def measure(self, ids, new_tokens):
+        ids = ids.to(self.device)
+        _, first = wall(lambda: self._generate(ids, 1), self.device)
+        out, full = wall(lambda: self._generate(ids, new_tokens), self.device)
+        return first * 1e3, ids.shape[0] * (new_tokens - 1) / (full - first), out[0, ids.shape[1]:].tolist()
+
+
+def measure_round_robin(runners, batch, prompt_len, new_tokens, repeats) -> list[dict]:
+    """Median over ``repeats`` rounds, each round running every implementation once in turn, so
+    that drift in a shared machine's speed falls on all of them alike."""
+    ids = torch.randint(0, 50257, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
+    for r in runners:
+        r.measure(ids, 4)  # warm-up
+    samples = [[r.measure(ids, new_tokens) for r in runners] for _ in range(repeats)]
     rows = []
-    for batch in batches:
-        ids = torch.randint(0, 50257, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
-        engine.generate(model, ids, 4, temperature=0, stop_at_eos=False)  # warm-up
-        outs = [engine.generate(model, ids, new_tokens, temperature=0, stop_at_eos=False) for _ in range(repeats)]
-        rows.append({"impl": f"ours {backend}", "dtype": DTYPE_NAMES[dtype], "batch": batch, "load_s": load_s,
-                     "prefill_ms": _median([o.prefill_seconds * 1e3 for o in outs]),
-                     "decode_tok_s": _median([o.decode_tokens_per_second for o in outs]), "tokens": outs[0].tokens[0]})
-    del model
-    return rows
-
-
-def run_hf(ckpt, device, dtype, batches, prompt_len, new_tokens, repeats):
-    from transformers import GPT2LMHeadModel
-
-    def load():
-        return GPT2LMHeadModel.from_pretrained(ckpt, dtype=dtype).to(device).eval()
-
-    model, load_s = wall(load, device)
-    rows = []
-    for batch in batches:
-        ids = torch.randint(0, 50257, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
-        mask = torch.ones_like(ids)
-
-        def gen(n):
-            with torch.inference_mode():
-                return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False, pad_token_id=50256)
-
-        gen(4)  # warm-up
-        firsts, rates = [], []
-        for _ in range(repeats):
-            _, first = wall(lambda: gen(1), device)
-            out, full = wall(lambda: gen(new_tokens), device)
-            firsts.append(first * 1e3)
-            rates.append(batch * (new_tokens - 1) / (full - first))
-        rows.append({"impl": "HF transformers", "dtype": DTYPE_NAMES[dtype], "batch": batch, "load_s": load_s,
-                     "prefill_ms": _median(firsts), "decode_tok_s": _median(rates), "tokens": out[0, prompt_len:].tolist()})
-    del model
+    for i, r in enumerate(runners):
+        runs = [round_[i] for round_ in samples]
+        rows.append({"impl": r.impl, "dtype": r.dtype, "batch": batch, "load_s": r.load_s,
+                     "prefill_ms": statistics.median(x[0] for x in runs),
+                     "decode_tok_s": statistics.median(x[1] for x in runs), "tokens": runs[0][2]})
     return rows
 
 
@@ -108,7 +110,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    p.add_argument("--repeats", type=int, default=5, help="rounds per measurement; the median is reported")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -118,14 +120,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             ckpt = save_random_checkpoint(name, Path(tmp) / name)
+            runners = [Ours(ckpt, device, dtype, backend) for backend, dtype in ours]
+            runners += [] if args.no_hf else [HF(ckpt, device, dtype) for dtype in hf_dtypes]
             model_rows = []
-            for backend, dtype in ours:
-                model_rows += run_ours(ckpt, device, dtype, backend, args.batch, args.prompt_len, args.new_tokens, args.repeats)
-                gc.collect()
-            if not args.no_hf:
-                for dtype in hf_dtypes:
-                    model_rows += run_hf(ckpt, device, dtype, args.batch, args.prompt_len, args.new_tokens, args.repeats)
-                    gc.collect()
+            for batch in args.batch:
+                model_rows += measure_round_robin(runners, batch, args.prompt_len, args.new_tokens, args.repeats)
+            del runners
+            gc.collect()
             reference = {r["batch"]: r["tokens"] for r in model_rows if r["dtype"] == "fp32" and r["impl"].startswith("ours")}
             for r in model_rows:
                 r["model"] = name

@@ -252,15 +252,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
   if (seg_mass > 0 && mass_before <= target && target < mass_before + seg_mass) {
     double cum = mass_before;
     rank = ties_before;
+    int64_t pick = seg_last;  // rounding may keep the running sum at or below the target to the end
     for (int64_t j = lo; j < hi; ++j) {
       const float s = scaled(j);
       if (!kept(s, rank)) continue;
       cum += exp(static_cast<double>(s) - top);
       if (cum > target) {
-        sh.pick = j;
+        pick = j;
         break;
       }
     }
+    sh.pick = pick;
   }
   __syncthreads();
   if (threadIdx.x == 0) out[r] = sh.pick;

@@ -20,26 +20,48 @@ from .config import GPT2Config
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Params(nn.Module):
+    """Uninitialised parameters (``weight`` and optionally ``bias``) that the ops table computes with.
+
+    Nothing is initialised here: every value comes from a checkpoint through a strict
+    ``load_state_dict`` (which also avoids torch's init kernels, slow to trace on the meta device).
+    """
+
+    def __init__(self, weight_shape: tuple[int, ...], bias_size: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(weight_shape), requires_grad=False)
+        if bias_size is not None:
+            self.bias = nn.Parameter(torch.empty(bias_size), requires_grad=False)
+
+
+def linear(in_features: int, out_features: int) -> Params:
+    return Params((out_features, in_features), out_features)  # nn.Linear layout
+
+
+def layer_norm(width: int) -> Params:
+    return Params((width,), width)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = linear(config.n_embd, config.n_embd)
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
-        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
+        self.c_fc = linear(config.n_embd, config.mlp_width)
+        self.c_proj = linear(config.mlp_width, config.n_embd)
 
 
 class Block(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = layer_norm(config.n_embd)
         self.attn = Attention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_2 = layer_norm(config.n_embd)
         self.mlp = MLP(config)
 
 
@@ -50,10 +72,10 @@ class GPT2(nn.Module):
         super().__init__()
         self.config = config
         self.ops = ops
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.wte = Params((config.vocab_size, config.n_embd))
+        self.wpe = Params((config.n_positions, config.n_embd))
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_f = layer_norm(config.n_embd)
         self.lm_head_weight: torch.Tensor | None = None  # (vocab, C); None means wte itself (tied)
 
     @property

@@ -16,6 +16,8 @@
 namespace gpt2engine {
 namespace {
 
+constexpr int64_t kHeapTopK = 1024;  // up to here a heap beats nth_element's full copy of the row
+
 struct RowParams {
   float temperature;
   int64_t top_k;
@@ -44,9 +46,23 @@ int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParam
   // Top-k keeps every token >= the k-th largest scaled logit (ties at the boundary included).
   float kth = -std::numeric_limits<float>::infinity();
   if (prm.top_k > 0 && prm.top_k < vocab) {
-    scratch.assign(scaled.begin(), scaled.begin() + vocab);
-    std::nth_element(scratch.begin(), scratch.begin() + (prm.top_k - 1), scratch.end(), std::greater<float>());
-    kth = scratch[prm.top_k - 1];
+    if (prm.top_k <= kHeapTopK) {
+      // A min-heap of the k largest seen so far: almost every logit fails one comparison with its top.
+      scratch.assign(scaled.begin(), scaled.begin() + prm.top_k);
+      std::make_heap(scratch.begin(), scratch.end(), std::greater<float>());
+      for (int64_t j = prm.top_k; j < vocab; ++j) {
+        if (scaled[j] > scratch.front()) {
+          std::pop_heap(scratch.begin(), scratch.end(), std::greater<float>());
+          scratch.back() = scaled[j];
+          std::push_heap(scratch.begin(), scratch.end(), std::greater<float>());
+        }
+      }
+      kth = scratch.front();
+    } else {
+      scratch.assign(scaled.begin(), scaled.begin() + vocab);
+      std::nth_element(scratch.begin(), scratch.begin() + (prm.top_k - 1), scratch.end(), std::greater<float>());
+      kth = scratch[prm.top_k - 1];
+    }
   }
   // Unnormalised weights of the top-k survivors (0 for the rest and for -inf), computed once.
   double total = 0.0;

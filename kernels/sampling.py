@@ -20,6 +20,8 @@ from numbers import Number
 import numpy as np
 import torch
 
+from . import _extension
+
 Param = float | int | torch.Tensor
 
 
@@ -163,6 +165,14 @@ def _scalar_tensor(name: str, v: int | torch.Tensor, device: torch.device) -> to
     return torch.tensor(int(v), dtype=torch.int64, device=device)
 
 
+def load_extension() -> bool:
+    """Load (building once if needed) the compiled sampler now, rather than at the first ``sample``.
+
+    Returns False when it cannot be built; ``sample`` then uses ``sample_ref``.
+    """
+    return _extension.load()
+
+
 def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
            seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """Draw one token per row with the compiled sampler (C++ on CPU, CUDA on GPU).
@@ -186,9 +196,7 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
     if logits.shape[1] == 0:
         raise ValueError("logits must have at least one column")
     check_sampling_params(temperature, top_k, top_p)
-    from . import _extension
-
-    if not _extension.load():
+    if not load_extension():
         return sample_ref(logits, temperature, top_k, top_p, seed, offset)
     rows, dev = logits.shape[0], logits.device
     return getattr(torch.ops, _extension.LIB).sample(

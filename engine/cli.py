@@ -24,9 +24,17 @@ class _UsageError(Exception):
     pass
 
 
+def _parsed(text, kind, what):
+    """``kind(text)``, or the message argparse prints for a value that is not a number at all."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+
+
 def _non_negative_float(name):
     def parse(text):
-        v = float(text)
+        v = _parsed(text, float, f"{name} must be a finite number >= 0")
         if not math.isfinite(v) or v < 0:
             raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text}")
         return v
@@ -34,7 +42,7 @@ def _non_negative_float(name):
 
 
 def _top_p(text):
-    v = float(text)
+    v = _parsed(text, float, "--top-p must be a number in (0, 1]")
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"--top-p must be in (0, 1], got {text}")
     return v
@@ -42,7 +50,7 @@ def _top_p(text):
 
 def _int_at_least(name, low):
     def parse(text):
-        v = int(text)
+        v = _parsed(text, int, f"{name} must be an integer >= {low}")
         if v < low:
             raise argparse.ArgumentTypeError(f"{name} must be an integer >= {low}, got {text}")
         return v

@@ -70,9 +70,11 @@ def uniforms(seed: int | torch.Tensor, offset: int | torch.Tensor, rows: int) ->
     return torch.from_numpy(bits.astype(np.float64) / 2.0**53)
 
 
-def _per_row(v: Param, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _row_tensor(v: Param, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
-        return v.to(device=device, dtype=dtype).expand(rows)
+        if v.numel() not in (1, rows):
+            raise ValueError(f"a per-row sampling parameter must have 1 or {rows} values, got shape {list(v.shape)}")
+        return v.to(device=device, dtype=dtype).reshape(-1).expand(rows).contiguous()
     return torch.full((rows,), v, dtype=dtype, device=device)
 
 
@@ -117,9 +119,9 @@ def sample_ref(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0,
     x = logits.float()
     bad = torch.isnan(x).any(-1) | torch.isneginf(x).all(-1)
     greedy_tokens = x.argmax(-1)
-    temp = _per_row(temperature, rows, torch.float32, dev)
-    k = _per_row(top_k, rows, torch.int64, dev)
-    p = _per_row(top_p, rows, torch.float64, dev)
+    temp = _row_tensor(temperature, rows, torch.float32, dev)
+    k = _row_tensor(top_k, rows, torch.int64, dev)
+    p = _row_tensor(top_p, rows, torch.float64, dev)
     greedy = (temp == 0) | (k == 1)
     if bool(greedy.all()):
         return torch.where(bad, -1, greedy_tokens)
@@ -147,14 +149,6 @@ def sample_ref(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0,
     tokens = order.gather(1, torch.minimum(pick, last)).squeeze(1)
     tokens = torch.where(greedy, greedy_tokens, tokens)
     return torch.where(bad, -1, tokens)
-
-
-def _row_tensor(v: Param, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if isinstance(v, torch.Tensor):
-        if v.numel() not in (1, rows):
-            raise ValueError(f"a per-row sampling parameter must have 1 or {rows} values, got shape {list(v.shape)}")
-        return v.to(device=device, dtype=dtype).reshape(-1).expand(rows).contiguous()
-    return torch.full((rows,), v, dtype=dtype, device=device)
 
 
 def _scalar_tensor(name: str, v: int | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -63,6 +63,9 @@ def test_num_samples(tiny_checkpoint, capsys):
     (["--backend", "cuda"], "invalid choice"),
     (["--device", "cuda:7"], "cuda"),
     (["--bogus-flag"], "unrecognized arguments"),
+    (["--max-new-tokens", "abc"], "--max-new-tokens must be an integer >= 1, got 'abc'"),
+    (["--top-p", "x"], "--top-p must be a number in (0, 1], got 'x'"),
+    (["--seed", "x"], "invalid int value"),
 ])
 def test_user_mistakes_are_one_line(tiny_checkpoint, capsys, args, match):
     assert main(["--model", str(tiny_checkpoint), "--prompt", "hi"] + args) == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -38,3 +40,16 @@ def row_settings(n: int) -> tuple[int, int]:
     """
     block = triton.next_power_of_2(n)
     return block, min(32, max(1, block // 256))
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """``tl.dot``'s input_precision: IEEE for fp32 operands (fp32 is the correctness path, not TF32);
+    None (the default) for fp16/bf16, where the setting does not apply."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 132 (an H100 SXM) for the CPU interpreter, so that
+    the launch heuristics, split-K and split-KV included, take their GPU branches in CPU tests."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132

@@ -16,7 +16,6 @@ References: FlashAttention-2 (Dao, 2023), the Triton fused-attention tutorial, f
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import NS, check_tensor
+from ._ops import NS, check_tensor, dot_precision, sm_count
 
 HEAD_DIMS = (32, 64, 80, 128)  # any D up to 128 works; these (one per block size and alignment) are compiled ahead of time
 MAX_HEAD_DIM = 128
@@ -163,9 +162,6 @@ def _decode_attn_combine_kernel(
              (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=(rq[:, None] < Lq) & (rd[None, :] < D))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # only fp32 operands care
-
 
 def prefill_settings(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel."""
@@ -213,7 +209,7 @@ def _flash_attention_launch(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale
         q, k, v, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         h, tq, tk, d, scale * LOG2E, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_PRECISION=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages)
     return o
 
@@ -239,19 +235,15 @@ def _(q, k, v, causal=True, scale=None):
     return q.new_empty((b, tq, h, d)).transpose(1, 2)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
-
-def decode_splits(rows: int, max_len: int, sm_count: int) -> tuple[int, int]:
+def decode_splits(rows: int, max_len: int, sms: int) -> tuple[int, int]:
     """(NUM_SPLITS, keys per split) for ``rows`` = B*H rows over a cache of ``max_len`` slots.
 
     Enough splits for ~2 programs per SM, each at least 64 keys; a power of two so that the
     compiled kernels stay few. Depends on shapes only, never on the lengths' values.
     """
     splits = 1
-    while rows * splits * 2 <= 2 * sm_count and triton.cdiv(max_len, splits * 2) >= 64 and splits < 64:
+    while rows * splits * 2 <= 2 * sms and triton.cdiv(max_len, splits * 2) >= 64 and splits < 64:
         splits *= 2
     return splits, triton.cdiv(max_len, splits)
 
@@ -273,7 +265,7 @@ def _decode_attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
             raise ValueError(f"cache_lens must be in [q_len, max_len] = [{lq}, {max_len}], got values in [{lo}, {hi}]")
     o = torch.empty_like(q, memory_format=torch.contiguous_format) if q.is_contiguous() else \
         torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
-    splits, chunk = decode_splits(b * h, max_len, _sm_count(q.device))
+    splits, chunk = decode_splits(b * h, max_len, sm_count(q.device))
     block_q, block_d = MAX_DECODE_QUERIES, max(16, triton.next_power_of_2(d))
     part_o = torch.empty((b * h, splits, block_q, block_d), dtype=torch.float32, device=q.device)
     part_ml = torch.empty((b * h, splits, 2, block_q), dtype=torch.float32, device=q.device)
@@ -283,7 +275,7 @@ def _decode_attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
         q, k_cache, v_cache, cache_lens, part_o, part_ml, q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), h, lq, max_len, d, chunk, scale * LOG2E, NUM_SPLITS=splits, BLOCK_Q=block_q,
-        BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=2)
+        BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=2)
     _decode_attn_combine_kernel[(b * h,)](
         part_o, part_ml, o, o.stride(0), o.stride(1), o.stride(2), h, lq, d,
         NUM_SPLITS=splits, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
@@ -361,7 +353,7 @@ def aot_specs():
                                "H": "i32", "Tq": "i32", "Tk": "i32", "D": "i32", "qk_scale": "fp32",
                                **{c: "constexpr" for c in ("CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "DOT_PRECISION")}},
                     constexprs={"CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                                "DOT_PRECISION": _dot_precision(dtype)},
+                                "DOT_PRECISION": dot_precision(dtype)},
                     divisible=[s for s in strides if not s.endswith("h")] + (["D"] if d % 16 == 0 else []),
                     num_warps=warps, num_stages=stages)
             block_n, warps = decode_settings(d, dtype)
@@ -374,7 +366,7 @@ def aot_specs():
                                "L": "i32", "D": "i32", "chunk": "i32", "qk_scale": "fp32",
                                **{c: "constexpr" for c in ("NUM_SPLITS", "BLOCK_Q", "BLOCK_N", "BLOCK_D", "DOT_PRECISION")}},
                     constexprs={"NUM_SPLITS": splits, "BLOCK_Q": MAX_DECODE_QUERIES, "BLOCK_N": block_n,
-                                "BLOCK_D": block_d, "DOT_PRECISION": _dot_precision(dtype)},
+                                "BLOCK_D": block_d, "DOT_PRECISION": dot_precision(dtype)},
                     divisible=[s for s in strides if not s.endswith("h")], num_warps=warps, num_stages=2)
                 yield dict(
                     name=f"decode_combine[{tname},D={d},splits={splits}]", fn=_decode_attn_combine_kernel,

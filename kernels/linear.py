@@ -13,7 +13,6 @@ Reference: Triton tutorial 03-matrix-multiplication; split-K as in CUTLASS / gpt
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import NS, check_tensor
+from ._ops import NS, check_tensor, dot_precision, sm_count
 
 ACTIVATIONS = (None, "gelu_tanh")
 DECODE_MAX_ROWS = 16
@@ -132,20 +131,14 @@ class GemmConfig:
 REDUCE_BLOCK = (16, 128, 4)  # (BLOCK_M, BLOCK_N, num_warps) of the split-K reduction
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the interpreter: pretend to be an H100 so the split-K path is exercised
 
-
-def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sm_count: int) -> GemmConfig:
-    """Tile sizes for an (m, k) x (k, n) product, and split-K for decode-sized m on ``sm_count`` SMs."""
+def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmConfig:
+    """Tile sizes for an (m, k) x (k, n) product, and split-K for decode-sized m on ``sms`` SMs."""
     wide = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
     if m <= DECODE_MAX_ROWS:
         cfg = GemmConfig(16, 64, 64 if wide else 128, 4, 3 if wide else 4)
         tiles, k_blocks = triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k)
-        split, target = 1, 4 * sm_count  # a few programs per SM keep enough loads in flight
+        split, target = 1, 4 * sms  # a few programs per SM keep enough loads in flight
         while tiles * split * 2 <= target and k_blocks >= 4 * split * 2 and split < 16:
             split *= 2
         return GemmConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, split)
@@ -183,14 +176,14 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
     y2 = y.view(m, n)
     r2 = residual.reshape(m, n) if residual is not None else y2
     b = bias if bias is not None else y2
-    cfg = gemm_config(m, n, k, x.dtype, _sm_count(x.device))
+    cfg = gemm_config(m, n, k, x.dtype, sm_count(x.device))
     ws = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device) if cfg.split_k > 1 else y2
     flags = dict(HAS_BIAS=bias is not None, ACTIVATION=int(activation == "gelu_tanh"), HAS_RESIDUAL=residual is not None)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
     _linear_fwd_kernel[grid](
         x2, weight, b, r2, y2, ws, m, n, k, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
         r2.stride(0), y2.stride(0), **flags, SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.split_k > 1:
         bm, bn, warps = REDUCE_BLOCK
@@ -199,9 +192,6 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return y
 
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # the setting only matters for fp32 operands
 
 
 @torch.library.custom_op(f"{NS}::linear", mutates_args=())
@@ -288,7 +278,7 @@ def aot_specs():
     for dtype, tname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         for m in (1, 8, 64, 512):
             for (n, k), epilogues in AOT_SHAPES.items():
-                cfg = gemm_config(m, n, k, dtype, sm_count=132)  # H100 SXM
+                cfg = gemm_config(m, n, k, dtype, sms=132)  # H100 SXM
                 # Every SPLIT_K > 1 compiles the same main loop: one representative is enough.
                 cfg = GemmConfig(**{**cfg.__dict__, "split_k": min(cfg.split_k, 2)})
                 for ename in epilogues:
@@ -310,7 +300,7 @@ def aot_specs():
                                    **{c: "constexpr" for c in ("HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "SPLIT_K", "BLOCK_M",
                                                                "BLOCK_N", "BLOCK_K", "GROUP_M", "DOT_PRECISION")}},
                         constexprs={**flags, "stride_xk": 1, "stride_wk": 1, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                                    "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "DOT_PRECISION": _dot_precision(dtype)},
+                                    "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "DOT_PRECISION": dot_precision(dtype)},
                         divisible=["K", "stride_xm", "stride_wn"] + (["N", "stride_rm", "stride_ym"] if n16 else []),
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                     if cfg.split_k > 1:

@@ -43,8 +43,8 @@ def test_linear(m, k, n, dtype, epilogue, device, monkeypatch):
 
 
 def test_split_k_is_exercised():
-    assert gemm_config(1, 200, 1600, torch.float16, sm_count=132).split_k > 1
-    assert gemm_config(300, 96, 200, torch.float16, sm_count=132).split_k == 1
+    assert gemm_config(1, 200, 1600, torch.float16, sms=132).split_k > 1
+    assert gemm_config(300, 96, 200, torch.float16, sms=132).split_k == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

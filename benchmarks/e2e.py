@@ -112,6 +112,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--repeats", type=int, default=5, help="rounds per measurement; the median is reported")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    p.add_argument("--name", default="e2e", help="results file name under benchmarks/results/<device>/")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     ours, hf_dtypes = variants(device)
@@ -142,14 +143,14 @@ def main(argv=None):
     extra = {"roofline": roofline(device), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
              "greedy": True, "weights": "random (seed 0), same safetensors for every implementation"}
     columns = ["model", "batch", "impl", "dtype", "load_s", "prefill_ms", "decode_tok_s", "greedy_same_as_fp32"]
-    out = write_results("e2e", device, rows, columns, extra,
+    out = write_results(args.name, device, rows, columns, extra,
                         notes="decode_tok_s sums over the batch; greedy_same_as_fp32 counts tokens of row 0 "
                               "equal to our fp32 run before the first difference.")
     labels = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda x: (list(engine.CONFIGS).index(x[0]), x[1]))
     series = {}
     for r in rows:
         series.setdefault(f"{r['impl']} {r['dtype']}", {})[(r["model"], r["batch"])] = r["decode_tok_s"]
-    bar_plot(out / "e2e.png", f"GPT-2 greedy decode, {device_slug(device)}", [f"{m} b{b}" for m, b in labels],
+    bar_plot(out / f"{args.name}.png", f"GPT-2 greedy decode, {device_slug(device)}", [f"{m} b{b}" for m, b in labels],
              {k: [v.get(l, 0.0) for l in labels] for k, v in series.items()}, "tokens / s (sum over batch)")
     print(f"results written to {out}")
 

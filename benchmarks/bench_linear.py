@@ -57,29 +57,42 @@ def main(argv=None):
     roof_tflops = matmul_tflops(device, dtype) if device.type == "cuda" else float("nan")
     print(f"copy {roof_gbps:.0f} GB/s, matmul {roof_tflops:.1f} TFLOP/s")
 
+    def measure(model, layer, m, n, k, fns, flops, nbytes):
+        """One result row from {"ours", "eager", "cublas"} callables; checks ours against eager first."""
+        torch.testing.assert_close(fns["ours"](), fns["eager"](), atol=3e-2, rtol=3e-2)
+        t = {name: bench(fn, device)["ms"] for name, fn in fns.items()}
+        row = {"model": model, "layer": layer, "M": m, "N": n, "K": k, **{f"{name}_ms": v for name, v in t.items()},
+               "ours_tflops": flops / t["ours"] / 1e9, "cublas_tflops": flops / t["cublas"] / 1e9,
+               "ours_gbps": nbytes / t["ours"] / 1e6, "vs_cublas": t["cublas"] / t["ours"],
+               "vs_eager": t["eager"] / t["ours"]}
+        row["ours_pct_hbm"] = 100 * row["ours_gbps"] / roof_gbps
+        print_row(row)
+        return row
+
+    def rand(*shape, seed, scale=1.0):
+        return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(device, dtype)
+
     results = []
     for model, c in models.items():
         for layer, n, k, act, has_res, has_bias in layer_cases(c, vocab):
             for m in rows:
-                g = torch.Generator().manual_seed(m + n + k)
-                x = torch.randn(m, k, generator=g).to(device, dtype)
-                w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
-                b = torch.randn(n, generator=g).to(device, dtype) if has_bias else None
-                r = torch.randn(m, n, generator=g).to(device, dtype) if has_res else None
-                ours = lambda: kernels.linear(x, w, b, act, r)  # noqa: E731
-                base = lambda: eager(x, w, b, act, r)  # noqa: E731
-                cublas = lambda: F.linear(x, w, b)  # noqa: E731
-                torch.testing.assert_close(ours(), base(), atol=3e-2, rtol=3e-2)
-                t = {name: bench(fn, device)["ms"] for name, fn in (("ours", ours), ("eager", base), ("cublas", cublas))}
-                flops = 2 * m * n * k
+                x, w = rand(m, k, seed=m), rand(n, k, seed=n + k, scale=k**-0.5)
+                b = rand(n, seed=n) if has_bias else None
+                r = rand(m, n, seed=m + n) if has_res else None
+                fns = {"ours": lambda: kernels.linear(x, w, b, act, r), "eager": lambda: eager(x, w, b, act, r),
+                       "cublas": lambda: F.linear(x, w, b)}
                 nbytes = (n * k + m * k + m * n * (2 if has_res else 1)) * x.element_size()
-                row = {"model": model, "layer": layer, "M": m, "N": n, "K": k, **{f"{k_}_ms": v for k_, v in t.items()},
-                       "ours_tflops": flops / t["ours"] / 1e9, "cublas_tflops": flops / t["cublas"] / 1e9,
-                       "ours_gbps": nbytes / t["ours"] / 1e6, "vs_cublas": t["cublas"] / t["ours"],
-                       "vs_eager": t["eager"] / t["ours"]}
-                row["ours_pct_hbm"] = 100 * row["ours_gbps"] / roof_gbps
-                results.append(row)
-                print_row(row)
+                results.append(measure(model, layer, m, n, k, fns, 2 * m * n * k, nbytes))
+        # The whole MLP, residual included: ours (two fused linears) vs eager vs the two cuBLAS matmuls alone.
+        f = 4 * c
+        for m in rows:
+            x, r = rand(m, c, seed=m), rand(m, c, seed=m + 1)
+            fc_w, fc_b, pw, pb = rand(f, c, seed=1, scale=c**-0.5), rand(f, seed=2), rand(c, f, seed=3, scale=f**-0.5), rand(c, seed=4)
+            fns = {"ours": lambda: kernels.gelu_mlp(x, fc_w, fc_b, pw, pb, r),
+                   "eager": lambda: F.linear(F.gelu(F.linear(x, fc_w, fc_b), approximate="tanh"), pw, pb) + r,
+                   "cublas": lambda: F.linear(F.linear(x, fc_w, fc_b), pw, pb)}
+            nbytes = (2 * f * c + 3 * m * c) * x.element_size()
+            results.append(measure(model, "gelu_mlp+res", m, c, f, fns, 2 * 2 * m * f * c, nbytes))
 
     if interpreted(device):
         return

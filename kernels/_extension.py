@@ -27,6 +27,15 @@ def _cuda_build_possible() -> bool:
     return torch.version.cuda is not None and (shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME"))
 
 
+def _cached(cpp_extension) -> bool:
+    """Whether an earlier process already built the extension (cpp_extension still rebuilds it if
+    the sources changed; that rebuild goes unannounced)."""
+    try:
+        return (Path(cpp_extension._get_build_directory(LIB, verbose=False)) / f"{LIB}.so").exists()
+    except Exception:  # a private helper: if it moves, announce every load rather than fail
+        return False
+
+
 def _register_fake() -> None:
     """Shape rule for torch.compile: one int64 token per row."""
     @torch.library.register_fake(f"{LIB}::sample")
@@ -55,8 +64,9 @@ def _load_library() -> bool:
     from torch.utils import cpp_extension
 
     cuda = _cuda_build_possible()
-    print(f"gpt2engine: compiling the {'CPU+CUDA' if cuda else 'CPU'} sampling extension once "
-          "(cached by torch.utils.cpp_extension)...", file=sys.stderr, flush=True)
+    if not _cached(cpp_extension):  # later processes load the cached build silently
+        print(f"gpt2engine: compiling the {'CPU+CUDA' if cuda else 'CPU'} sampling extension once "
+              "(cached by torch.utils.cpp_extension)...", file=sys.stderr, flush=True)
     try:
         cpp_extension.load(
             name=LIB, sources=sources(cuda), is_python_module=False, verbose=False,

@@ -7,6 +7,7 @@ part too wherever torch has CUDA and nvcc is found.
 """
 
 import os
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -32,7 +33,7 @@ setup(
     name="gpt2engine",
     version="0.1.0",
     description="A GPT-2 inference engine whose hot path is fused Triton kernels, with a fast eager CPU path",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),

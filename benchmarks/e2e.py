@@ -155,7 +155,5 @@ def main(argv=None):
     print(f"results written to {out}")
 
 
-
-
 if __name__ == "__main__":
     main()

@@ -29,6 +29,19 @@ def eager_linear(x, weight, bias=None, activation=None, residual=None):
     return kernels.linear_ref(x, weight, bias, activation, residual)
 
 
+def eager_decode_attention(q, k_cache, v_cache, cache_lens):
+    """``kernels.decode_attention_ref`` over the cache's used prefix only, on CPU.
+
+    The reference computes every slot of the cache and masks the unused ones; on CPU, where a
+    device-to-host read costs nothing, cutting the cache at the longest row first saves that work.
+    On a GPU the whole cache goes in (no host sync; the same shapes every step).
+    """
+    if q.device.type == "cpu":
+        used = int(cache_lens.max())
+        k_cache, v_cache = k_cache[:, :, :used], v_cache[:, :, :used]
+    return kernels.decode_attention_ref(q, k_cache, v_cache, cache_lens)
+
+
 def eager_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None):
     h = eager_linear(x, fc_weight, fc_bias, activation="gelu_tanh")
     return eager_linear(h, proj_weight, proj_bias, residual=residual)
@@ -51,7 +64,7 @@ EAGER = Ops(
     linear=eager_linear,
     gelu_mlp=eager_gelu_mlp,
     attention=kernels.flash_attention_ref,
-    decode_attention=kernels.decode_attention_ref,
+    decode_attention=eager_decode_attention,
     sample=kernels.sample,
 )
 
@@ -62,7 +75,7 @@ TRITON = Ops(
     linear=kernels.linear,
     gelu_mlp=kernels.gelu_mlp,
     attention=kernels.flash_attention,
-    # The runtime guarantees q_len <= cache_lens <= the cache view: skip the check's host sync.
+    # The runtime guarantees q_len <= cache_lens <= max_len: skip the check's host sync.
     decode_attention=functools.partial(kernels.decode_attention, check_lens=False),
     sample=kernels.sample,
 )

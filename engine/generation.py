@@ -125,7 +125,7 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     for step in range(1, max_new_tokens):
         if all(finished):
             break
-        tokens = sample(model.decode(tokens, cache, kv_len=longest + step), step)
+        tokens = sample(model.decode(tokens, cache), step)
         accept(tokens)
         steps += 1
     end = time.perf_counter()

@@ -134,20 +134,20 @@ class GPT2(nn.Module):
         return self._lm_head(h[cache.rows, lengths.long() - 1])
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, cache: StaticKVCache, kv_len: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         """One step: append ``tokens`` (B,) at each row's position cache.lens, return logits (B, vocab).
 
-        ``kv_len`` is a host-side bound >= every row's new length (the caller knows it without a
-        device sync); attention reads only slots below each row's length. Advances cache.lens.
+        Attention gets the whole static cache and each row's length on the device, so every step
+        launches the same shapes (no re-slicing, no host sync); slots past a row's length are never
+        attended. Advances cache.lens.
         """
         pos = cache.lens.long()
         new_lens = cache.lens + 1
-        k_all, v_all = cache.k[:, :, :, :kv_len], cache.v[:, :, :, :kv_len]
 
         def attend(i, q, k, v):
             cache.k[i, cache.rows, :, pos] = k[:, :, 0]
             cache.v[i, cache.rows, :, pos] = v[:, :, 0]
-            return self.ops.decode_attention(q, k_all[i], v_all[i], new_lens)
+            return self.ops.decode_attention(q, cache.k[i], cache.v[i], new_lens)
 
         h = self._layers(tokens[:, None], pos[:, None], attend)
         cache.lens.copy_(new_lens)

@@ -7,8 +7,8 @@ through an online softmax in fp32 (running max and sum, rescaled accumulator), n
 score matrix. The causal mask is aligned bottom-right: with Tq < Tk, query i sees keys
 ``j <= i + Tk - Tq`` (a prompt continued on a cache).
 
-Decode (``decode_attention``): each (batch*head) row's valid cache prefix is cut into NUM_SPLITS
-chunks; one program per chunk writes a partial (max, sum, accumulator), and a second kernel
+Decode (``decode_attention``): each (batch*head) row's valid cache prefix is cut into num_splits
+chunks (a count fixed by the cache's shape, the chunk size computed on the device from the row's length); one program per chunk writes a partial (max, sum, accumulator), and a second kernel
 combines them, so batch 1 still fills the GPU. Keys at or past a row's length are never loaded.
 The lengths are read on the device: no host sync, and the grid depends only on shapes.
 References: FlashAttention-2 (Dao, 2023), the Triton fused-attention tutorial, flash-decoding.
@@ -44,7 +44,9 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
+# Prompt lengths change from call to call: compiling per length class (1, multiple of 16, other)
+# would stall the first prompt of each class, and the lengths only bound loops and masks.
+@triton.jit(do_not_specialize=["Tq", "Tk"])
 def _flash_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D), any strides but unit D stride
     o_ptr,                # (B, H, Tq, D) output, any strides but unit D stride
@@ -88,17 +90,18 @@ def _flash_attn_fwd_kernel(
              out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < Tq) & d_ok[None, :])
 
 
-@triton.jit
+# The cache length and the split count are fixed per cache, but differ between caches; as runtime
+# values they never cause a compile (they only bound loops), so one variant serves every cache.
+@triton.jit(do_not_specialize=["L", "num_splits"])
 def _decode_attn_partial_kernel(
     q_ptr,                # (B, H, Lq, D) the newest Lq tokens' queries
     k_ptr, v_ptr,         # (B, H, L, D) caches, unit D stride
     lens_ptr,             # (B,) int32 valid length per row, including the Lq new tokens
-    part_o_ptr,           # (B*H, NUM_SPLITS, BLOCK_Q, BLOCK_D) fp32 partial accumulators
-    part_ml_ptr,          # (B*H, NUM_SPLITS, 2, BLOCK_Q) fp32 partial running max and sum
+    part_o_ptr,           # (B*H, num_splits, BLOCK_Q, BLOCK_D) fp32 partial accumulators
+    part_ml_ptr,          # (B*H, num_splits, 2, BLOCK_Q) fp32 partial running max and sum
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    H, Lq, L, D, chunk, qk_scale,
-    NUM_SPLITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    H, Lq, L, D, num_splits, qk_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -118,6 +121,9 @@ def _decode_attn_partial_kernel(
     m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    # Each row's own length is cut into whole BLOCK_N blocks per split, on the device: the grid and
+    # the arguments stay the same at every step, and short rows leave the last splits empty.
+    chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
     for start_n in range(lo, hi, BLOCK_N):
@@ -128,32 +134,32 @@ def _decode_attn_partial_kernel(
         s = tl.where((cols[None, :] < hi) & (cols[None, :] <= last_key[:, None]), s, float("-inf"))
         v = tl.load(v_base + cols[:, None] * stride_vt + rd[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
-    part = (bh * NUM_SPLITS + split).to(tl.int64)
+    part = bh.to(tl.int64) * num_splits + split
     tl.store(part_o_ptr + part * BLOCK_Q * BLOCK_D + rq[:, None] * BLOCK_D + rd[None, :], acc)
     tl.store(part_ml_ptr + part * 2 * BLOCK_Q + rq, m_i)
     tl.store(part_ml_ptr + part * 2 * BLOCK_Q + BLOCK_Q + rq, l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_attn_combine_kernel(
     part_o_ptr, part_ml_ptr,  # as written by _decode_attn_partial_kernel
     o_ptr,                    # (B, H, Lq, D) output, unit D stride
     stride_ob, stride_oh, stride_ot,
-    H, Lq, D,
-    NUM_SPLITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, Lq, D, num_splits,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rq = tl.arange(0, BLOCK_Q)
     rd = tl.arange(0, BLOCK_D)
-    base = bh.to(tl.int64) * NUM_SPLITS
+    base = bh.to(tl.int64) * num_splits
     m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         m = tl.maximum(m, tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + rq))
     l = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         m_s = tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + rq)
         w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m))  # an empty split weighs nothing
         l += w * tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + BLOCK_Q + rq)
@@ -166,7 +172,9 @@ def _decode_attn_combine_kernel(
 def prefill_settings(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel."""
     if dtype == torch.float32:
-        return (32, 32, 4, 2) if d <= 64 else (32, 32, 8, 2)
+        # 8 warps: at 4, 32x32 tiles hit 255 registers and spill on sm_90 (Triton 3.6, D = 64);
+        # above D = 64, 32-row tiles still spilled on sm_80 (kernels.aot under 3.6), 16 rows do not.
+        return (32, 32, 8, 2) if d <= 64 else (16, 32, 8, 2)
     if d <= 64:
         return 128, 64, 8, 2
     return 64, 64, 8, 2  # 4 warps spill on sm_80 at D = 128
@@ -236,16 +244,16 @@ def _(q, k, v, causal=True, scale=None):
 
 
 
-def decode_splits(rows: int, max_len: int, sms: int) -> tuple[int, int]:
-    """(NUM_SPLITS, keys per split) for ``rows`` = B*H rows over a cache of ``max_len`` slots.
+def decode_splits(rows: int, max_len: int, sms: int) -> int:
+    """How many splits each of ``rows`` = B*H rows is cut into, for a cache of ``max_len`` slots.
 
-    Enough splits for ~2 programs per SM, each at least 64 keys; a power of two so that the
-    compiled kernels stay few. Depends on shapes only, never on the lengths' values.
+    Enough splits for ~2 programs per SM, each over at least 64 keys of a full cache; a power of
+    two. Depends on shapes only, never on the lengths' values, so it is fixed for a given cache.
     """
     splits = 1
     while rows * splits * 2 <= 2 * sms and triton.cdiv(max_len, splits * 2) >= 64 and splits < 64:
         splits *= 2
-    return splits, triton.cdiv(max_len, splits)
+    return splits
 
 
 def _decode_attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor,
@@ -265,7 +273,7 @@ def _decode_attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
             raise ValueError(f"cache_lens must be in [q_len, max_len] = [{lq}, {max_len}], got values in [{lo}, {hi}]")
     o = torch.empty_like(q, memory_format=torch.contiguous_format) if q.is_contiguous() else \
         torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
-    splits, chunk = decode_splits(b * h, max_len, sm_count(q.device))
+    splits = decode_splits(b * h, max_len, sm_count(q.device))
     block_q, block_d = MAX_DECODE_QUERIES, max(16, triton.next_power_of_2(d))
     part_o = torch.empty((b * h, splits, block_q, block_d), dtype=torch.float32, device=q.device)
     part_ml = torch.empty((b * h, splits, 2, block_q), dtype=torch.float32, device=q.device)
@@ -274,11 +282,11 @@ def _decode_attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
     _decode_attn_partial_kernel[(b * h, splits)](
         q, k_cache, v_cache, cache_lens, part_o, part_ml, q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), h, lq, max_len, d, chunk, scale * LOG2E, NUM_SPLITS=splits, BLOCK_Q=block_q,
+        v_cache.stride(2), h, lq, max_len, d, splits, scale * LOG2E, BLOCK_Q=block_q,
         BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=2)
     _decode_attn_combine_kernel[(b * h,)](
-        part_o, part_ml, o, o.stride(0), o.stride(1), o.stride(2), h, lq, d,
-        NUM_SPLITS=splits, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
+        part_o, part_ml, o, o.stride(0), o.stride(1), o.stride(2), h, lq, d, splits,
+        BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
     return o
 
 
@@ -338,39 +346,28 @@ def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens
     return torch.matmul(probs.to(v_cache.dtype), v_cache)
 
 
-def aot_specs():
-    """The prefill and decode kernels at every head dim, dtype and config the launchers pick."""
-    for dtype, tname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        ptr = f"*{tname}"
-        for d in HEAD_DIMS:
-            block_d = max(16, triton.next_power_of_2(d))
-            block_m, block_n, warps, stages = prefill_settings(d, dtype)
-            for causal in (True, False):
-                strides = [f"stride_{t}{a}" for t in "qkvo" for a in "bht"]
-                yield dict(
-                    name=f"flash_attn[{tname},D={d},causal={int(causal)}]", fn=_flash_attn_fwd_kernel,
-                    signature={"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, **{s: "i32" for s in strides},
-                               "H": "i32", "Tq": "i32", "Tk": "i32", "D": "i32", "qk_scale": "fp32",
-                               **{c: "constexpr" for c in ("CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "DOT_PRECISION")}},
-                    constexprs={"CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                                "DOT_PRECISION": dot_precision(dtype)},
-                    divisible=[s for s in strides if not s.endswith("h")] + (["D"] if d % 16 == 0 else []),
-                    num_warps=warps, num_stages=stages)
-            block_n, warps = decode_settings(d, dtype)
-            for splits in (16,):  # NUM_SPLITS only enters index arithmetic: one value stands for all
-                strides = [f"stride_{t}{a}" for t in "qkv" for a in "bht"]
-                yield dict(
-                    name=f"decode_partial[{tname},D={d},splits={splits}]", fn=_decode_attn_partial_kernel,
-                    signature={"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "lens_ptr": "*i32", "part_o_ptr": "*fp32",
-                               "part_ml_ptr": "*fp32", **{s: "i32" for s in strides}, "H": "i32", "Lq": "i32",
-                               "L": "i32", "D": "i32", "chunk": "i32", "qk_scale": "fp32",
-                               **{c: "constexpr" for c in ("NUM_SPLITS", "BLOCK_Q", "BLOCK_N", "BLOCK_D", "DOT_PRECISION")}},
-                    constexprs={"NUM_SPLITS": splits, "BLOCK_Q": MAX_DECODE_QUERIES, "BLOCK_N": block_n,
-                                "BLOCK_D": block_d, "DOT_PRECISION": dot_precision(dtype)},
-                    divisible=[s for s in strides if not s.endswith("h")], num_warps=warps, num_stages=2)
-                yield dict(
-                    name=f"decode_combine[{tname},D={d},splits={splits}]", fn=_decode_attn_combine_kernel,
-                    signature={"part_o_ptr": "*fp32", "part_ml_ptr": "*fp32", "o_ptr": ptr, "stride_ob": "i32",
-                               "stride_oh": "i32", "stride_ot": "i32", "H": "i32", "Lq": "i32", "D": "i32",
-                               "NUM_SPLITS": "constexpr", "BLOCK_Q": "constexpr", "BLOCK_D": "constexpr"},
-                    constexprs={"NUM_SPLITS": splits, "BLOCK_Q": MAX_DECODE_QUERIES, "BLOCK_D": block_d}, num_warps=4)
+def aot_launches() -> None:
+    """Call both launchers the way GPT-2 does (q, k, v as views of the fused QKV projection, every
+    size, fp16/bf16/fp32, decode with 1, 3 and 16 queries, batch 1 and 8), and at the other head
+    dims on contiguous tensors. For ``kernels.aot``, which records the launches without running them."""
+    from .aot import GPT2_SIZES
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        layouts = [(b, h, c // h, True) for c, h in GPT2_SIZES for b in (1, 8)]
+        layouts += [(2, 4, d, False) for d in HEAD_DIMS if d != 64]
+        for b, h, d, fused in layouts:
+            for t, max_len in ((40, 64), (97, 1024)):
+                q, k, v = _aot_qkv(b, h, t, d, dtype, fused)
+                for causal in (True, False):
+                    _flash_attention_launch(q, k, v, causal=causal, scale=None)
+                cache = torch.empty((2, b, h, max_len, d), dtype=dtype)
+                lens = torch.full((b,), t, dtype=torch.int32)
+                for lq in (1, 3, MAX_DECODE_QUERIES):
+                    q = _aot_qkv(b, h, lq, d, dtype, fused)[0]
+                    _decode_attention_launch(q, cache[0], cache[1], lens, None, check_lens=False)
+
+
+def _aot_qkv(b: int, h: int, t: int, d: int, dtype: torch.dtype, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if fused:  # the model's layout: (B, T, 3, H, D) viewed as three (B, H, T, D)
+        return tuple(torch.empty((b, t, 3, h, d), dtype=dtype).permute(2, 0, 3, 1, 4))
+    return tuple(torch.empty((b, h, t, d), dtype=dtype) for _ in range(3))

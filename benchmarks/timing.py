@@ -18,6 +18,8 @@ def bench(fn: Callable[[], object], device: torch.device | str, warmup: int = 3,
     if torch.device(device).type == "cuda":
         from triton.testing import do_bench
 
+        fn()  # any JIT compile (Triton, torch.compile) happens here, outside do_bench's estimate
+        torch.cuda.synchronize(device)
         median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
         return {"ms": median, "ms_p20": p20, "ms_p80": p80}
     for _ in range(warmup):

@@ -1,24 +1,42 @@
 #!/usr/bin/env bash
-# Compile-check csrc/sampling_cuda.cu for sm_90 without a GPU: nvcc against the headers of a CUDA
-# build of torch, installed without its dependencies into a side venv (it is never imported).
-# -Xptxas -v prints registers and spills per kernel. The code must be valid C++17 (torch 2.11 on the
-# GPU machine builds with it) and C++20; torch 2.14's headers themselves demand C++20, so this checks
-# the standard given as $1 (default 20) and the C++17 side rests on using no C++20 feature.
+# Compile-check csrc/sampling_cuda.cu for sm_90 without a GPU: nvcc against the headers of CUDA builds
+# of torch, each installed without its dependencies into a side venv (never imported). Two builds:
+#   torch 2.11.0, -std=c++17: what the GPU machine has and builds the extension with;
+#   torch 2.14.1, -std=c++20: the newest torch pip takes here (its headers demand C++20).
+# -Xptxas -v prints registers and spills per kernel. Both compiles run in parallel (~70 s each on 2 cores).
+#   csrc/check_cuda_build.sh [TORCH_VERSION:STD ...]    (default: 2.11.0:17 2.14.1:20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STD=${1:-20}
-VENV=${CUDA_HEADERS_VENV:-/tmp/cuda-headers}
-if [ ! -d "$VENV/lib" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --no-deps torch==2.14.1
-fi
-T=$(echo "$VENV"/lib/python3*/site-packages/torch/include)
 PYINC=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-rm -f /tmp/sampling_cuda.o
-# The flags torch.utils.cpp_extension passes to nvcc, so the check sees what a real build sees.
-nvcc -std=c++$STD -arch=sm_90 -O3 --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
-     -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ -I"$T" -I"$T/torch/csrc/api/include" -I"$PYINC" -Icsrc \
-     -DTORCH_EXTENSION_NAME=gpt2engine_C -c csrc/sampling_cuda.cu -o /tmp/sampling_cuda.o -Xptxas -v 2>&1 \
-  | grep -E "error|warning|registers|spill|Compiling entry" || true
-test -s /tmp/sampling_cuda.o || { echo "nvcc compile check (C++$STD, sm_90): FAILED"; exit 1; }
-echo "nvcc compile check (C++$STD, sm_90): OK"
+
+check() {  # check TORCH_VERSION STD: prints the ptxas report and OK, or FAILED and returns 1
+  local version=$1 std=$2 venv=/tmp/cuda-headers-$1 obj=/tmp/sampling_cuda-$1.o
+  if [ ! -d "$venv/lib" ] || ! ls "$venv"/lib/python3*/site-packages/torch/include >/dev/null 2>&1; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "torch==$version"
+  fi
+  local T
+  T=$(echo "$venv"/lib/python3*/site-packages/torch/include)
+  rm -f "$obj"
+  # The flags torch.utils.cpp_extension passes to nvcc, so the check sees what a real build sees.
+  nvcc -std=c++$std -arch=sm_90 -O3 --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ -I"$T" -I"$T/torch/csrc/api/include" -I"$PYINC" -Icsrc \
+       -DTORCH_EXTENSION_NAME=gpt2engine_C -c csrc/sampling_cuda.cu -o "$obj" -Xptxas -v 2>&1 \
+    | grep -E "error|warning|registers|spill|Compiling entry" || true
+  if [ -s "$obj" ]; then echo "nvcc compile check (torch $version, C++$std, sm_90): OK"
+  else echo "nvcc compile check (torch $version, C++$std, sm_90): FAILED"; return 1; fi
+}
+
+pids=()
+for spec in "${@:-2.11.0:17 2.14.1:20}"; do
+  for pair in $spec; do
+    check "${pair%%:*}" "${pair##*:}" > "/tmp/check_cuda_build-${pair%%:*}.log" 2>&1 &
+    pids+=("$!:${pair%%:*}")
+  done
+done
+status=0
+for entry in "${pids[@]}"; do
+  wait "${entry%%:*}" || status=1
+  cat "/tmp/check_cuda_build-${entry##*:}.log"
+done
+exit $status

@@ -7,7 +7,8 @@
 //      (integer atomics: the result does not depend on thread timing), finds the boundary value;
 //      tokens tied at the boundary are kept in vocabulary order while the mass before them is < p;
 //   4. the draw: inverse CDF over the kept tokens in vocabulary order (a deterministic block scan
-//      over contiguous per-thread segments), with the row's Philox uniform (philox.h).
+//      over contiguous per-thread segments; one owner segment chosen by a block reduction), with
+//      the row's Philox uniform (philox.h).
 // Semantics are those of kernels/sampling.py; seed and offset are read on the device, so a
 // captured CUDA graph replays fresh randomness when the caller advances the offset tensor.
 #include <ATen/ATen.h>
@@ -80,6 +81,7 @@ struct SampleShared {
   int tied;             // top-p: how many boundary-tied tokens to keep
   double total;
   double target;
+  int owner;            // the one thread whose segment holds the draw
   int64_t pick;
 };
 
@@ -244,12 +246,19 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
   const int64_t last = cub::BlockReduce<int64_t, kThreads>(sh.cub.max_i).Reduce(seg_last, MaxIndexOp());
   if (threadIdx.x == 0) {
     sh.pick = last;  // where rounding leaves the target past the end
+    sh.owner = -1;
     sh.target = philox_uniform(static_cast<uint64_t>(*seed), static_cast<uint64_t>(*offset), static_cast<uint64_t>(r)) *
                 kept_total;
   }
   __syncthreads();
   const double target = sh.target;
-  if (seg_mass > 0 && mass_before <= target && target < mass_before + seg_mass) {
+  // The segment holding the target: the last one with mass that starts at or below it, so exactly
+  // one thread owns the draw (an integer max: the same whatever the threads' order). Testing
+  // target < mass_before + seg_mass instead compares against a sum rounded differently from the
+  // next thread's scanned mass_before: two owners, or none, an ulp apart.
+  if (seg_mass > 0 && mass_before <= target) atomicMax(&sh.owner, static_cast<int>(threadIdx.x));
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) == sh.owner) {
     double cum = mass_before;
     rank = ties_before;
     int64_t pick = seg_last;  // rounding may keep the running sum at or below the target to the end

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import glob
+import importlib.machinery
 import os
 import shutil
 import sys
@@ -15,7 +15,8 @@ import torch
 from ._ops import NS
 
 LIB = NS + "_C"  # torch.ops.gpt2engine_C
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+PACKAGE = Path(__file__).resolve().parent
+CSRC = PACKAGE.parent / "csrc"
 
 
 def sources(cuda: bool) -> list[str]:
@@ -52,10 +53,33 @@ def load() -> bool:
     return True
 
 
+def built_library(directory: Path = PACKAGE) -> Path | None:
+    """The extension ``setup.py`` built into kernels/ for this very interpreter (its ABI tag, e.g.
+    ``_C.cpython-312-x86_64-linux-gnu.so``), or None: a build for another Python cannot be loaded."""
+    return next((directory / f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES
+                 if (directory / f"_C{suffix}").exists()), None)
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the loaded extension has a sampler for ``device_type`` ("cpu" or "cuda")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{LIB}::sample", device_type.upper())
+
+
+def check_device(device: torch.device) -> None:
+    """Raise RuntimeError, saying how to fix it, when the loaded extension cannot sample on ``device``."""
+    if has_kernel(device.type):
+        return
+    origin = built_library() or "torch.utils.cpp_extension's cache"
+    raise RuntimeError(
+        f"gpt2engine: the compiled sampler ({origin}) has no {device.type.upper()} kernel: it was built "
+        "where no CUDA toolkit (nvcc, CUDA_HOME) was found. Install the toolkit, then rebuild it: "
+        "`pip install -e . --no-build-isolation`, or remove that build to have it compiled again on first use")
+
+
 def _load_library() -> bool:
-    built = glob.glob(str(Path(__file__).resolve().parent / "_C*.so"))
+    built = built_library()
     if built:
-        torch.ops.load_library(built[0])
+        torch.ops.load_library(str(built))
         return True
     if not (CSRC / "sampling_cpu.cpp").exists():
         warnings.warn("gpt2engine: the sampling extension was not built and csrc/ is not here; "

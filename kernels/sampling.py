@@ -181,7 +181,9 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
         int64 (B,) on the logits' device; -1 flags a row of NaN or only -inf (other rows untouched).
 
     Semantics and random numbers are those of ``sample_ref``: same inputs, same tokens.
-    Falls back to ``sample_ref`` (with one warning) where the extension cannot be compiled.
+    Falls back to ``sample_ref`` (with one warning) where the extension cannot be compiled at all;
+    raises RuntimeError when it was built without a kernel for the logits' device (a CPU-only
+    build, made where nvcc was not found, asked to sample CUDA logits).
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"logits must be a tensor of shape (B, V), got {getattr(logits, 'shape', type(logits))}")
@@ -193,6 +195,7 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
     if not load_extension():
         return sample_ref(logits, temperature, top_k, top_p, seed, offset)
     rows, dev = logits.shape[0], logits.device
+    _extension.check_device(dev)
     return getattr(torch.ops, _extension.LIB).sample(
         logits, _row_tensor(temperature, rows, torch.float32, dev), _row_tensor(top_k, rows, torch.int64, dev),
         _row_tensor(top_p, rows, torch.float64, dev), _scalar_tensor("seed", seed, dev),

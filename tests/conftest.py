@@ -12,12 +12,18 @@ TINY = dict(n_layer=2, n_head=3, n_embd=96, n_positions=128, vocab_size=50257)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); on a GPU also every test "
+                                       "on the `device` fixture, so that `pytest -m gpu` is the GPU subset")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
 
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        # `pytest -m gpu` is the GPU subset: the GPU-only tests and every test that runs on the
+        # `device` fixture (kernels and samplers on CUDA).
+        for item in items:
+            if "device" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.gpu)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

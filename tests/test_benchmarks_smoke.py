@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from benchmarks.report import device_slug
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,5 +24,6 @@ def test_benchmark_runs(args, tmp_path):
     env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    if args[0] == "benchmarks.e2e":
-        assert (tmp_path / "cpu" / "e2e.json").exists() and (tmp_path / "cpu" / "e2e.md").exists()
+    if args[0] == "benchmarks.e2e":  # written under the device it ran on: cpu/, or the GPU's name
+        device = device_slug("cuda" if torch.cuda.is_available() else "cpu")
+        assert (tmp_path / device / "e2e.json").exists() and (tmp_path / device / "e2e.md").exists()

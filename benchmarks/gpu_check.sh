@@ -35,7 +35,7 @@ export XDIST
 declare -A STEPS=(
   [pytest_gpu]="180 0 $PY -m pytest -q -rs -p no:cacheprovider -m gpu \$XDIST"
   [pytest_rest]="300 0 $PY -m pytest -q -rs -p no:cacheprovider -m 'not gpu'"
-  [aot]="120 0 $PY -m kernels.aot | tee benchmarks/results/aot/triton-\$($PY -c 'import triton; print(triton.__version__)').txt"
+  [aot]="120 0 mkdir -p benchmarks/results/aot && $PY -m kernels.aot | tee benchmarks/results/aot/triton-\$($PY -c 'import triton; print(triton.__version__)').txt"
   [bench_layernorm]="60 1 $PY -m benchmarks.bench_layernorm"
   [bench_sampling]="90 1 $PY -m benchmarks.bench_sampling"
   [bench_attention]="180 1 $PY -m benchmarks.bench_attention"

@@ -15,6 +15,7 @@ checks that every launch a generation makes is among these variants (tests/kerne
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
 import multiprocessing
 import os
@@ -120,7 +121,7 @@ def specialise(kernel, args: tuple, kwargs: dict, arch: int) -> tuple[str, Compi
 def _label(fn, signature: dict, bound: dict, specialization: list, opts) -> str:
     """kernel[dtype, constexprs and ints specialised to 1, other ints divisible by 16, warps/stages].
     Strides are left out unless specialised to 1: at GPT-2 shapes they are all multiples of 16."""
-    dtype = next((t[1:] for t in signature.values() if t.startswith("*") and t != "*fp32"), "fp32")
+    dtype = next((t[1:] for t in signature.values() if t in ("*fp16", "*bf16")), "fp32")
     parts = []
     for (name, ty), (_, attr) in zip(signature.items(), specialization):
         if ty == "constexpr" and bound[name] is not None:
@@ -227,7 +228,8 @@ def main() -> int:
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
         results = pool.map(_compile_one, range(len(_JOBS)), chunksize=4)
     failures = 0
-    print(f"triton {triton.__version__}: every variant the launchers produce at GPT-2 shapes")
+    print(f"# python -m kernels.aot, {datetime.date.today()}, triton {triton.__version__}, ahead of time (no GPU): "
+          "every kernel variant the launchers produce at GPT-2 shapes, as the JIT specialises them")
     print(f"{'sm':>3} {'REG':>4} {'SHARED':>7} {'STACK':>5} {'SPILL':>5} {'LOCAL':>5}  kernel variant")
     for index, r in results:
         job = _JOBS[index]

@@ -3,7 +3,7 @@
 ``python -m kernels.aot`` compiles, for sm_80 and sm_90, every kernel variant its launchers produce
 at GPT-2 shapes, keyed the way Triton's JIT keys its cache. Here: those variants compile without
 spills (in a fresh process: the interpreter, on for the other CPU tests, replaces kernels with Python
-functions); every launch of an interpreted generation at gpt2's width is one of them; and the
+functions); every launch of a generation at gpt2's width is one of them; and the
 launches of every decode step are identical (no JIT compile mid-generation, no shape change).
 Needs no GPU: only Triton's bundled ptxas/cuobjdump.
 """
@@ -49,11 +49,10 @@ def gpt2_width_checkpoint(tmp_path_factory):
     return path
 
 
-def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint):
-    if torch.cuda.is_available():
-        pytest.skip("records interpreted launches; on a GPU, gpu_check's aot step is the report")
+def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint, device):
+    """On CPU the launches are interpreted; on a GPU they are the JIT's own, with real device pointers."""
     aot = aot_recording()
-    model = engine.load_model(str(gpt2_width_checkpoint), device="cpu", dtype="float16", backend="triton")
+    model = engine.load_model(str(gpt2_width_checkpoint), device=device, dtype="float16", backend="triton")
     with record_launches() as run:
         engine.generate(model, "Hi", max_new_tokens=2, temperature=0)                       # batch 1: M = 1
         engine.generate(model, [[1, 2, 3], list(range(20))], max_new_tokens=2, seed=0)     # ragged batch
@@ -62,14 +61,25 @@ def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint):
     assert not missing, "launched but not compiled by kernels.aot:\n" + "\n".join(missing)
     for label in ("M=1", "Lq=1"):  # the batch-1 specialisations the JIT makes are among them
         assert any(label in run.jobs[90, key].label for _, key in run.launches)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+        # What the JIT itself compiled on this Hopper GPU, read from its kernel caches.
+        compiled = {key for fn in _jit_kernels() for caches in fn.device_caches.values() for key in caches[0]}
+        assert compiled and compiled <= aot.keys(90), sorted(compiled - aot.keys(90))
 
 
-def test_decode_steps_launch_identical_variants(small_vocab_checkpoint):
+def _jit_kernels():
+    from triton.runtime.jit import JITFunction
+
+    for module in ("kernels.layernorm", "kernels.linear", "kernels.attention"):
+        yield from (v for v in vars(sys.modules[module]).values() if isinstance(v, JITFunction))
+
+
+def test_decode_steps_launch_identical_variants(small_vocab_checkpoint, device):
     """Lengths cross multiples of 16 and 64 here: nothing the kernels are specialised on may follow them."""
-    model = engine.load_model(str(small_vocab_checkpoint), device="cpu", dtype="float32", backend="triton")
-    prompts = torch.randint(0, 1000, (2, 60))
+    model = engine.load_model(str(small_vocab_checkpoint), device=device, dtype="float32", backend="triton")
+    prompts = torch.randint(0, 1000, (2, 60), device=device)
     cache = StaticKVCache(model.config, 2, 128, model.dtype, model.device)
-    logits = model.prefill(prompts, torch.tensor([60, 45], dtype=torch.int32), cache)
+    logits = model.prefill(prompts, torch.tensor([60, 45], dtype=torch.int32, device=device), cache)
     steps = []
     for _ in range(8):
         with record_launches() as step:

@@ -53,6 +53,7 @@ def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint, d
     """On CPU the launches are interpreted; on a GPU they are the JIT's own, with real device pointers."""
     aot = aot_recording()
     model = engine.load_model(str(gpt2_width_checkpoint), device=device, dtype="float16", backend="triton")
+    compiled_before = _jit_cache_keys()
     with record_launches() as run:
         engine.generate(model, "Hi", max_new_tokens=2, temperature=0)                       # batch 1: M = 1
         engine.generate(model, [[1, 2, 3], list(range(20))], max_new_tokens=2, seed=0)     # ragged batch
@@ -62,16 +63,18 @@ def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint, d
     for label in ("M=1", "Lq=1"):  # the batch-1 specialisations the JIT makes are among them
         assert any(label in run.jobs[90, key].label for _, key in run.launches)
     if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
-        # What the JIT itself compiled on this Hopper GPU, read from its kernel caches.
-        compiled = {key for fn in _jit_kernels() for caches in fn.device_caches.values() for key in caches[0]}
-        assert compiled and compiled <= aot.keys(90), sorted(compiled - aot.keys(90))
+        # What the JIT itself compiled for this generation on a Hopper GPU, read from its kernel caches.
+        compiled = _jit_cache_keys() - compiled_before
+        assert compiled <= aot.keys(90), sorted(compiled - aot.keys(90))
 
 
-def _jit_kernels():
+def _jit_cache_keys() -> set[str]:
+    """The cache keys of every variant the JIT has compiled so far (none under the interpreter)."""
     from triton.runtime.jit import JITFunction
 
-    for module in ("kernels.layernorm", "kernels.linear", "kernels.attention"):
-        yield from (v for v in vars(sys.modules[module]).values() if isinstance(v, JITFunction))
+    kernels_ = [v for m in ("kernels.layernorm", "kernels.linear", "kernels.attention")
+                for v in vars(sys.modules[m]).values() if isinstance(v, JITFunction)]
+    return {key for fn in kernels_ for caches in fn.device_caches.values() for key in caches[0]}
 
 
 def test_decode_steps_launch_identical_variants(small_vocab_checkpoint, device):

@@ -8,7 +8,8 @@ score matrix. The causal mask is aligned bottom-right: with Tq < Tk, query i see
 ``j <= i + Tk - Tq`` (a prompt continued on a cache).
 
 Decode (``decode_attention``): each (batch*head) row's valid cache prefix is cut into num_splits
-chunks (a count fixed by the cache's shape, the chunk size computed on the device from the row's length); one program per chunk writes a partial (max, sum, accumulator), and a second kernel
+chunks (a count fixed by the cache's shape; the chunk size computed on the device from the row's
+length); one program per chunk writes a partial (max, sum, accumulator), and a second kernel
 combines them, so batch 1 still fills the GPU. Keys at or past a row's length are never loaded.
 The lengths are read on the device: no host sync, and the grid depends only on shapes.
 References: FlashAttention-2 (Dao, 2023), the Triton fused-attention tutorial, flash-decoding.

@@ -27,16 +27,16 @@ check() {  # check TORCH_VERSION STD: prints the ptxas report and OK, or FAILED 
   else echo "nvcc compile check (torch $version, C++$std, sm_90): FAILED"; return 1; fi
 }
 
+specs=("$@")
+[ $# -gt 0 ] || specs=(2.11.0:17 2.14.1:20)
 pids=()
-for spec in "${@:-2.11.0:17 2.14.1:20}"; do
-  for pair in $spec; do
-    check "${pair%%:*}" "${pair##*:}" > "/tmp/check_cuda_build-${pair%%:*}.log" 2>&1 &
-    pids+=("$!:${pair%%:*}")
-  done
+for spec in "${specs[@]}"; do
+  check "${spec%%:*}" "${spec##*:}" > "/tmp/check_cuda_build-${spec%%:*}.log" 2>&1 &
+  pids+=("$!")
 done
 status=0
-for entry in "${pids[@]}"; do
-  wait "${entry%%:*}" || status=1
-  cat "/tmp/check_cuda_build-${entry##*:}.log"
+for i in "${!specs[@]}"; do
+  wait "${pids[$i]}" || status=1
+  cat "/tmp/check_cuda_build-${specs[$i]%%:*}.log"
 done
 exit $status

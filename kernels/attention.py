@@ -366,8 +366,8 @@ def aot_launches() -> None:
                 cache = torch.empty((2, b, h, max_len, d), dtype=dtype)
                 lens = torch.full((b,), t, dtype=torch.int32)
                 for lq in (1, 3, MAX_DECODE_QUERIES):
-                    q = _aot_qkv(b, h, lq, d, dtype, fused)[0]
-                    _decode_attention_launch(q, cache[0], cache[1], lens, None, check_lens=False)
+                    q_new = _aot_qkv(b, h, lq, d, dtype, fused)[0]
+                    _decode_attention_launch(q_new, cache[0], cache[1], lens, None, check_lens=False)
 
 
 def _aot_qkv(b: int, h: int, t: int, d: int, dtype: torch.dtype, fused: bool) -> tuple[Tensor, Tensor, Tensor]:

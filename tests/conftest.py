@@ -23,6 +23,7 @@ def _interpreter_numpy_problem() -> str | None:
                 "pip install 'numpy<2.4', or use Triton >= 3.7")
     return None
 
+
 TINY = dict(n_layer=2, n_head=3, n_embd=96, n_positions=128, vocab_size=50257)
 
 

@@ -18,7 +18,7 @@ import torch
 
 import engine
 from engine.cache import StaticKVCache
-from kernels.aot import aot_recording, record_launches
+from kernels.aot import MODULES, aot_recording, record_launches
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,8 +72,7 @@ def _jit_cache_keys() -> set[str]:
     """The cache keys of every variant the JIT has compiled so far (none under the interpreter)."""
     from triton.runtime.jit import JITFunction
 
-    kernels_ = [v for m in ("kernels.layernorm", "kernels.linear", "kernels.attention")
-                for v in vars(sys.modules[m]).values() if isinstance(v, JITFunction)]
+    kernels_ = [v for m in MODULES for v in vars(sys.modules[m]).values() if isinstance(v, JITFunction)]
     return {key for fn in kernels_ for caches in fn.device_caches.values() for key in caches[0]}
 
 

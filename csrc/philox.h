@@ -1,5 +1,5 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
-// One uniform double per (seed, offset, row): the same numbers on CPU, on GPU and in the Python
+// One uniform double per (seed, offset): the same numbers on CPU, on GPU and in the Python
 // reference (kernels/sampling.py), so every implementation draws the same token from the same input.
 #pragma once
 #include <cstdint>
@@ -24,10 +24,10 @@ GPT2E_HOST_DEVICE void philox_round(uint32_t c[4], const uint32_t k[2]) {
   c[3] = lo0;
 }
 
-// Uniform in [0, 1) with 53 random bits. Key = seed; counter = (offset, row), each 64-bit.
-GPT2E_HOST_DEVICE double philox_uniform(uint64_t seed, uint64_t offset, uint64_t row) {
-  uint32_t c[4] = {static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
-                   static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32)};
+// Uniform in [0, 1) with 53 random bits. Key = seed (a row's request seed); counter = (offset, 0),
+// offset being the index of the drawn token within its request.
+GPT2E_HOST_DEVICE double philox_uniform(uint64_t seed, uint64_t offset) {
+  uint32_t c[4] = {static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), 0u, 0u};
   uint32_t k[2] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
   for (int i = 0; i < 10; ++i) {
     philox_round(c, k);

@@ -123,9 +123,11 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
   const at::Tensor temp = temperature.to(at::kFloat).contiguous();
   const at::Tensor k = top_k.to(at::kLong).contiguous();
   const at::Tensor p = top_p.to(at::kDouble).contiguous();
-  TORCH_CHECK(temp.numel() == rows && k.numel() == rows && p.numel() == rows, "per-row parameters must have ", rows, " values");
-  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
-  const uint64_t off = static_cast<uint64_t>(offset.item<int64_t>());
+  const at::Tensor s = seed.to(at::kLong).contiguous();
+  const at::Tensor off = offset.to(at::kLong).contiguous();
+  TORCH_CHECK(temp.numel() == rows && k.numel() == rows && p.numel() == rows && s.numel() == rows &&
+                  off.numel() == rows,
+              "per-row parameters must have ", rows, " values");
   at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
   if (rows == 0) return out;
   TORCH_CHECK(vocab > 0, "logits must have at least one column");
@@ -134,6 +136,8 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
   const float* tp = temp.data_ptr<float>();
   const int64_t* kp = k.data_ptr<int64_t>();
   const double* pp = p.data_ptr<double>();
+  const int64_t* sp = s.data_ptr<int64_t>();
+  const int64_t* offp = off.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scaled(vocab), scratch;
@@ -141,7 +145,8 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
     std::vector<int64_t> ids;
     ids.reserve(1024);
     for (int64_t r = begin; r < end; ++r) {
-      const RowParams prm{tp[r], kp[r], pp[r], philox_uniform(s, off, static_cast<uint64_t>(r))};
+      const double u = philox_uniform(static_cast<uint64_t>(sp[r]), static_cast<uint64_t>(offp[r]));
+      const RowParams prm{tp[r], kp[r], pp[r], u};
       op[r] = sample_row(xp + r * stride_row, stride_col, vocab, prm, scaled, weights, ids, scratch);
     }
   });

@@ -9,8 +9,8 @@
 //   4. the draw: inverse CDF over the kept tokens in vocabulary order (a deterministic block scan
 //      over contiguous per-thread segments; one owner segment chosen by a block reduction), with
 //      the row's Philox uniform (philox.h).
-// Semantics are those of kernels/sampling.py; seed and offset are read on the device, so a
-// captured CUDA graph replays fresh randomness when the caller advances the offset tensor.
+// Semantics are those of kernels/sampling.py; each row's seed and offset are read on the device,
+// so a captured CUDA graph replays fresh randomness when the caller advances the offset tensor.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
   if (threadIdx.x == 0) {
     sh.pick = last;  // where rounding leaves the target past the end
     sh.owner = -1;
-    sh.target = philox_uniform(static_cast<uint64_t>(*seed), static_cast<uint64_t>(*offset), static_cast<uint64_t>(r)) *
+    sh.target = philox_uniform(static_cast<uint64_t>(seed[r]), static_cast<uint64_t>(offset[r])) *
                 kept_total;
   }
   __syncthreads();
@@ -291,6 +291,9 @@ at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, 
   const at::Tensor p = top_p.to(at::kDouble).contiguous();
   const at::Tensor s = seed.to(at::kLong).contiguous();
   const at::Tensor off = offset.to(at::kLong).contiguous();
+  TORCH_CHECK(temp.numel() == rows && k.numel() == rows && p.numel() == rows && s.numel() == rows &&
+                  off.numel() == rows,
+              "per-row parameters must have ", rows, " values");
   at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
   if (rows == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -7,8 +7,11 @@ Semantics (HF's ``generate``, written once here and matched by every implementat
 - ``top_p < 1`` sorts the survivors by probability (descending, stable) and keeps a token when the
   mass strictly before it is < ``top_p``; the top token is always kept; ``top_p = 1`` disables it.
 - one token is drawn from the renormalised survivors, walked in vocabulary order, with one uniform
-  number per row from Philox keyed by ``(seed, offset, row)``: rows are independent, a draw
-  reproduces exactly, and every implementation draws the same token from the same input.
+  number per row from Philox keyed by the row's seed at counter = the row's offset. A batch run
+  gives each row its own ``(seed, offset)`` (a request's seed and the index of the token within
+  the request), so a row's draw never depends on its position or its neighbours; a scalar seed
+  ``s`` gives row ``r`` the seed ``s + r``. A draw reproduces exactly, and every implementation
+  draws the same token from the same input.
 - a row holding NaN, or only -inf, is flagged with token -1; the other rows are untouched.
 """
 
@@ -50,24 +53,58 @@ def _mulhilo(a: int, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (p >> np.uint64(32)).astype(np.uint32), (p & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
-def uniforms(seed: int | torch.Tensor, offset: int | torch.Tensor, rows: int) -> torch.Tensor:
-    """One float64 uniform in [0, 1) per row: Philox4x32-10 keyed by ``seed``, counter (offset, row).
+def uniforms(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """One float64 uniform in [0, 1) per row: Philox4x32-10 keyed by ``seed[r]``, counter ``(offset[r], 0)``.
 
-    Bit-identical to ``philox_uniform`` in csrc/philox.h, so the reference and the compiled
-    samplers draw the same token from the same logits.
+    seed, offset: int64 (B,), read as unsigned 64-bit. Bit-identical to ``philox_uniform`` in
+    csrc/philox.h, so the reference and the compiled samplers draw the same token from the same logits.
     """
-    seed, offset = int(seed) % (1 << 64), int(offset) % (1 << 64)
-    row = np.arange(rows, dtype=np.uint64)
-    c = [np.full(rows, offset & 0xFFFFFFFF, np.uint32), np.full(rows, offset >> 32, np.uint32),
-         (row & np.uint64(0xFFFFFFFF)).astype(np.uint32), (row >> np.uint64(32)).astype(np.uint32)]
-    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    seeds = seed.detach().cpu().numpy().astype(np.int64).view(np.uint64)
+    offsets = offset.detach().cpu().numpy().astype(np.int64).view(np.uint64)
+    low = lambda v: (v & np.uint64(0xFFFFFFFF)).astype(np.uint32)  # noqa: E731
+    high = lambda v: (v >> np.uint64(32)).astype(np.uint32)  # noqa: E731
+    zeros = np.zeros(len(seeds), np.uint32)
+    c = [low(offsets), high(offsets), zeros, zeros]
+    k0, k1 = low(seeds), high(seeds)
     for _ in range(10):
         hi0, lo0 = _mulhilo(0xD2511F53, c[0])
         hi1, lo1 = _mulhilo(0xCD9E8D57, c[2])
-        c = [hi1 ^ c[1] ^ np.uint32(k0), lo1, hi0 ^ c[3] ^ np.uint32(k1), lo0]
-        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+        k0, k1 = k0 + np.uint32(0x9E3779B9), k1 + np.uint32(0xBB67AE85)  # uint32 arithmetic wraps
     bits = ((c[0] >> np.uint32(5)).astype(np.uint64) << np.uint64(26)) | (c[1] >> np.uint32(6)).astype(np.uint64)
     return torch.from_numpy(bits.astype(np.float64) / 2.0**53)
+
+
+def _as_int64(v: int) -> int:
+    """An integer read modulo 2^64, as the int64 that holds the same bits."""
+    v %= 1 << 64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def row_seeds(seed: int | torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    """int64 (rows,): a (B,) tensor as it is; an int or a one-value tensor ``s`` as ``s + r`` for row r."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() not in (1, rows):
+            raise ValueError(f"seed must be an int or an int64 tensor of 1 or {rows} values, "
+                             f"got {seed.dtype} {list(seed.shape)}")
+        if seed.numel() == rows and seed.dim() == 1:
+            return seed.to(device)
+        return seed.reshape(()).to(device) + torch.arange(rows, dtype=torch.int64, device=device)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
+    return torch.tensor([_as_int64(seed + r) for r in range(rows)], dtype=torch.int64, device=device)
+
+
+def row_offsets(offset: int | torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    """int64 (rows,): a (B,) tensor as it is, an int or a one-value tensor broadcast to every row."""
+    if isinstance(offset, torch.Tensor):
+        if offset.dtype != torch.int64 or offset.numel() not in (1, rows):
+            raise ValueError(f"offset must be an int or an int64 tensor of 1 or {rows} values, "
+                             f"got {offset.dtype} {list(offset.shape)}")
+        return offset.to(device).reshape(-1).expand(rows).contiguous()
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise ValueError(f"offset must be an int or an int64 tensor, got {type(offset).__name__}")
+    return torch.full((rows,), _as_int64(offset), dtype=torch.int64, device=device)
 
 
 def _row_tensor(v: Param, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -108,8 +145,8 @@ def sample_ref(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0,
                seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """Draw one token per row. logits (B, V) fp32/fp16/bf16, rows may be strided.
 
-    temperature, top_k, top_p: numbers or per-row tensors (B,). Returns int64 (B,) on the logits'
-    device; -1 flags a row of NaN or only -inf.
+    temperature, top_k, top_p: numbers or per-row tensors (B,). seed, offset: see ``sample``.
+    Returns int64 (B,) on the logits' device; -1 flags a row of NaN or only -inf.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape (B, V), got {list(logits.shape)}")
@@ -143,20 +180,12 @@ def sample_ref(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0,
     by_id = torch.argsort(order, dim=-1)
     order, probs = order.gather(1, by_id), probs.gather(1, by_id)
     cdf = torch.cumsum(probs, dim=-1)
-    u = uniforms(seed, offset, rows).to(dev)
+    u = uniforms(row_seeds(seed, rows, dev), row_offsets(offset, rows, dev)).to(dev)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
     last = (probs > 0).cumsum(-1).argmax(-1, keepdim=True)  # the last token with probability > 0
     tokens = order.gather(1, torch.minimum(pick, last)).squeeze(1)
     tokens = torch.where(greedy, greedy_tokens, tokens)
     return torch.where(bad, -1, tokens)
-
-
-def _scalar_tensor(name: str, v: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1 or v.dtype != torch.int64:
-            raise ValueError(f"{name} must be an int or a 0-d int64 tensor, got {v.dtype} {list(v.shape)}")
-        return v.reshape(()).to(device)
-    return torch.tensor(int(v), dtype=torch.int64, device=device)
 
 
 def load_extension() -> bool:
@@ -175,8 +204,10 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
         logits: (B, V) fp32/fp16/bf16, any V >= 1; rows may be strided, even expanded (stride 0).
         temperature, top_k, top_p: numbers, or per-row tensors (B,). 0 temperature or top_k 1 is
             argmax; top_k 0 and top_p 1 disable those filters. Checked before any kernel runs.
-        seed, offset: ints or 0-d int64 tensors (on the logits' device for a CUDA graph); the
-            decode loop advances ``offset`` by one per step.
+        seed: an int or one-value int64 tensor ``s`` (row r draws with seed ``s + r``), or an int64
+            (B,) tensor of per-row seeds (a request's own seed, wherever its row is).
+        offset: an int or one-value int64 tensor for every row, or int64 (B,) per row: the index of
+            the token being drawn within its request. Ints are read modulo 2^64.
     Returns:
         int64 (B,) on the logits' device; -1 flags a row of NaN or only -inf (other rows untouched).
 
@@ -198,5 +229,17 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
     _extension.check_device(dev)
     return getattr(torch.ops, _extension.LIB).sample(
         logits, _row_tensor(temperature, rows, torch.float32, dev), _row_tensor(top_k, rows, torch.int64, dev),
-        _row_tensor(top_p, rows, torch.float64, dev), _scalar_tensor("seed", seed, dev),
-        _scalar_tensor("offset", offset, dev))
+        _row_tensor(top_p, rows, torch.float64, dev), row_seeds(seed, rows, dev), row_offsets(offset, rows, dev))
+
+
+def sample_unchecked(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                     seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``sample`` for a decode loop or a CUDA graph: no checks, no allocation beside the output, no host sync.
+
+    Every parameter is a per-row tensor on the logits' device, already valid (``check_sampling_params``):
+    temperature float32 (B,), top_k int64 (B,), top_p float64 (B,), seed int64 (B,), offset int64 (B,).
+    Returns int64 (B,). Where the compiled sampler cannot be built, this is ``sample_ref`` (which syncs).
+    """
+    if not load_extension():
+        return sample_ref(logits, temperature, top_k, top_p, seed, offset)
+    return getattr(torch.ops, _extension.LIB).sample(logits, temperature, top_k, top_p, seed, offset)

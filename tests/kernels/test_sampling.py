@@ -191,13 +191,46 @@ def test_compiled_low_precision_and_strided_rows(dtype, device):
     assert torch.equal(sample(one, seed=4), sample_ref(one.float(), seed=4))
 
 
-def test_seed_and_offset_tensors(device):
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_seed_and_offset_tensors(name, device):
     x = torch.randn(4, 300, generator=torch.Generator().manual_seed(5)).to(device)
-    as_ints = sample(x, top_p=0.9, seed=123, offset=9)
+    sampler = SAMPLERS[name]
+    as_ints = sampler(x, top_p=0.9, seed=123, offset=9)
     seed, offset = torch.tensor(123, device=device), torch.tensor(9, device=device)
-    assert torch.equal(sample(x, top_p=0.9, seed=seed, offset=offset), as_ints)
-    with pytest.raises(ValueError, match="seed must be an int or a 0-d int64 tensor"):
-        sample(x, seed=torch.tensor([1.0]))
+    assert torch.equal(sampler(x, top_p=0.9, seed=seed, offset=offset), as_ints)
+    # A scalar seed s gives row r the seed s + r: the same draws as explicit per-row seeds.
+    per_row = sampler(x, top_p=0.9, seed=torch.arange(123, 127, device=device), offset=torch.full((4,), 9, device=device))
+    assert torch.equal(per_row, as_ints)
+    with pytest.raises(ValueError, match="seed must be an int or an int64 tensor"):
+        sampler(x, seed=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="offset must be an int or an int64 tensor of 1 or 4 values"):
+        sampler(x, offset=torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_a_row_draws_by_its_own_seed_and_offset_only(name, device):
+    """A request's draw depends on its seed and token index, not on its row or its neighbours."""
+    sampler = SAMPLERS[name]
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 400, generator=g).to(device)
+    seeds = torch.tensor([7, -3, 2**62, 11, 7], device=device)
+    offsets = torch.tensor([0, 5, 2**40, 3, 1], device=device)
+    together = sampler(x, top_k=100, seed=seeds, offset=offsets)
+    order = torch.tensor([3, 0, 4, 2, 1], device=device)
+    shuffled = sampler(x[order], top_k=100, seed=seeds[order], offset=offsets[order])
+    assert torch.equal(shuffled, together[order])
+    for r in range(5):
+        alone = sampler(x[r:r + 1], top_k=100, seed=seeds[r:r + 1], offset=offsets[r:r + 1])
+        assert alone.item() == together[r].item()
+
+
+def test_philox_known_answer():
+    """Philox4x32-10 with key 0, counter 0 (Random123's known-answer vector 6627e8d5 e169c58d ...)."""
+    from kernels.sampling import uniforms
+
+    zero = torch.zeros(1, dtype=torch.long)
+    bits = ((0x6627E8D5 >> 5) << 26) | (0xE169C58D >> 6)
+    assert uniforms(zero, zero).item() == bits / 2.0**53
 
 
 def test_torch_compile_traces_the_compiled_sampler(device):

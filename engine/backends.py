@@ -29,19 +29,6 @@ def eager_linear(x, weight, bias=None, activation=None, residual=None):
     return kernels.linear_ref(x, weight, bias, activation, residual)
 
 
-def eager_decode_attention(q, k_cache, v_cache, cache_lens):
-    """``kernels.decode_attention_ref`` over the cache's used prefix only, on CPU.
-
-    The reference computes every slot of the cache and masks the unused ones; on CPU, where a
-    device-to-host read costs nothing, cutting the cache at the longest row first saves that work.
-    On a GPU the whole cache goes in (no host sync; the same shapes every step).
-    """
-    if q.device.type == "cpu":
-        used = int(cache_lens.max())
-        k_cache, v_cache = k_cache[:, :, :used], v_cache[:, :, :used]
-    return kernels.decode_attention_ref(q, k_cache, v_cache, cache_lens)
-
-
 def eager_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None):
     h = eager_linear(x, fc_weight, fc_bias, activation="gelu_tanh")
     return eager_linear(h, proj_weight, proj_bias, residual=residual)
@@ -55,7 +42,6 @@ class Ops:
     gelu_mlp: Callable          # (x, fc_w, fc_b, proj_w, proj_b, residual=None) -> y
     attention: Callable         # (q, k, v, causal=True) -> o, prefill
     decode_attention: Callable  # (q, k_cache, v_cache, cache_lens) -> o
-    sample: Callable            # (logits, temperature, top_k, top_p, seed, offset) -> tokens
 
 
 EAGER = Ops(
@@ -64,20 +50,17 @@ EAGER = Ops(
     linear=eager_linear,
     gelu_mlp=eager_gelu_mlp,
     attention=kernels.flash_attention_ref,
-    decode_attention=eager_decode_attention,
-    sample=kernels.sample,
+    decode_attention=kernels.decode_attention_ref,
 )
 
-# Both backends sample with the compiled sampler (csrc/: C++ on CPU, CUDA on GPU).
 TRITON = Ops(
     layer_norm=kernels.layer_norm,
     add_layer_norm=kernels.add_layer_norm,
     linear=kernels.linear,
     gelu_mlp=kernels.gelu_mlp,
     attention=kernels.flash_attention,
-    # The runtime guarantees q_len <= cache_lens <= max_len: skip the check's host sync.
+    # The cache guarantees q_len <= cache_lens <= max_len: skip the check's host sync.
     decode_attention=functools.partial(kernels.decode_attention, check_lens=False),
-    sample=kernels.sample,
 )
 
 BACKENDS: dict[str, Ops] = {"eager": EAGER, "triton": TRITON}

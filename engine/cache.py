@@ -1,4 +1,4 @@
-"""Static KV cache: buffers allocated once per generation, never reallocated or moved."""
+"""Static KV cache addressed by slots: allocated once, reused across calls, never moved; it owns its writes."""
 
 from __future__ import annotations
 
@@ -7,20 +7,70 @@ import torch
 from .config import GPT2Config
 
 
-class StaticKVCache:
-    """Keys and values of every layer, plus each row's valid length.
+class KVCache:
+    """Keys and values of every layer for ``slots`` sequences of up to ``max_len`` tokens each.
 
-    k, v: (n_layer, B, H, max_len, D) in the model dtype. lens: int32 (B,) on the model device,
-    the number of valid slots per row; slots past it may hold anything and are never attended.
+    k, v: (n_layer, slots, H, max_len, D) in the model dtype. lens: int32 (slots,) on the model
+    device, the number of valid positions per slot; positions past it may hold anything and are
+    never attended. A batch of B rows runs on slots [0, B) unless a prefill names other slots.
     """
 
-    def __init__(self, config: GPT2Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
+    def __init__(self, config: GPT2Config, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (config.n_layer, slots, config.n_head, max_len, config.head_dim)
+        # zeros, not empty: the eager attention reads every position (masked), so they must be finite
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.rows = torch.arange(batch, device=device)
+        self.lens = torch.zeros(slots, dtype=torch.int32, device=device)
+        self._rows = torch.arange(slots, device=device)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
+
+    def fits(self, slots: int, max_len: int) -> bool:
+        return slots <= self.slots and max_len <= self.max_len
+
+    def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+        """Store a right-padded prompt's keys and values at positions [0, T).
+
+        k, v: (B, H, T, D). slots: int64 (B,) target slots on the device, or None for [0, B).
+        """
+        t = k.shape[2]
+        if slots is None:
+            self.k[layer, :k.shape[0], :, :t] = k
+            self.v[layer, :k.shape[0], :, :t] = v
+        else:
+            self.k[layer, slots, :, :t] = k
+            self.v[layer, slots, :, :t] = v
+
+    def set_lengths(self, lengths: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+        """lengths int32 (B,) on the device for slots [0, B), or for ``slots`` (int64 (B,))."""
+        if slots is None:
+            self.lens[:lengths.shape[0]] = lengths
+        else:
+            self.lens[slots] = lengths
+
+    def advance(self, rows: int) -> None:
+        """Slots [0, rows) hold one more token each (after every layer has appended it)."""
+        self.lens[:rows] += 1
+
+    def positions(self, rows: int) -> torch.Tensor:
+        """int64 (rows,): where slots [0, rows) write their next token (their current lengths)."""
+        return self.lens[:rows].long()
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store one new token per row of slots [0, B) at ``positions`` (int64 (B,), from ``positions``).
+
+        k, v: (B, H, 1, D). Indexed on the device: the same launch every step, no host sync.
+        """
+        rows = self._rows[:k.shape[0]]
+        self.k[layer, rows, :, positions] = k[:, :, 0]
+        self.v[layer, rows, :, positions] = v[:, :, 0]
+
+    def layer(self, layer: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of slots [0, rows): views (rows, H, max_len, D), for attention over the whole cache."""
+        return self.k[layer, :rows], self.v[layer, :rows]

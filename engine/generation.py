@@ -1,4 +1,4 @@
-"""``generate``: prefill a batch of prompts, then decode one token per step with streaming text."""
+"""``generate``: the loop around the runner: prefill a batch of prompts, then step until every row is done."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 
 from kernels import check_sampling_params
 
-from .cache import StaticKVCache
 from .errors import ContextLengthError, EngineError
 from .model import GPT2
-from .tokenizer import EOT_ID, StreamDecoder, decode, encode
+from .runner import Runner, SamplingParams, Request, TokenReader
+from .tokenizer import EOT_ID, decode, encode
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -27,6 +27,7 @@ class GenerationOutput:
     prefill_seconds: float           # prompt forward plus the first token's sampling
     decode_seconds: float            # every later step
     decode_steps: int
+    capture_seconds: float = 0.0     # CUDA-graph capture before the prefill (0 when reused or off)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -68,73 +69,82 @@ def check_context(prompt_len: int, max_new_tokens: int, n_positions: int) -> Non
             f"exceeds the model's context of {n_positions} positions")
 
 
+def _seeds(seed: int | Sequence[int] | None, rows: int) -> list[int]:
+    """Each row's seed as int64 bits: a list as given, an int s as s + r for row r, None drawn at random."""
+    if seed is None:
+        seed = secrets.randbits(63)
+    if isinstance(seed, bool) or not isinstance(seed, (int, list, tuple)):
+        raise EngineError(f"seed must be an int or a list of ints, got {type(seed).__name__}")
+    if isinstance(seed, int):
+        seed = [seed + r for r in range(rows)]
+    if len(seed) != rows or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+        raise EngineError(f"seed must be an int or a list of {rows} ints (one per prompt), got {seed!r}")
+    return [(s + (1 << 63)) % (1 << 64) - (1 << 63) for s in seed]  # read modulo 2^64, stored as int64
+
+
+def runner_for(model: GPT2) -> Runner:
+    """The model's runner, made on first use: its cache and CUDA graphs are reused by later calls."""
+    if getattr(model, "runner", None) is None:
+        model.runner = Runner(model)
+    return model.runner
+
+
 def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-             on_text: Callable[[int, str], None] | None = None, allow_special: bool = False) -> GenerationOutput:
+             top_p: float = 1.0, seed: int | Sequence[int] | None = None, stop_at_eos: bool = True,
+             on_text: Callable[[int, str], None] | None = None, allow_special: bool = False,
+             cuda_graph: bool | None = None) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
     prompts: a string, a list of strings, or token ids (a list of lists, or an int tensor (B, T));
     ragged batches are fine. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
-    seed: the same seed reproduces the same tokens (None draws one). on_text(row, piece) receives
-    streamed text as it is generated; the pieces of a row concatenate to its final text.
-    ``<|endoftext|>`` inside a text prompt is plain text unless ``allow_special``.
+    seed: per prompt, a list of ints; an int s seeds prompt r with s + r; None draws one. A prompt's
+    tokens depend only on its own seed, never on its row or the other prompts of the batch.
+    on_text(row, piece) receives streamed text as it is generated; the pieces of a row concatenate
+    to its final text. ``<|endoftext|>`` inside a text prompt is plain text unless ``allow_special``.
+    cuda_graph: replay the decode step as a CUDA graph (None: on for a CUDA model).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise EngineError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     check_sampling_params(temperature, top_k, top_p)
     cfg = model.config
     rows, is_text = _prompt_ids(prompts, allow_special, cfg.vocab_size)
-    longest = max(len(ids) for ids in rows)
-    check_context(longest, max_new_tokens, cfg.n_positions)
-    seed = secrets.randbits(63) if seed is None else int(seed)
+    check_context(max(len(ids) for ids in rows), max_new_tokens, cfg.n_positions)
+    seeds = _seeds(seed, len(rows))
+    if cuda_graph is None:
+        cuda_graph = model.device.type == "cuda"
 
-    batch, device = len(rows), model.device
-    cache = StaticKVCache(cfg, batch, longest + max_new_tokens, model.dtype, device)
-    input_ids = torch.zeros((batch, longest), dtype=torch.long)  # right padding, never attended
-    for r, ids in enumerate(rows):
-        input_ids[r, :len(ids)] = torch.tensor(ids)
-    lengths = torch.tensor([len(ids) for ids in rows], dtype=torch.int32, device=device)
-    input_ids = input_ids.to(device)
+    def streamer(r):
+        return None if on_text is None else lambda piece: on_text(r, piece)
 
-    out: list[list[int]] = [[] for _ in rows]
-    finished = [False] * batch
-    decoders = [StreamDecoder() for _ in rows] if on_text else None
+    seqs = [Request(ids, max_new_tokens, SamplingParams(float(temperature), int(top_k), float(top_p), s),
+                     stop_at_eos, streamer(r)) for r, (ids, s) in enumerate(zip(rows, seeds))]
+    runner = runner_for(model)
+    capture_seconds = runner.prepare(seqs, cuda_graph)
+    reader = TokenReader(len(seqs), model.device)
 
-    def accept(tokens: torch.Tensor) -> None:
-        for r, tok in enumerate(tokens.tolist()):
-            if finished[r]:
-                continue
-            if tok < 0:
-                raise RuntimeError(f"row {r}: the model produced NaN or all -inf logits")
-            out[r].append(tok)
-            if stop_at_eos and tok == EOT_ID:
-                finished[r] = True
-            elif decoders:
-                piece = decoders[r].push(tok)
-                if piece:
-                    on_text(r, piece)
-
-    def sample(logits: torch.Tensor, step: int) -> torch.Tensor:
-        return model.ops.sample(logits, temperature, top_k, top_p, seed, step)
+    def accept(tokens: list[int]) -> None:
+        for seq, tok in zip(seqs, tokens):
+            seq.accept(tok)
 
     start = time.perf_counter()
-    tokens = sample(model.prefill(input_ids, lengths, cache), 0)
-    accept(tokens)
+    accept(reader.read(reader.submit(runner.start(seqs))))
     prefill_done = time.perf_counter()
-    steps = 0
-    for step in range(1, max_new_tokens):
-        if all(finished):
-            break
-        tokens = sample(model.decode(tokens, cache), step)
-        accept(tokens)
+    # On CUDA the host reads step n while the device runs step n + 1 (so it never idles on Python);
+    # a batch that finished at step n then runs one step more, whose tokens are ignored.
+    lookahead = model.device.type == "cuda"
+    pending, steps = None, 0
+    while steps < max_new_tokens - 1 and not all(s.finished for s in seqs):
+        ticket = reader.submit(runner.step())
         steps += 1
+        if lookahead:
+            ticket, pending = pending, ticket
+        if ticket is not None:
+            accept(reader.read(ticket))
+    if pending is not None:
+        accept(reader.read(pending))
     end = time.perf_counter()
-    if decoders:
-        for r, d in enumerate(decoders):
-            tail = d.flush()
-            if tail:
-                on_text(r, tail)
 
+    out = [s.tokens for s in seqs]
     texts = [decode([t for t in toks if t != EOT_ID or not stop_at_eos]) for toks in out] if is_text else None
     return GenerationOutput(tokens=out, texts=texts, prompt_tokens=rows, prefill_seconds=prefill_done - start,
-                            decode_seconds=end - prefill_done, decode_steps=steps)
+                            decode_seconds=end - prefill_done, decode_steps=steps, capture_seconds=capture_seconds)

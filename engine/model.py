@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .backends import Ops
-from .cache import StaticKVCache
+from .cache import KVCache
 from .config import GPT2Config
 
 # attend(layer, q, k, v) -> o, all (B, H, T, D)
@@ -115,40 +115,42 @@ class GPT2(nn.Module):
         return self._lm_head(h)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """Run right-padded prompts, fill the cache, return each row's next-token logits.
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Run right-padded prompts, fill their cache slots, return each row's next-token logits.
 
-        input_ids (B, T) int64, row b real up to lengths[b] and padded after; lengths int (B,) on
-        the model device. Writes cache slots [0, T) and sets cache.lens = lengths. Returns (B, vocab).
+        input_ids (B, T) int64, row b real up to lengths[b] and padded after; lengths int32 (B,) on
+        the model device; slots int64 (B,) on the device, or None for slots [0, B). Writes positions
+        [0, T) of those slots and sets their lengths. Returns (B, vocab) in the model dtype.
         """
-        t = input_ids.shape[1]
+        b, t = input_ids.shape
         positions = torch.arange(t, device=input_ids.device)
 
         def attend(i, q, k, v):
-            cache.k[i, :, :, :t] = k
-            cache.v[i, :, :, :t] = v
+            cache.write_prompt(i, k, v, slots)
             return self.ops.attention(q, k, v, causal=True)
 
         h = self._layers(input_ids, positions, attend)
-        cache.lens.copy_(lengths)
-        return self._lm_head(h[cache.rows, lengths.long() - 1])
+        cache.set_lengths(lengths, slots)
+        return self._lm_head(h[torch.arange(b, device=h.device), lengths.long() - 1])
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """One step: append ``tokens`` (B,) at each row's position cache.lens, return logits (B, vocab).
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One step for slots [0, B): append ``tokens`` (B,) int64 at each slot's length, return logits (B, vocab).
 
-        Attention gets the whole static cache and each row's length on the device, so every step
-        launches the same shapes (no re-slicing, no host sync); slots past a row's length are never
-        attended. Advances cache.lens.
+        Attention reads the whole static cache bounded by each slot's length on the device, so every
+        step launches the same ops on the same shapes with no host sync (a CUDA graph can replay it);
+        positions past a length are never attended. Advances the slots' lengths by one.
         """
-        pos = cache.lens.long()
-        new_lens = cache.lens + 1
+        b = tokens.shape[0]
+        pos = cache.positions(b)
+        lens_after = cache.lens[:b] + 1
 
         def attend(i, q, k, v):
-            cache.k[i, cache.rows, :, pos] = k[:, :, 0]
-            cache.v[i, cache.rows, :, pos] = v[:, :, 0]
-            return self.ops.decode_attention(q, cache.k[i], cache.v[i], new_lens)
+            cache.append(i, k, v, pos)
+            k_all, v_all = cache.layer(i, b)
+            return self.ops.decode_attention(q, k_all, v_all, lens_after)
 
         h = self._layers(tokens[:, None], pos[:, None], attend)
-        cache.lens.copy_(new_lens)
+        cache.advance(b)
         return self._lm_head(h[:, 0])

@@ -59,16 +59,16 @@ def test_seed_reproduces_and_differs(model):
 
 
 def test_stop_at_eos(model, monkeypatch):
-    # Force EOS at the third sampled token of row 0 only; row 1 runs to the end.
-    real = model.ops.sample
+    # Force EOS at the third sampled token (offset 2) of row 0 only; row 1 runs to the end.
+    import engine.runner
 
-    def fake(logits, *args):
-        tokens = real(logits, *args)
-        if args[-1] == 2:
-            tokens[0] = EOT_ID
-        return tokens
+    real = engine.runner.sample_unchecked
 
-    monkeypatch.setattr(model, "ops", model.ops.__class__(**{**model.ops.__dict__, "sample": fake}))
+    def fake(logits, temperature, top_k, top_p, seed, offset):
+        tokens = real(logits, temperature, top_k, top_p, seed, offset)
+        return torch.where((torch.arange(len(tokens)) == 0) & (offset == 2), EOT_ID, tokens)
+
+    monkeypatch.setattr(engine.runner, "sample_unchecked", fake)
     out = engine.generate(model, ["a", "b"], 6, temperature=0)
     assert len(out.tokens[0]) == 3 and out.tokens[0][-1] == EOT_ID and len(out.tokens[1]) == 6
     assert "<|endoftext|>" not in out.texts[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import engine
-from engine.cache import StaticKVCache
+from engine.cache import KVCache
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_32_greedy_tokens_match_hf_generate(model32, hf_model):
 def test_kv_cache_decode_equals_full_recompute(model32):
     ids = _ids(2, 30, seed=5)
     prompt = 12
-    cache = StaticKVCache(model32.config, 2, 30, torch.float32, torch.device("cpu"))
+    cache = KVCache(model32.config, 2, 30, torch.float32, torch.device("cpu"))
     logits = [model32.prefill(ids[:, :prompt], torch.tensor([prompt, prompt], dtype=torch.int32), cache)]
     for t in range(prompt, 30):
         logits.append(model32.decode(ids[:, t], cache))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import engine
-from engine.cache import StaticKVCache
+from engine.cache import KVCache
 from kernels.aot import MODULES, aot_recording, record_launches
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +80,7 @@ def test_decode_steps_launch_identical_variants(small_vocab_checkpoint, device):
     """Lengths cross multiples of 16 and 64 here: nothing the kernels are specialised on may follow them."""
     model = engine.load_model(str(small_vocab_checkpoint), device=device, dtype="float32", backend="triton")
     prompts = torch.randint(0, 1000, (2, 60), device=device)
-    cache = StaticKVCache(model.config, 2, 128, model.dtype, model.device)
+    cache = KVCache(model.config, 2, 128, model.dtype, model.device)
     logits = model.prefill(prompts, torch.tensor([60, 45], dtype=torch.int32, device=device), cache)
     steps = []
     for _ in range(8):

@@ -114,7 +114,7 @@ class GPT2(nn.Module):
         h = self._layers(input_ids, positions, lambda i, q, k, v: self.ops.attention(q, k, v, causal=True))
         return self._lm_head(h)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors cannot be mutated by a torch.compile'd step
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
         """Run right-padded prompts, fill their cache slots, return each row's next-token logits.
@@ -134,7 +134,7 @@ class GPT2(nn.Module):
         cache.set_lengths(lengths, slots)
         return self._lm_head(h[torch.arange(b, device=h.device), lengths.long() - 1])
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One step for slots [0, B): append ``tokens`` (B,) int64 at each slot's length, return logits (B, vocab).
 

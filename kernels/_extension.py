@@ -44,12 +44,17 @@ def _register_fake() -> None:
         return logits.new_empty((logits.shape[0],), dtype=torch.long)
 
 
+SAMPLE_OP = None  # torch.ops.gpt2engine_C.sample once ``load`` succeeded: a plain global that torch.compile can read
+
+
 @functools.cache
 def load() -> bool:
     """Register torch.ops.gpt2engine_C.sample. False (with one warning) when it cannot be built."""
+    global SAMPLE_OP
     if not _load_library():
         return False
     _register_fake()
+    SAMPLE_OP = getattr(torch.ops, LIB).sample
     return True
 
 

@@ -240,6 +240,6 @@ def sample_unchecked(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
     temperature float32 (B,), top_k int64 (B,), top_p float64 (B,), seed int64 (B,), offset int64 (B,).
     Returns int64 (B,). Where the compiled sampler cannot be built, this is ``sample_ref`` (which syncs).
     """
-    if not load_extension():
+    if _extension.SAMPLE_OP is None and not load_extension():
         return sample_ref(logits, temperature, top_k, top_p, seed, offset)
-    return getattr(torch.ops, _extension.LIB).sample(logits, temperature, top_k, top_p, seed, offset)
+    return _extension.SAMPLE_OP(logits, temperature, top_k, top_p, seed, offset)

@@ -1,0 +1,119 @@
+"""What one decode step dispatches: every op with its shapes, host syncs, and the kernels it launches.
+
+    python -m benchmarks.step_trace --model gpt2 --backend triton   # kernels per decode step
+
+The CPU-measurable proxy for the GPU's decode speed: on a GPU a step costs about one launch gap per
+kernel even inside a CUDA graph, and a host sync inside the step makes a graph impossible. Runs on
+random weights; without a GPU the Triton kernels run under the interpreter (counts are the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops that only make views or allocate: no kernel on a GPU.
+NO_KERNEL = {
+    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::slice", "aten::select", "aten::expand",
+    "aten::permute", "aten::transpose", "aten::t", "aten::unsqueeze", "aten::squeeze", "aten::as_strided",
+    "aten::alias", "aten::detach", "aten::unbind", "aten::split", "aten::empty", "aten::empty_like",
+    "aten::new_empty", "aten::empty_strided", "aten::lift_fresh", "aten::_reshape_alias",
+}
+# Ops that wait for the device (a value read on the host): never inside a decode step.
+HOST_SYNC = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select",
+             "aten::_assert_async", "aten::equal"}
+
+
+def _shapes(value):
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), tuple(value.stride()), str(value.dtype))
+    if isinstance(value, (list, tuple)):
+        return tuple(_shapes(v) for v in value)
+    return value if isinstance(value, (int, float, bool, str, type(None))) else type(value).__name__
+
+
+class OpTrace(TorchDispatchMode):
+    """Records ``(op, argument shapes, depth)`` for every op dispatched inside it; ``depth`` 1 marks
+    the ops run inside a custom op (our kernels' launchers), which it enters too."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, tuple, int]] = []
+        self._depth = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.append((func.name(), _shapes((args, sorted(kwargs.items()))), self._depth))
+        if func.namespace in ("aten", "prims"):
+            return func(*args, **kwargs)
+        self._depth += 1
+        try:  # run the custom op's own implementation with this mode still on, to see inside it
+            keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA if _on_cuda(args) else torch._C.DispatchKey.CPU)
+            with self:
+                return func.redispatch(keys, *args, **kwargs)
+        finally:
+            self._depth -= 1
+
+    def host_syncs(self) -> list[str]:
+        return [name for name, _, _ in self.ops if name.split(".")[0] in HOST_SYNC]
+
+    def kernels(self) -> list[str]:
+        """The outermost ops that launch a kernel (custom ops count as one each here; their Triton
+        launches are counted by ``kernels.aot.record_launches``)."""
+        return [name for name, _, depth in self.ops
+                if depth == 0 and name.split(".")[0] not in NO_KERNEL and name.split("::")[0] in ("aten", "prims")]
+
+    def custom_ops(self) -> list[str]:
+        return [name for name, _, depth in self.ops if depth == 0 and name.split("::")[0] not in ("aten", "prims")]
+
+
+def _on_cuda(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+
+
+def trace_step(step) -> tuple[OpTrace, list]:
+    """Run ``step()`` once under an ``OpTrace`` and ``record_launches``: (the trace, Triton launches)."""
+    from kernels.aot import record_launches
+
+    with record_launches() as launches, OpTrace() as trace:
+        step()
+    return trace, launches.launches
+
+
+def count(model_name: str, backend: str, batch: int, dtype: str) -> dict:
+    """Kernels in one decode step of a random-weight ``model_name``, after a 5-token prompt."""
+    import engine
+    from engine.runner import Request, SamplingParams
+
+    model = engine.load_model(f"random:{model_name}", dtype=dtype, backend=backend)
+    runner = engine.generation.runner_for(model)
+    requests = [Request([1, 2, 3, 4, 5], 8, SamplingParams(temperature=0.0)) for _ in range(batch)]
+    runner.prepare(requests, cuda_graph=False)
+    runner.start(requests)
+    trace, launches = trace_step(runner.step)
+    layers = model.config.n_layer
+    total = len(trace.kernels()) + len(launches)
+    return {"model": model_name, "backend": backend, "batch": batch, "layers": layers, "kernels": total,
+            "triton_launches": len(launches), "aten_kernels": len(trace.kernels()), "host_syncs": trace.host_syncs(),
+            "custom_ops": len(trace.custom_ops())}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["gpt2"])
+    p.add_argument("--backend", nargs="+", default=["eager", "triton"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32")
+    args = p.parse_args(argv)
+    for name in args.model:
+        for backend in args.backend:
+            print(count(name, backend, args.batch, args.dtype), flush=True)
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    main()

@@ -1,0 +1,174 @@
+"""The decode core: a static, sync-free step; per-request randomness; a persistent cache; CUDA graphs (GPU)."""
+
+import pytest
+import torch
+
+import engine
+from benchmarks.step_trace import trace_step
+from engine import EOT_ID
+from engine.errors import EngineError
+from engine.generation import runner_for
+from engine.runner import GRAPH_BUCKETS, Request, Runner, SamplingParams, graph_bucket
+from kernels.sampling import sample_ref
+
+
+def _model(checkpoint, backend, dtype="float32", device="cpu"):
+    return engine.load_model(str(checkpoint), device=device, dtype=dtype, backend=backend)
+
+
+def _started_runner(model, prompts, max_new=12, cuda_graph=False, **sampling):
+    runner = Runner(model)
+    requests = [Request(p, max_new, SamplingParams(seed=10 + r, **sampling)) for r, p in enumerate(prompts)]
+    runner.prepare(requests, cuda_graph)
+    runner.start(requests)
+    return runner
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_decode_steps_are_identical_and_never_wait_for_the_host(small_vocab_checkpoint, backend):
+    model = _model(small_vocab_checkpoint, backend)
+    runner = _started_runner(model, [[5, 6, 7], list(range(40))], temperature=0.8, top_k=50)
+    first, first_launches = trace_step(runner.step)
+    second, second_launches = trace_step(runner.step)
+    assert first.ops == second.ops  # every op, its argument shapes and strides, inside our kernels too
+    assert first_launches == second_launches  # the same Triton variants
+    assert first.host_syncs() == [] and len(first.ops) > 50
+    assert bool(first_launches) == (backend == "triton")
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_decode_step_traces_as_one_graph(small_vocab_checkpoint, backend):
+    """torch.compile(fullgraph=True) accepts the step: no graph break, so nothing data-dependent in it."""
+    model = _model(small_vocab_checkpoint, backend)
+    runner = _started_runner(model, [[1, 2], [3, 4, 5, 6]], temperature=1.0)
+    twin = _started_runner(model, [[1, 2], [3, 4, 5, 6]], temperature=1.0)
+    torch._dynamo.reset()
+    compiled = torch.compile(runner._decode_step, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        compiled(runner.rows)
+        twin.step()
+        assert torch.equal(runner.tokens[:2], twin.tokens[:2])
+    assert torch.equal(runner.cache.lens, twin.cache.lens)
+
+
+def _plain_loop(model, prompt, n, seed, **sampling):
+    """The slow, obvious generation: full recompute every token, the reference sampler at offset = index."""
+    ids = list(prompt)
+    for i in range(n):
+        logits = model(torch.tensor([ids]))[:, -1]
+        ids.append(int(sample_ref(logits, seed=torch.tensor([seed]), offset=torch.tensor([i]), **sampling)))
+    return ids[len(prompt):]
+
+
+def test_runner_tokens_equal_a_plain_loop(tiny_checkpoint):
+    model = _model(tiny_checkpoint, "eager")
+    prompts = [engine.encode("The cat sat on"), engine.encode("Hi")]
+    kw = dict(temperature=0.9, top_k=40, top_p=0.95)
+    out = engine.generate(model, prompts, 10, seed=[123, 77], stop_at_eos=False, **kw)
+    assert out.tokens == [_plain_loop(model, p, 10, s, **kw) for p, s in zip(prompts, [123, 77])]
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_a_request_samples_the_same_alone_or_batched_in_any_row(tiny_checkpoint, small_vocab_checkpoint, backend):
+    model = _model(tiny_checkpoint if backend == "eager" else small_vocab_checkpoint, backend)
+    a, b, c = [11, 12, 13], list(range(100, 130)), [7]
+    kw = dict(temperature=1.0, stop_at_eos=False)
+    alone = engine.generate(model, [a], 8, seed=[5], **kw).tokens[0]
+    assert engine.generate(model, [a, b], 8, seed=[5, 9], **kw).tokens[0] == alone
+    assert engine.generate(model, [c, b, a], 8, seed=[1, 9, 5], **kw).tokens[2] == alone
+    # a scalar seed s seeds row r with s + r, so it also is reproducible row by row
+    assert engine.generate(model, [b, a], 8, seed=4, **kw).tokens[1] == alone
+
+
+def test_cache_is_allocated_once_and_reused(tiny_checkpoint, monkeypatch):
+    model = _model(tiny_checkpoint, "eager")
+    allocations = []
+    real_init = engine.cache.KVCache.__init__
+
+    def counting_init(self, config, slots, max_len, dtype, device):
+        allocations.append((slots, max_len))
+        real_init(self, config, slots, max_len, dtype, device)
+
+    monkeypatch.setattr(engine.cache.KVCache, "__init__", counting_init)
+    engine.generate(model, ["one", "two", "three"], 6, temperature=0)
+    runner = runner_for(model)
+    k_ptr = runner.cache.k.data_ptr()
+    engine.generate(model, ["again"], 20, temperature=0.5, seed=1)
+    engine.generate(model, ["x", "y"], 3, temperature=0)
+    assert allocations == [(3, 128)] and runner.cache.k.data_ptr() == k_ptr  # TINY: 128 positions
+    engine.generate(model, ["a"] * 5, 3, temperature=0)  # more rows than slots: grows once
+    assert allocations == [(3, 128), (5, 128)]
+
+
+def test_graph_buckets():
+    assert [graph_bucket(b) for b in (1, 2, 3, 5, 8, 9, 33, 64, 65, 130)] == [1, 2, 4, 8, 8, 16, 64, 64, 128, 192]
+    assert GRAPH_BUCKETS == (1, 2, 4, 8, 16, 32, 64)
+
+
+def test_cuda_graph_on_cpu_is_a_clear_error(tiny_checkpoint):
+    model = _model(tiny_checkpoint, "eager")
+    with pytest.raises(EngineError, match="CUDA graphs need a CUDA device"):
+        engine.generate(model, "hi", 3, cuda_graph=True)
+
+
+def test_bad_seed_is_a_clear_error(tiny_checkpoint):
+    model = _model(tiny_checkpoint, "eager")
+    with pytest.raises(EngineError, match="one per prompt"):
+        engine.generate(model, ["a", "b"], 2, seed=[1])
+    with pytest.raises(EngineError, match="seed must be an int"):
+        engine.generate(model, "a", 2, seed=1.5)
+
+
+# --- on a GPU --------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_graph_replay_equals_the_eager_step(small_vocab_checkpoint, backend):
+    model = _model(small_vocab_checkpoint, backend, device="cuda")
+    prompts = [[5, 6, 7], list(range(40)), [9]]
+    graphed = _started_runner(model, prompts, cuda_graph=True, temperature=0.8, top_k=50)
+    plain = _started_runner(model, prompts, cuda_graph=False, temperature=0.8, top_k=50)
+    assert graphed.rows == 4 and plain.rows == 3
+    for _ in range(10):
+        graphed.step()
+        plain.step()
+        assert torch.equal(graphed.tokens[:3], plain.tokens[:3])
+    layer_k = graphed.cache.k[:, :3, :, :60]
+    assert torch.equal(layer_k, plain.cache.k[:, :3, :, :60]) and torch.equal(graphed.cache.lens[:3], plain.cache.lens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,min_same", [("float32", 1.0), ("float16", 0.99)])
+def test_triton_graph_greedy_equals_eager_greedy(tiny_checkpoint, dtype, min_same):
+    eager = _model(tiny_checkpoint, "eager", dtype, "cuda")
+    triton_ = _model(tiny_checkpoint, "triton", dtype, "cuda")
+    prompts = [engine.encode(t) for t in ("Once upon a time", "1 2 3 4 5 6", "The")]
+    want = engine.generate(eager, prompts, 40, temperature=0, stop_at_eos=False, cuda_graph=False).tokens
+    got = engine.generate(triton_, prompts, 40, temperature=0, stop_at_eos=False, cuda_graph=True).tokens
+    same = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w)) / sum(len(w) for w in want)
+    assert same >= min_same, f"{same:.3f} of greedy tokens agree"
+
+
+@pytest.mark.gpu
+def test_graphs_with_ragged_batches_and_eos(tiny_checkpoint, monkeypatch):
+    import engine.runner
+
+    model = _model(tiny_checkpoint, "triton", device="cuda")
+    prompts = [[1, 2, 3], list(range(50)), [4]]
+    want = engine.generate(model, prompts, 12, temperature=0, stop_at_eos=False, cuda_graph=False).tokens
+    got = engine.generate(model, prompts, 12, temperature=0, stop_at_eos=False, cuda_graph=True)
+    assert got.tokens == want and got.capture_seconds > 0
+    again = engine.generate(model, prompts[:2] + [[8, 9]], 12, temperature=0, stop_at_eos=False)
+    assert again.capture_seconds == 0  # the 4-row graph is reused
+    real = engine.runner.sample_unchecked
+
+    def eos_at_third(logits, temperature, top_k, top_p, seed, offset):  # row 1 stops at its 3rd token
+        tokens = real(logits, temperature, top_k, top_p, seed, offset)
+        return torch.where((torch.arange(len(tokens), device=tokens.device) == 1) & (offset == 2), EOT_ID, tokens)
+
+    monkeypatch.setattr(engine.runner, "sample_unchecked", eos_at_third)
+    runner_for(model).graphs.clear()  # recapture with the patched sampler
+    out = engine.generate(model, prompts, 12, temperature=0)
+    assert len(out.tokens[1]) == 3 and out.tokens[1][-1] == EOT_ID
+    for r in (0, 2):  # the others are untouched (up to an EOS of their own)
+        assert out.tokens[r] == want[r][:len(out.tokens[r])]

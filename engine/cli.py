@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: float16 (the fastest on CPU here too, with greedy tokens matching fp32)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="eager")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=None,
+                   help="default: triton on a CUDA device, eager on CPU")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
+                   help="on CUDA, run every decode step op by op instead of replaying it as a CUDA graph")
     p.add_argument("--allow-special", action="store_true", help="treat <|endoftext|> in the prompt as the special token")
     p.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false",
                    help="keep generating after <|endoftext|>")
@@ -115,7 +118,7 @@ def run(args) -> int:
             on_text = None
         out = generate(model, [prompt] * args.num_samples, args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=args.stop_at_eos,
-                       on_text=on_text, allow_special=args.allow_special)
+                       on_text=on_text, allow_special=args.allow_special, cuda_graph=args.cuda_graph)
     except (EngineError, torch.cuda.OutOfMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -126,8 +129,10 @@ def run(args) -> int:
             sys.stdout.write(f"=== sample {i + 1} ===\n{text}\n")
     sys.stdout.flush()
     new = sum(len(t) for t in out.tokens)
-    print(f"[{model.config.n_layer}L/{model.config.n_embd}d {model.dtype} {model.device} {args.backend}] "
-          f"load {model.load_seconds:.2f} s | prompt {len(out.prompt_tokens[0])} tok, prefill "
+    graph = model.device.type == "cuda" and args.cuda_graph is not False
+    capture = f", graph capture {out.capture_seconds:.2f} s" if out.capture_seconds else ""
+    print(f"[{model.config.n_layer}L/{model.config.n_embd}d {model.dtype} {model.device} "
+          f"{model.backend}{'+graph' if graph else ''}] load {model.load_seconds:.2f} s{capture} | prompt {len(out.prompt_tokens[0])} tok, prefill "
           f"{out.prefill_seconds * 1e3:.1f} ms | {new} new tok, decode {out.decode_tokens_per_second:.1f} tok/s",
           file=sys.stderr)
     return 0

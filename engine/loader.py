@@ -39,13 +39,14 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 
 def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, backend: str = "eager", seed: int = 0) -> GPT2:
+               dtype: str | torch.dtype | None = None, backend: str | None = None, seed: int = 0) -> GPT2:
     """Load GPT-2 weights and build the model, ready for inference.
 
     source: a local HF directory, a hub name (``gpt2``, ``openai-community/gpt2-xl``) or
     ``random:<size>`` (seeded random weights, no network). device: default cuda when available.
     dtype: float32/float16/bfloat16, default float16 on both CPU and GPU. backend: ``eager`` or
-    ``triton``. The model records its load time in ``model.load_seconds``.
+    ``triton``, default triton on CUDA and eager elsewhere. The model records its load time in
+    ``model.load_seconds`` and its backend's name in ``model.backend``.
     """
     start = time.perf_counter()
     try:
@@ -57,6 +58,7 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise EngineError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     dtype = parse_dtype(dtype, device)
+    backend = backend or ("triton" if device.type == "cuda" else "eager")
     ops = get_backend(backend)
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise EngineError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU)")
@@ -70,6 +72,7 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     if input_major:
         model.lm_head_weight = _place(model.wte.weight.t(), device, dtype, input_major=False).t()
     kernels.sampling.load_extension()  # a first run compiles it: count that as loading, not as prefill
+    model.backend = backend
     model.load_seconds = time.perf_counter() - start
     return model
 

@@ -94,3 +94,17 @@ def test_corrupt_checkpoint_is_one_line(tiny_checkpoint, tmp_path):
 def test_missing_prompt_file_is_one_line(capsys):
     assert main(["--model", "random:gpt2", "--prompt-file", "/no/such/file"]) == 2
     assert "cannot read --prompt-file" in _one_clean_line(capsys.readouterr().err)
+
+
+def test_cpu_defaults_to_eager_without_graphs(tiny_checkpoint, capsys):
+    args = ["--model", str(tiny_checkpoint), "--prompt", "x", "--max-new-tokens", "3", "--seed", "1"]
+    assert main(args) == 0
+    default = capsys.readouterr()
+    assert " eager] load" in default.err and "graph" not in default.err
+    assert main(args + ["--no-cuda-graph"]) == 0  # accepted on CPU too, where it changes nothing
+    assert capsys.readouterr().out == default.out
+
+
+def test_triton_without_a_gpu_is_one_line():
+    r = _cli("--model", "random:gpt2", "--prompt", "hi", "--backend", "triton", env={"TRITON_INTERPRET": "0"})
+    assert r.returncode == 2 and "the triton backend needs a CUDA device" in _one_clean_line(r.stderr)

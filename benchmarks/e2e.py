@@ -1,11 +1,19 @@
-"""End-to-end generation: ours (each backend and dtype) vs HF transformers ``generate``, same weights, same run.
+"""End-to-end greedy generation: our runner in each mode vs its peers, same weights, same run, round-robin.
 
     python -m benchmarks.e2e                      # gpt2 on CPU, or all four sizes on a GPU
-    python -m benchmarks.e2e --models gpt2 gpt2-xl --batch 1 8 --new-tokens 128
+    python -m benchmarks.e2e --models gpt2-xl --dtypes fp16 --batch 1 8 64 --name e2e_xl_fp16
 
-Both load the same random weights from the same safetensors directory. Measured per (model,
-batch): load s, prefill ms (prompt forward + first token), decode tok/s (greedy, summed over the
-batch), and how many greedy tokens equal those of our fp32 run.
+Implementations (``--impls``; those that apply to the device by default):
+- ``triton+graph``: our kernels, the decode step replayed as a CUDA graph (the default on CUDA);
+- ``triton``: our kernels, op by op from Python; ``eager+graph``: plain PyTorch ops in our runner, graphed;
+- ``eager+compile``: our eager decode step under ``torch.compile(mode="reduce-overhead")``;
+- ``hf``: HF transformers ``generate``; ``hf static+compile``: with a static cache and a compiled forward;
+- on CPU: ``eager`` and ``hf``.
+
+All load the same random weights from one safetensors directory. Per (model, dtype, batch, impl):
+prefill ms (prompt forward + first token), decode tok/s (summed over the batch, min new tokens
+forced), and roofline_frac: the bytes a decode step must read (every weight once, plus the KV cache
+at the mean length) per second, over the copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 import engine
+from engine.generation import runner_for
 from engine.weights import random_hf_state_dict
 
 from .report import bar_plot, device_slug, write_results
@@ -44,32 +53,65 @@ def save_random_checkpoint(name: str, directory: Path) -> Path:
     return directory
 
 
-class Ours:
-    """Our engine at one (backend, dtype): load once, then measure greedy generation."""
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
-    def __init__(self, ckpt, device, dtype, backend):
-        self.impl, self.dtype = f"ours {backend}", DTYPE_NAMES[dtype]
-        self.model, self.load_s = wall(lambda: engine.load_model(ckpt, device=device, dtype=dtype, backend=backend), device)
+
+def step_bytes(config, dtype: torch.dtype, batch: int, kv_len: float) -> float:
+    """Bytes one decode step reads at least: every weight once (wte as the lm_head; wpe not: one row)
+    and each row's keys and values for ``kv_len`` positions."""
+    c, layers = config.n_embd, config.n_layer
+    per_layer = 4 * c + 3 * c * c + 3 * c + c * c + c + 2 * c * config.mlp_width + config.mlp_width + c
+    weights = config.vocab_size * c + layers * per_layer + 2 * c
+    kv = batch * layers * 2 * c * kv_len
+    return (weights + kv) * _dtype_bytes(dtype)
+
+
+class Ours:
+    """Our runner in one mode; models are shared between modes of the same backend and dtype."""
+
+    _models: dict = {}
+
+    def __init__(self, ckpt, device, dtype, impl):
+        backend, _, mode = impl.partition("+")
+        self.impl, self.dtype, self.graph = impl, DTYPE_NAMES[dtype], mode == "graph"
+        key = (str(ckpt), backend, dtype)
+        if key not in Ours._models:
+            Ours._models[key] = wall(lambda: engine.load_model(ckpt, device=device, dtype=dtype, backend=backend), device)
+        self.model, self.load_s = Ours._models[key]
+        self.runner = runner_for(self.model)
+        self.step = self.runner._decode_step
+        if mode == "compile":
+            self.step = torch.compile(self.runner._decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
     def measure(self, ids, new_tokens):
         """(prefill ms, decode tok/s summed over the batch, row 0's tokens)."""
-        out = engine.generate(self.model, ids, new_tokens, temperature=0, stop_at_eos=False)
+        self.runner.decode_step = self.step
+        try:
+            out = engine.generate(self.model, ids, new_tokens, temperature=0, stop_at_eos=False,
+                                  cuda_graph=self.graph)
+        finally:
+            self.runner.decode_step = self.runner._decode_step
         return out.prefill_seconds * 1e3, out.decode_tokens_per_second, out.tokens[0]
 
 
 class HF:
     """HF transformers ``generate``: prefill = a 1-token generate, decode = the rest of a full one."""
 
-    def __init__(self, ckpt, device, dtype):
+    def __init__(self, ckpt, device, dtype, impl):
         from transformers import GPT2LMHeadModel
 
-        self.impl, self.dtype, self.device = "HF transformers", DTYPE_NAMES[dtype], device
+        self.impl, self.dtype, self.device = impl, DTYPE_NAMES[dtype], device
         self.model, self.load_s = wall(lambda: GPT2LMHeadModel.from_pretrained(ckpt, dtype=dtype).to(device).eval(), device)
+        self.kwargs = {}
+        if impl == "hf static+compile":  # HF's documented recipe for a static cache with a compiled forward
+            self.kwargs = {"cache_implementation": "static"}
+            self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
 
     def _generate(self, ids, n):
         with torch.inference_mode():
             return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                       do_sample=False, pad_token_id=50256)
+                                       do_sample=False, pad_token_id=50256, **self.kwargs)
 
     def measure(self, ids, new_tokens):
         ids = ids.to(self.device)
@@ -78,80 +120,105 @@ class HF:
         return first * 1e3, ids.shape[0] * (new_tokens - 1) / (full - first), out[0, ids.shape[1]:].tolist()
 
 
-def measure_round_robin(runners, batch, prompt_len, new_tokens, repeats) -> list[dict]:
+def make(impl, ckpt, device, dtype):
+    return (HF if impl.startswith("hf") else Ours)(ckpt, device, dtype, impl)
+
+
+def measure_round_robin(runners, batch, prompt_len, new_tokens, repeats) -> tuple[list[dict], list[str]]:
     """Median over ``repeats`` rounds, each round running every implementation once in turn, so
-    that drift in a shared machine's speed falls on all of them alike."""
+    that drift in a shared machine's speed falls on all of them alike. Returns (rows, failures):
+    a peer that fails its warm-up (e.g. a transformers version without a static GPT-2 cache) is
+    reported and left out, not fatal."""
     ids = torch.randint(0, 50257, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
-    for r in runners:  # warm-up with the very call that is timed: every kernel variant compiles here
-        r.measure(ids, new_tokens)
-    samples = [[r.measure(ids, new_tokens) for r in runners] for _ in range(repeats)]
+    working, failures = [], []
+    for r in runners:  # warm-up with the very call that is timed: every kernel, graph and compile happens here
+        try:
+            r.measure(ids, new_tokens)
+            working.append(r)
+        except Exception as e:  # noqa: BLE001 - a peer's failure is a result to report
+            failures.append(f"{r.impl} {r.dtype} batch {batch}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print("failed:", failures[-1], flush=True)
+    samples = [[r.measure(ids, new_tokens) for r in working] for _ in range(repeats)]
     rows = []
-    for i, r in enumerate(runners):
+    for i, r in enumerate(working):
         runs = [round_[i] for round_ in samples]
         rows.append({"impl": r.impl, "dtype": r.dtype, "batch": batch, "load_s": r.load_s,
                      "prefill_ms": statistics.median(x[0] for x in runs),
                      "decode_tok_s": statistics.median(x[1] for x in runs), "tokens": runs[0][2]})
-    return rows
+    return rows, failures
 
 
-def variants(device: torch.device) -> tuple[list[tuple[str, torch.dtype]], list[torch.dtype]]:
-    """(our (backend, dtype) pairs, HF dtypes) that apply on this device."""
-    if device.type == "cuda":
-        ours = [("eager", torch.float16), ("triton", torch.float16), ("eager", torch.float32), ("triton", torch.bfloat16)]
-        return ours, [torch.float16, torch.float32]
-    return [("eager", torch.float32), ("eager", torch.float16), ("eager", torch.bfloat16)], [torch.float32]
+CUDA_IMPLS = ["triton+graph", "triton", "eager+graph", "eager+compile", "hf", "hf static+compile"]
+CPU_IMPLS = ["eager", "hf"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(engine.CONFIGS) if cuda else ["gpt2"], choices=list(engine.CONFIGS))
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"] if cuda else ["fp32", "fp16"], choices=list(DTYPES))
+    p.add_argument("--impls", nargs="+", default=CUDA_IMPLS if cuda else CPU_IMPLS, choices=CUDA_IMPLS + CPU_IMPLS)
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 64] if cuda else [1, 8])
+    p.add_argument("--compile-batch", nargs="+", type=int, default=[1],
+                   help="batch sizes the torch.compile peers run at (each costs a compile of a minute or more)")
+    p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--repeats", type=int, default=5, help="rounds per measurement; the median is reported")
-    p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    p.add_argument("--repeats", type=int, default=3, help="rounds per measurement; the median is reported")
     p.add_argument("--name", default="e2e", help="results file name under benchmarks/results/<device>/")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    ours, hf_dtypes = variants(device)
+    bandwidth = roofline(device)
+    copy_bps = bandwidth["copy_gbps"] * 1e9
 
-    rows = []
+    rows, failures = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             ckpt = save_random_checkpoint(name, Path(tmp) / name)
-            runners = [Ours(ckpt, device, dtype, backend) for backend, dtype in ours]
-            runners += [] if args.no_hf else [HF(ckpt, device, dtype) for dtype in hf_dtypes]
-            model_rows = []
-            for batch in args.batch:
-                model_rows += measure_round_robin(runners, batch, args.prompt_len, args.new_tokens, args.repeats)
-            del runners
-            gc.collect()
-            reference = {r["batch"]: r["tokens"] for r in model_rows if r["dtype"] == "fp32" and r["impl"].startswith("ours")}
-            for r in model_rows:
-                r["model"] = name
-                tokens = r.pop("tokens")
-                if r["batch"] in reference:
-                    ref = reference[r["batch"]]
-                    same = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(tokens))
-                    r["greedy_same_as_fp32"] = f"{same}/{len(tokens)}"
-                print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-            rows += model_rows
+            for dtype_name in args.dtypes:
+                dtype = DTYPES[dtype_name]
+                runners = [make(impl, ckpt, device, dtype) for impl in args.impls]
+                model_rows = []
+                for batch in args.batch:
+                    here = [r for r in runners if "compile" not in r.impl or batch in args.compile_batch]
+                    got, failed = measure_round_robin(here, batch, args.prompt_len, args.new_tokens, args.repeats)
+                    model_rows += got
+                    failures += failed
+                del runners
+                Ours._models.clear()
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                reference = {r["batch"]: r["tokens"] for r in model_rows if r["impl"].startswith("eager")}
+                kv_len = args.prompt_len + args.new_tokens / 2
+                for r in model_rows:
+                    r["model"] = name
+                    tokens = r.pop("tokens")
+                    bytes_per_step = step_bytes(engine.CONFIGS[name], dtype, r["batch"], kv_len)
+                    r["roofline_frac"] = bytes_per_step * r["decode_tok_s"] / r["batch"] / copy_bps
+                    if r["batch"] in reference:
+                        ref = reference[r["batch"]]
+                        same = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(tokens))
+                        r["greedy_same_as_eager"] = f"{same}/{len(tokens)}"
+                    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+                rows += model_rows
             shutil.rmtree(ckpt, ignore_errors=True)
 
-    extra = {"roofline": roofline(device), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-             "greedy": True, "weights": "random (seed 0), same safetensors for every implementation"}
-    columns = ["model", "batch", "impl", "dtype", "load_s", "prefill_ms", "decode_tok_s", "greedy_same_as_fp32"]
+    extra = {"roofline": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
+             "weights": "random (seed 0), same safetensors for every implementation", "failures": failures}
+    columns = ["model", "dtype", "batch", "impl", "load_s", "prefill_ms", "decode_tok_s", "roofline_frac",
+               "greedy_same_as_eager"]
     out = write_results(args.name, device, rows, columns, extra,
-                        notes="decode_tok_s sums over the batch; greedy_same_as_fp32 counts tokens of row 0 "
-                              "equal to our fp32 run before the first difference.")
+                        notes="decode_tok_s sums over the batch; greedy_same_as_eager counts tokens of row 0 equal "
+                              "to our eager run (same dtype) before the first difference; roofline_frac = weight + "
+                              "KV bytes per step x steps/s / measured copy bandwidth.")
     labels = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda x: (list(engine.CONFIGS).index(x[0]), x[1]))
     series = {}
     for r in rows:
         series.setdefault(f"{r['impl']} {r['dtype']}", {})[(r["model"], r["batch"])] = r["decode_tok_s"]
     bar_plot(out / f"{args.name}.png", f"GPT-2 greedy decode, {device_slug(device)}", [f"{m} b{b}" for m, b in labels],
-             {k: [v.get(l, 0.0) for l in labels] for k, v in series.items()}, "tokens / s (sum over batch)")
+             {k: [v.get(label, 0.0) for label in labels] for k, v in series.items()}, "tokens / s (sum over batch)")
     print(f"results written to {out}")
 
 

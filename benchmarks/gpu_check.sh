@@ -16,9 +16,15 @@
 #   bash benchmarks/gpu_check.sh pytest_rest
 #   bash benchmarks/gpu_check.sh bench_layernorm bench_sampling bench_attention
 #   bash benchmarks/gpu_check.sh bench_linear_fp16 bench_linear_bf16
-#   bash benchmarks/gpu_check.sh e2e_gpt2 e2e_medium
-#   bash benchmarks/gpu_check.sh e2e_large
-#   bash benchmarks/gpu_check.sh e2e_xl
+#   bash benchmarks/gpu_check.sh e2e_gpt2
+#   bash benchmarks/gpu_check.sh e2e_medium
+#   bash benchmarks/gpu_check.sh e2e_large_fp16
+#   bash benchmarks/gpu_check.sh e2e_large_bf16
+#   bash benchmarks/gpu_check.sh e2e_xl_fp16
+#   bash benchmarks/gpu_check.sh e2e_xl_bf16
+# The e2e steps run every implementation round-robin (ours triton+graph, triton, eager+graph,
+# eager+compile, HF eager, HF static+compile) at batch 1, 8, 64, prompt 128 -> 128 new tokens; the
+# two torch.compile peers at batch 1 only (each compile takes a minute or more).
 # Without a GPU (a dry run on CPU) set-up skips its CUDA checks and the GPU-only steps log "skipped".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,13 +47,15 @@ declare -A STEPS=(
   [bench_attention]="180 1 $PY -m benchmarks.bench_attention"
   [bench_linear_fp16]="180 1 $PY -m benchmarks.bench_linear --dtype fp16"
   [bench_linear_bf16]="180 1 $PY -m benchmarks.bench_linear --dtype bf16"
-  [e2e_gpt2]="150 1 $PY -m benchmarks.e2e --models gpt2 --name e2e_gpt2"
-  [e2e_medium]="210 1 $PY -m benchmarks.e2e --models gpt2-medium --name e2e_medium"
-  [e2e_large]="360 1 $PY -m benchmarks.e2e --models gpt2-large --repeats 3 --name e2e_large"
-  [e2e_xl]="360 1 $PY -m benchmarks.e2e --models gpt2-xl --repeats 3 --name e2e_xl"
+  [e2e_gpt2]="360 1 $PY -m benchmarks.e2e --models gpt2 --name e2e_gpt2"
+  [e2e_medium]="360 1 $PY -m benchmarks.e2e --models gpt2-medium --name e2e_medium"
+  [e2e_large_fp16]="360 1 $PY -m benchmarks.e2e --models gpt2-large --dtypes fp16 --name e2e_large_fp16"
+  [e2e_large_bf16]="240 1 $PY -m benchmarks.e2e --models gpt2-large --dtypes bf16 --impls triton+graph triton eager+graph hf --name e2e_large_bf16"
+  [e2e_xl_fp16]="360 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes fp16 --name e2e_xl_fp16"
+  [e2e_xl_bf16]="300 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes bf16 --impls triton+graph triton eager+graph hf --name e2e_xl_bf16"
 )
 ORDER=(pytest_gpu aot pytest_rest bench_layernorm bench_sampling bench_attention bench_linear_fp16 bench_linear_bf16
-       e2e_gpt2 e2e_medium e2e_large e2e_xl)
+       e2e_gpt2 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
 SETUP_TIMEOUT=180  # pip install plus the nvcc build of the sampler, ~70 s of it on 2 cores
 
 pack_results() { tar czf "$OUT/results.tgz" benchmarks/results; }

@@ -63,7 +63,7 @@ def write_results(name: str, device: torch.device | str, rows: list[dict], colum
     out = RESULTS / device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(device)
-    payload = {"environment": env, **(extra or {}), "rows": rows}
+    payload = {"device": env["device"], "environment": env, **(extra or {}), "rows": rows}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     header = "\n".join(f"- {k}: {v}" for k, v in {**env, **(extra or {})}.items())
     md = f"# {name}\n\n{header}\n\n{notes}\n\n{markdown_table(rows, columns)}\n"

@@ -20,7 +20,7 @@ NO_KERNEL = {
     "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::slice", "aten::select", "aten::expand",
     "aten::permute", "aten::transpose", "aten::t", "aten::unsqueeze", "aten::squeeze", "aten::as_strided",
     "aten::alias", "aten::detach", "aten::unbind", "aten::split", "aten::empty", "aten::empty_like",
-    "aten::new_empty", "aten::empty_strided", "aten::lift_fresh", "aten::_reshape_alias",
+    "aten::new_empty", "aten::empty_strided", "aten::lift_fresh", "aten::_reshape_alias", "aten::promote_types",
 }
 # Ops that wait for the device (a value read on the host): never inside a decode step.
 HOST_SYNC = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select",

@@ -132,7 +132,8 @@ def run(args) -> int:
     graph = model.device.type == "cuda" and args.cuda_graph is not False
     capture = f", graph capture {out.capture_seconds:.2f} s" if out.capture_seconds else ""
     print(f"[{model.config.n_layer}L/{model.config.n_embd}d {model.dtype} {model.device} "
-          f"{model.backend}{'+graph' if graph else ''}] load {model.load_seconds:.2f} s{capture} | prompt {len(out.prompt_tokens[0])} tok, prefill "
+          f"{model.backend}{'+graph' if graph else ''}] load {model.load_seconds:.2f} s{capture} | "
+          f"prompt {len(out.prompt_tokens[0])} tok, prefill "
           f"{out.prefill_seconds * 1e3:.1f} ms | {new} new tok, decode {out.decode_tokens_per_second:.1f} tok/s",
           file=sys.stderr)
     return 0

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from kernels.sampling import sample_unchecked
+from kernels.sampling import prepare_sampler, sample_unchecked
 
 from .cache import KVCache
 from .errors import EngineError
@@ -156,6 +156,7 @@ class Runner:
         """Size the cache for ``requests`` and capture the step's graph if missing. Returns seconds spent capturing."""
         if cuda_graph and self.device.type != "cuda":
             raise EngineError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
+        prepare_sampler(self.device)  # outside the step: a build without this device's kernel fails here
         batch = len(requests)
         self.use_graph = cuda_graph
         self.batch, self.rows = batch, graph_bucket(batch) if cuda_graph else batch

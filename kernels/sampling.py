@@ -196,6 +196,13 @@ def load_extension() -> bool:
     return _extension.load()
 
 
+def prepare_sampler(device: torch.device) -> None:
+    """Load the compiled sampler and check it has a kernel for ``device`` (RuntimeError if not):
+    what ``sample`` checks every call and ``sample_unchecked`` never does, done once before a loop."""
+    if load_extension():
+        _extension.check_device(torch.device(device))
+
+
 def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
            seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """Draw one token per row with the compiled sampler (C++ on CPU, CUDA on GPU).

@@ -199,7 +199,8 @@ def test_seed_and_offset_tensors(name, device):
     seed, offset = torch.tensor(123, device=device), torch.tensor(9, device=device)
     assert torch.equal(sampler(x, top_p=0.9, seed=seed, offset=offset), as_ints)
     # A scalar seed s gives row r the seed s + r: the same draws as explicit per-row seeds.
-    per_row = sampler(x, top_p=0.9, seed=torch.arange(123, 127, device=device), offset=torch.full((4,), 9, device=device))
+    seeds, offsets = torch.arange(123, 127, device=device), torch.full((4,), 9, device=device)
+    per_row = sampler(x, top_p=0.9, seed=seeds, offset=offsets)
     assert torch.equal(per_row, as_ints)
     with pytest.raises(ValueError, match="seed must be an int or an int64 tensor"):
         sampler(x, seed=torch.tensor([1.0]))

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from kernels import check_sampling_params
+from kernels.sampling import as_int64, row_seeds
 
 from .errors import ContextLengthError, EngineError
 from .model import GPT2
@@ -76,10 +77,10 @@ def _seeds(seed: int | Sequence[int] | None, rows: int) -> list[int]:
     if isinstance(seed, bool) or not isinstance(seed, (int, list, tuple)):
         raise EngineError(f"seed must be an int or a list of ints, got {type(seed).__name__}")
     if isinstance(seed, int):
-        seed = [seed + r for r in range(rows)]
+        return row_seeds(seed, rows, torch.device("cpu")).tolist()
     if len(seed) != rows or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
         raise EngineError(f"seed must be an int or a list of {rows} ints (one per prompt), got {seed!r}")
-    return [(s + (1 << 63)) % (1 << 64) - (1 << 63) for s in seed]  # read modulo 2^64, stored as int64
+    return [as_int64(s) for s in seed]
 
 
 def runner_for(model: GPT2) -> Runner:

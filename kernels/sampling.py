@@ -75,7 +75,7 @@ def uniforms(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(bits.astype(np.float64) / 2.0**53)
 
 
-def _as_int64(v: int) -> int:
+def as_int64(v: int) -> int:
     """An integer read modulo 2^64, as the int64 that holds the same bits."""
     v %= 1 << 64
     return v - (1 << 64) if v >= 1 << 63 else v
@@ -92,7 +92,7 @@ def row_seeds(seed: int | torch.Tensor, rows: int, device: torch.device) -> torc
         return seed.reshape(()).to(device) + torch.arange(rows, dtype=torch.int64, device=device)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
-    return torch.tensor([_as_int64(seed + r) for r in range(rows)], dtype=torch.int64, device=device)
+    return torch.tensor([as_int64(seed + r) for r in range(rows)], dtype=torch.int64, device=device)
 
 
 def row_offsets(offset: int | torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
@@ -101,10 +101,11 @@ def row_offsets(offset: int | torch.Tensor, rows: int, device: torch.device) -> 
         if offset.dtype != torch.int64 or offset.numel() not in (1, rows):
             raise ValueError(f"offset must be an int or an int64 tensor of 1 or {rows} values, "
                              f"got {offset.dtype} {list(offset.shape)}")
-        return offset.to(device).reshape(-1).expand(rows).contiguous()
-    if isinstance(offset, bool) or not isinstance(offset, int):
+    elif isinstance(offset, bool) or not isinstance(offset, int):
         raise ValueError(f"offset must be an int or an int64 tensor, got {type(offset).__name__}")
-    return torch.full((rows,), _as_int64(offset), dtype=torch.int64, device=device)
+    else:
+        offset = as_int64(offset)
+    return _row_tensor(offset, rows, torch.int64, device)
 
 
 def _row_tensor(v: Param, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -234,7 +235,7 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
         return sample_ref(logits, temperature, top_k, top_p, seed, offset)
     rows, dev = logits.shape[0], logits.device
     _extension.check_device(dev)
-    return getattr(torch.ops, _extension.LIB).sample(
+    return sample_unchecked(
         logits, _row_tensor(temperature, rows, torch.float32, dev), _row_tensor(top_k, rows, torch.int64, dev),
         _row_tensor(top_p, rows, torch.float64, dev), row_seeds(seed, rows, dev), row_offsets(offset, rows, dev))
 

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -14,6 +15,10 @@
 #include "philox.h"
 
 namespace gpt2engine {
+
+// sample_next_'s checks of offset and out; also called by the CUDA launcher.
+void check_sample_next_outputs(const at::Tensor& logits, const at::Tensor& offset, const at::Tensor& out);
+
 namespace {
 
 constexpr int64_t kHeapTopK = 1024;  // up to here a heap beats nth_element's full copy of the row
@@ -115,8 +120,11 @@ int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParam
   return last_positive;  // rounding left the target at the very end
 }
 
-at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                      const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
+// Draws row r's token into out[r] (int64, contiguous), reading the row's uniform at offset[r];
+// with `advance`, offset[r] is then incremented (offset must then be int64 and contiguous).
+void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                 const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, at::Tensor& out,
+                 bool advance) {
   TORCH_CHECK(logits.dim() == 2, "logits must be (B, V), got ", logits.sizes());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const at::Tensor x = logits.scalar_type() == at::kFloat ? logits : logits.to(at::kFloat);
@@ -124,12 +132,11 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
   const at::Tensor k = top_k.to(at::kLong).contiguous();
   const at::Tensor p = top_p.to(at::kDouble).contiguous();
   const at::Tensor s = seed.to(at::kLong).contiguous();
-  const at::Tensor off = offset.to(at::kLong).contiguous();
+  at::Tensor off = advance ? offset : offset.to(at::kLong).contiguous();
   TORCH_CHECK(temp.numel() == rows && k.numel() == rows && p.numel() == rows && s.numel() == rows &&
-                  off.numel() == rows,
+                  off.numel() == rows && out.numel() == rows,
               "per-row parameters must have ", rows, " values");
-  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
-  if (rows == 0) return out;
+  if (rows == 0) return;
   TORCH_CHECK(vocab > 0, "logits must have at least one column");
   const float* xp = x.data_ptr<float>();
   const int64_t stride_row = x.stride(0), stride_col = x.stride(1);
@@ -137,7 +144,7 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
   const int64_t* kp = k.data_ptr<int64_t>();
   const double* pp = p.data_ptr<double>();
   const int64_t* sp = s.data_ptr<int64_t>();
-  const int64_t* offp = off.data_ptr<int64_t>();
+  int64_t* offp = off.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scaled(vocab), scratch;
@@ -148,17 +155,47 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
       const double u = philox_uniform(static_cast<uint64_t>(sp[r]), static_cast<uint64_t>(offp[r]));
       const RowParams prm{tp[r], kp[r], pp[r], u};
       op[r] = sample_row(xp + r * stride_row, stride_col, vocab, prm, scaled, weights, ids, scratch);
+      if (advance) offp[r] += 1;
     }
   });
+}
+
+at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                      const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be (B, V), got ", logits.sizes());
+  at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  sample_rows(logits, temperature, top_k, top_p, seed, offset, out, /*advance=*/false);
   return out;
+}
+
+void sample_next_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                     const at::Tensor& top_p, const at::Tensor& seed, at::Tensor& offset, at::Tensor& out) {
+  check_sample_next_outputs(logits, offset, out);
+  sample_rows(logits, temperature, top_k, top_p, seed, offset, out, /*advance=*/true);
 }
 
 }  // namespace
 
-TORCH_LIBRARY(gpt2engine_C, m) {
-  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) -> Tensor");
+void check_sample_next_outputs(const at::Tensor& logits, const at::Tensor& offset, const at::Tensor& out) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be (B, V), got ", logits.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"offset", &offset}, {"out", &out}}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == logits.size(0) && t->is_contiguous(),
+                name, " must be a contiguous int64 (B,) tensor with B = ", logits.size(0), ", got ",
+                t->scalar_type(), " ", t->sizes());
+    TORCH_CHECK(t->device() == logits.device(), name, " must be on the logits' device");
+  }
 }
 
-TORCH_LIBRARY_IMPL(gpt2engine_C, CPU, m) { m.impl("sample", &sample_cpu); }
+TORCH_LIBRARY(gpt2engine_C, m) {
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) -> Tensor");
+  // Draws into `out` and advances each row's offset by one: one kernel for a decode step's sampling.
+  m.def("sample_next_(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
+        "Tensor(a!) offset, Tensor(b!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gpt2engine_C, CPU, m) {
+  m.impl("sample", &sample_cpu);
+  m.impl("sample_next_", &sample_next_cpu);
+}
 
 }  // namespace gpt2engine

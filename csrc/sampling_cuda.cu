@@ -25,6 +25,10 @@
 #include "philox.h"
 
 namespace gpt2engine {
+
+// Defined in sampling_cpu.cpp (linked into the same library): sample_next_'s checks of offset and out.
+void check_sample_next_outputs(const at::Tensor& logits, const at::Tensor& offset, const at::Tensor& out);
+
 namespace {
 
 constexpr int kThreads = 512;
@@ -145,11 +149,18 @@ __device__ uint32_t radix_select(Scaled scaled, int64_t vocab, float top, double
   return sh.prefix;
 }
 
+// Thread 0 stores the row's token and, for sample_next_, advances the row's offset (which only
+// thread 0 read, earlier, for the row's uniform).
+__device__ __forceinline__ void finish_row(int64_t* out, int64_t* offset, int64_t r, int64_t token, bool advance) {
+  out[r] = token;
+  if (advance) offset[r] += 1;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sample_kernel(
     const T* __restrict__ logits, int64_t stride_row, int64_t stride_col, int64_t vocab,
     const float* __restrict__ temperature, const int64_t* __restrict__ top_k, const double* __restrict__ top_p,
-    const int64_t* __restrict__ seed, const int64_t* __restrict__ offset, int64_t* __restrict__ out) {
+    const int64_t* __restrict__ seed, int64_t* __restrict__ offset, int64_t* __restrict__ out, bool advance) {
   __shared__ SampleShared sh;
   const int64_t r = blockIdx.x;
   const T* row = logits + r * stride_row;
@@ -172,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
   const int64_t k = top_k[r];
   const double p = top_p[r];
   if (sh.bad || temp == 0.0f || k == 1) {
-    if (threadIdx.x == 0) out[r] = sh.bad ? -1 : sh.argmax;
+    if (threadIdx.x == 0) finish_row(out, offset, r, sh.bad ? -1 : sh.argmax, advance);
     return;
   }
   // Division, not multiplication by the inverse, so the scaled logits are bit-identical to the
@@ -274,41 +285,58 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
     sh.pick = pick;
   }
   __syncthreads();
-  if (threadIdx.x == 0) out[r] = sh.pick;
+  if (threadIdx.x == 0) finish_row(out, offset, r, sh.pick, advance);
 }
 
-at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                       const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
+// Draws row r's token into out[r] (int64, contiguous), reading the row's uniform at offset[r];
+// with `advance`, offset[r] is then incremented (offset must then be int64 and contiguous).
+void launch_sample(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                   const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, at::Tensor& out,
+                   bool advance) {
   TORCH_CHECK(logits.is_cuda() && logits.dim() == 2, "logits must be a CUDA tensor (B, V), got ", logits.sizes());
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(vocab > 0 && vocab < (int64_t{1} << 31), "vocab size must be in [1, 2^31)");
-  for (const at::Tensor* t : {&temperature, &top_k, &top_p, &seed, &offset}) {
+  for (const at::Tensor* t : {&temperature, &top_k, &top_p, &seed, &offset, &out}) {
     TORCH_CHECK(t->device() == logits.device(), "sampling parameters must be on the logits' device");
   }
   const at::Tensor temp = temperature.to(at::kFloat).contiguous();
   const at::Tensor k = top_k.to(at::kLong).contiguous();
   const at::Tensor p = top_p.to(at::kDouble).contiguous();
   const at::Tensor s = seed.to(at::kLong).contiguous();
-  const at::Tensor off = offset.to(at::kLong).contiguous();
+  at::Tensor off = advance ? offset : offset.to(at::kLong).contiguous();
   TORCH_CHECK(temp.numel() == rows && k.numel() == rows && p.numel() == rows && s.numel() == rows &&
-                  off.numel() == rows,
+                  off.numel() == rows && out.numel() == rows,
               "per-row parameters must have ", rows, " values");
-  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
-  if (rows == 0) return out;
+  if (rows == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gpt2engine_sample", [&] {
     sample_kernel<scalar_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), vocab, temp.data_ptr<float>(),
         k.data_ptr<int64_t>(), p.data_ptr<double>(), s.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
-        out.data_ptr<int64_t>());
+        out.data_ptr<int64_t>(), advance);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                       const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
+  at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  launch_sample(logits, temperature, top_k, top_p, seed, offset, out, /*advance=*/false);
   return out;
+}
+
+void sample_next_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                      const at::Tensor& top_p, const at::Tensor& seed, at::Tensor& offset, at::Tensor& out) {
+  check_sample_next_outputs(logits, offset, out);
+  launch_sample(logits, temperature, top_k, top_p, seed, offset, out, /*advance=*/true);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gpt2engine_C, CUDA, m) { m.impl("sample", &sample_cuda); }
+TORCH_LIBRARY_IMPL(gpt2engine_C, CUDA, m) {
+  m.impl("sample", &sample_cuda);
+  m.impl("sample_next_", &sample_next_cuda);
+}
 
 }  // namespace gpt2engine

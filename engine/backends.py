@@ -29,6 +29,11 @@ def eager_linear(x, weight, bias=None, activation=None, residual=None):
     return kernels.linear_ref(x, weight, bias, activation, residual)
 
 
+def eager_ln_linear(x, ln_weight, ln_bias, weight, bias=None, activation=None, eps=1e-5):
+    """``kernels.ln_linear_ref`` with ``eager_linear``'s CPU fp16 rule."""
+    return eager_linear(kernels.layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias, activation)
+
+
 def eager_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None):
     h = eager_linear(x, fc_weight, fc_bias, activation="gelu_tanh")
     return eager_linear(h, proj_weight, proj_bias, residual=residual)
@@ -41,6 +46,10 @@ class Ops:
     linear: Callable            # (x, w, b, activation=None, residual=None) -> y
     gelu_mlp: Callable          # (x, fc_w, fc_b, proj_w, proj_b, residual=None) -> y
     attention: Callable         # (q, k, v, causal=True) -> o, prefill
+    # decode: one new token per row
+    decode_embed: Callable      # (tokens, lens, wte, wpe) -> x, and lens += 1
+    ln_qkv_append: Callable     # (x, ln_w, ln_b, w, b, k_cache, v_cache, lens, eps) -> q; writes the new k, v
+    ln_linear: Callable         # (x, ln_w, ln_b, w, b, activation, eps) -> y
     decode_attention: Callable  # (q, k_cache, v_cache, cache_lens) -> o
 
 
@@ -50,6 +59,9 @@ EAGER = Ops(
     linear=eager_linear,
     gelu_mlp=eager_gelu_mlp,
     attention=kernels.flash_attention_ref,
+    decode_embed=kernels.decode_embed_ref,
+    ln_qkv_append=kernels.ln_qkv_append_ref,
+    ln_linear=eager_ln_linear,
     decode_attention=kernels.decode_attention_ref,
 )
 
@@ -59,6 +71,9 @@ TRITON = Ops(
     linear=kernels.linear,
     gelu_mlp=kernels.gelu_mlp,
     attention=kernels.flash_attention,
+    decode_embed=kernels.decode_embed,
+    ln_qkv_append=kernels.ln_qkv_append,
+    ln_linear=kernels.ln_linear,
     # The cache guarantees q_len <= cache_lens <= max_len: skip the check's host sync.
     decode_attention=functools.partial(kernels.decode_attention, check_lens=False),
 )

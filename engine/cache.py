@@ -1,4 +1,9 @@
-"""Static KV cache addressed by slots: allocated once, reused across calls, never moved; it owns its writes."""
+"""Static KV cache addressed by slots: allocated once, reused across calls, never moved.
+
+A prefill stores a prompt through ``write_prompt``; a decode step's kernels write the new token's
+key and value themselves (``Ops.ln_qkv_append``, into the views ``layer`` gives) and advance the
+lengths (``Ops.decode_embed``).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lens = torch.zeros(slots, dtype=torch.int32, device=device)
-        self._rows = torch.arange(slots, device=device)
 
     @property
     def slots(self) -> int:
@@ -54,23 +58,7 @@ class KVCache:
         else:
             self.lens[slots] = lengths
 
-    def advance(self, rows: int) -> None:
-        """Slots [0, rows) hold one more token each (after every layer has appended it)."""
-        self.lens[:rows] += 1
-
-    def positions(self, rows: int) -> torch.Tensor:
-        """int64 (rows,): where slots [0, rows) write their next token (their current lengths)."""
-        return self.lens[:rows].long()
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """Store one new token per row of slots [0, B) at ``positions`` (int64 (B,), from ``positions``).
-
-        k, v: (B, H, 1, D). Indexed on the device: the same launch every step, no host sync.
-        """
-        rows = self._rows[:k.shape[0]]
-        self.k[layer, rows, :, positions] = k[:, :, 0]
-        self.v[layer, rows, :, positions] = v[:, :, 0]
-
     def layer(self, layer: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) of slots [0, rows): views (rows, H, max_len, D), for attention over the whole cache."""
+        """(k, v) of slots [0, rows): views (rows, H, max_len, D), the layout a decode step writes the
+        new token into and attends over (whole cache, bounded by ``lens``)."""
         return self.k[layer, :rows], self.v[layer, :rows]

@@ -1,8 +1,11 @@
 """GPT-2 (pre-LN transformer) whose every op goes through the backend's ``Ops`` table.
 
-The residual stream is carried beside the normalised activations so that every residual add is
-fused with the LayerNorm that follows it (``add_layer_norm``): embeddings -> ln_1 -> attention ->
-add+ln_2 -> MLP -> add+ln_1 of the next layer ... -> add+ln_f -> lm_head (tied to ``wte``).
+Prefill and ``forward``: the residual stream is carried beside the normalised activations so that
+every residual add is fused with the LayerNorm that follows it (``add_layer_norm``): embeddings ->
+ln_1 -> attention -> add+ln_2 -> MLP -> add+ln_1 of the next layer ... -> add+ln_f -> lm_head
+(tied to ``wte``). Decode (a few rows, bandwidth- and launch-bound): each LayerNorm runs in the
+prologue of the projection after it and each residual add in the epilogue of the one before it,
+five kernels a layer (``decode``).
 """
 
 from __future__ import annotations
@@ -103,9 +106,11 @@ class GPT2(nn.Module):
             h, resid = ops.add_layer_norm(m, resid, next_norm.weight, next_norm.bias, eps)
         return h
 
+    def _lm_head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head_weight is None else self.lm_head_weight
+
     def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.wte.weight if self.lm_head_weight is None else self.lm_head_weight
-        return self.ops.linear(h, weight)
+        return self.ops.linear(h, self._lm_head_weight())
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -138,19 +143,25 @@ class GPT2(nn.Module):
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One step for slots [0, B): append ``tokens`` (B,) int64 at each slot's length, return logits (B, vocab).
 
-        Attention reads the whole static cache bounded by each slot's length on the device, so every
-        step launches the same ops on the same shapes with no host sync (a CUDA graph can replay it);
-        positions past a length are never attended. Advances the slots' lengths by one.
+        Five ops a layer, each one kernel on the triton backend: LayerNorm + QKV projection + cache
+        write; attention; c_proj + residual; LayerNorm + c_fc + GELU; MLP c_proj + residual. Around
+        them: the embedding (which advances the slots' lengths) and ln_f + lm_head. Attention reads
+        the whole static cache bounded by each slot's length on the device, so every step launches
+        the same kernels on the same shapes with no host sync (a CUDA graph can replay it);
+        positions past a length are never attended.
         """
+        ops, cfg, eps = self.ops, self.config, self.config.layer_norm_epsilon
         b = tokens.shape[0]
-        pos = cache.positions(b)
-        lens_after = cache.lens[:b] + 1
-
-        def attend(i, q, k, v):
-            cache.append(i, k, v, pos)
-            k_all, v_all = cache.layer(i, b)
-            return self.ops.decode_attention(q, k_all, v_all, lens_after)
-
-        h = self._layers(tokens[:, None], pos[:, None], attend)
-        cache.advance(b)
-        return self._lm_head(h[:, 0])
+        lens = cache.lens[:b]
+        x = ops.decode_embed(tokens, lens, self.wte.weight, self.wpe.weight)  # lens now count the new token
+        for i, blk in enumerate(self.h):
+            k_cache, v_cache = cache.layer(i, b)
+            q = ops.ln_qkv_append(x, blk.ln_1.weight, blk.ln_1.bias, blk.attn.c_attn.weight, blk.attn.c_attn.bias,
+                                  k_cache, v_cache, lens, eps)
+            o = ops.decode_attention(q.view(b, 1, cfg.n_head, cfg.head_dim).transpose(1, 2), k_cache, v_cache, lens)
+            x = ops.linear(o.transpose(1, 2).reshape(b, cfg.n_embd), blk.attn.c_proj.weight, blk.attn.c_proj.bias,
+                           residual=x)
+            h = ops.ln_linear(x, blk.ln_2.weight, blk.ln_2.bias, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias,
+                              "gelu_tanh", eps)
+            x = ops.linear(h, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias, residual=x)
+        return ops.ln_linear(x, self.ln_f.weight, self.ln_f.bias, self._lm_head_weight(), None, None, eps)

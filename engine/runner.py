@@ -1,7 +1,7 @@
 """The decode core: a persistent KV cache, per-request state and a static decode step, replayed as
 a CUDA graph on GPUs.
 
-``Runner.step()`` = decode -> sample -> advance, with the same ops on the same shapes every step,
+``Runner.step()`` = decode -> sample, with the same ops on the same shapes every step,
 every input in a persistent device buffer and no host sync, so one capture per batch-size bucket
 replays it. The host reads each step's tokens outside the step (``TokenReader``).
 """
@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from kernels.sampling import prepare_sampler, sample_unchecked
+from kernels import prepare_device
+from kernels.sampling import prepare_sampler, sample_next_
 
 from .cache import KVCache
 from .errors import EngineError
@@ -125,10 +126,9 @@ class Runner:
         self.offset = torch.zeros(slots, dtype=torch.int64, device=dev)  # each row's next token index
 
     def _sample_into(self, logits: torch.Tensor, rows: int) -> None:
-        drawn = sample_unchecked(logits, self.temperature[:rows], self.top_k[:rows], self.top_p[:rows],
-                                 self.seed[:rows], self.offset[:rows])
-        self.tokens[:rows].copy_(drawn)
-        self.offset[:rows] += 1
+        """Draw rows [0, rows)'s tokens into ``tokens`` and advance their offsets: one kernel."""
+        sample_next_(logits, self.temperature[:rows], self.top_k[:rows], self.top_p[:rows],
+                     self.seed[:rows], self.offset[:rows], self.tokens[:rows])
 
     def _decode_step(self, rows: int) -> None:
         """The static step over slots [0, rows): only device buffers in, only device buffers out."""
@@ -157,6 +157,7 @@ class Runner:
         if cuda_graph and self.device.type != "cuda":
             raise EngineError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
         prepare_sampler(self.device)  # outside the step: a build without this device's kernel fails here
+        prepare_device(self.device)  # the kernels' counters: never allocated inside a step
         batch = len(requests)
         self.use_graph = cuda_graph
         self.batch, self.rows = batch, graph_bucket(batch) if cuda_graph else batch

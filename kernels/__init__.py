@@ -3,13 +3,18 @@
 Importable on its own: nothing here imports the ``engine`` runtime.
 """
 
+from .embedding import decode_embed, decode_embed_ref
 from .attention import decode_attention, decode_attention_ref, flash_attention, flash_attention_ref
 from .layernorm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
-from .linear import gelu_mlp, gelu_mlp_ref, linear, linear_ref
+from .linear import (gelu_mlp, gelu_mlp_ref, linear, linear_ref, ln_linear, ln_linear_ref, ln_qkv_append,
+                     ln_qkv_append_ref)
+from ._ops import prepare_device
 from .sampling import check_sampling_params, sample, sample_ref
 
 __all__ = [
     "add_layer_norm", "add_layer_norm_ref", "check_sampling_params", "decode_attention", "decode_attention_ref",
+    "decode_embed", "decode_embed_ref",
     "flash_attention", "flash_attention_ref", "layer_norm",
-    "gelu_mlp", "gelu_mlp_ref", "layer_norm_ref", "linear", "linear_ref", "sample", "sample_ref",
+    "gelu_mlp", "gelu_mlp_ref", "layer_norm_ref", "linear", "linear_ref", "ln_linear", "ln_linear_ref",
+    "ln_qkv_append", "ln_qkv_append_ref", "prepare_device", "sample", "sample_ref",
 ]

@@ -38,23 +38,31 @@ def _cached(cpp_extension) -> bool:
 
 
 def _register_fake() -> None:
-    """Shape rule for torch.compile: one int64 token per row."""
+    """Shape rules for torch.compile: one int64 token per row; sample_next_ only mutates its inputs."""
     @torch.library.register_fake(f"{LIB}::sample")
     def _(logits, temperature, top_k, top_p, seed, offset):
         return logits.new_empty((logits.shape[0],), dtype=torch.long)
 
+    @torch.library.register_fake(f"{LIB}::sample_next_")
+    def _(logits, temperature, top_k, top_p, seed, offset, out):
+        return None
 
-SAMPLE_OP = None  # torch.ops.gpt2engine_C.sample once ``load`` succeeded: a plain global that torch.compile can read
+
+# torch.ops.gpt2engine_C.sample and .sample_next_ once ``load`` succeeded: plain globals that
+# torch.compile can read.
+SAMPLE_OP = None
+SAMPLE_NEXT_OP = None
 
 
 @functools.cache
 def load() -> bool:
-    """Register torch.ops.gpt2engine_C.sample. False (with one warning) when it cannot be built."""
-    global SAMPLE_OP
+    """Register torch.ops.gpt2engine_C.sample and sample_next_. False (with one warning) when it cannot be built."""
+    global SAMPLE_OP, SAMPLE_NEXT_OP
     if not _load_library():
         return False
     _register_fake()
     SAMPLE_OP = getattr(torch.ops, LIB).sample
+    SAMPLE_NEXT_OP = getattr(torch.ops, LIB).sample_next_
     return True
 
 

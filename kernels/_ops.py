@@ -53,3 +53,34 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; 132 (an H100 SXM) for the CPU interpreter, so that
     the launch heuristics, split-K and split-KV included, take their GPU branches in CPU tests."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Counters allocated at once: more output tiles than any split launch has (split-K and split-KV
+# only run while their programs are a few per SM, ~300 on today's largest GPUs; gpt2-xl decode
+# attention at batch 64 has 1600 rows). Larger requests grow the buffer.
+COUNTERS = 4096
+
+
+def prepare_device(device: torch.device) -> None:
+    """Allocate what the kernels keep per device (the arrival counters) now, so that a decode loop
+    or a CUDA graph capture after it never allocates or fills memory."""
+    arrival_counters(device, COUNTERS)
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 (n,) zeros on ``device``, for kernels whose programs count their arrivals per output
+    tile (the last one to arrive reduces the others' partials) and reset them to zero before exiting.
+
+    One buffer per device, shared by every such launch: launches on one stream never overlap, and
+    each leaves the counters at zero. Kernels running concurrently on two streams of one device
+    must not both use it. Allocated (a fill kernel) the first time a size is needed: a CUDA graph
+    warm-up allocates it before the capture, which then only refers to it.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(n, COUNTERS), dtype=torch.int32, device=device)
+    return buf[:n]

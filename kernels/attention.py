@@ -9,8 +9,9 @@ score matrix. The causal mask is aligned bottom-right: with Tq < Tk, query i see
 
 Decode (``decode_attention``): each (batch*head) row's valid cache prefix is cut into num_splits
 chunks (a count fixed by the cache's shape; the chunk size computed on the device from the row's
-length); one program per chunk writes a partial (max, sum, accumulator), and a second kernel
-combines them, so batch 1 still fills the GPU. Keys at or past a row's length are never loaded.
+length); one program per chunk writes a partial (max, sum, accumulator), and the row's last chunk
+to finish (an integer arrival counter) combines them in chunk order: one kernel, deterministic,
+and batch 1 still fills the GPU. Keys at or past a row's length are never loaded.
 The lengths are read on the device: no host sync, and the grid depends only on shapes.
 References: FlashAttention-2 (Dao, 2023), the Triton fused-attention tutorial, flash-decoding.
 """
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import NS, check_tensor, dot_precision, sm_count
+from ._ops import NS, arrival_counters, check_tensor, dot_precision, sm_count
 
 HEAD_DIMS = (32, 64, 80, 128)  # any D up to 128 works; these (one per block size and alignment) are compiled ahead of time
 MAX_HEAD_DIM = 128
@@ -91,16 +92,39 @@ def _flash_attn_fwd_kernel(
              out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < Tq) & d_ok[None, :])
 
 
+@triton.jit
+def _combine_splits(part_o_ptr, part_ml_ptr, base, num_splits, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the fp32 partials (max, sum, accumulator) of ``num_splits`` splits starting at partial
+    ``base``, in split order; returns the normalised output (BLOCK_Q, BLOCK_D)."""
+    rq = tl.arange(0, BLOCK_Q)
+    rd = tl.arange(0, BLOCK_D)
+    m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    for s in range(num_splits):  # .cg: read from L2, where the other programs' partials are
+        m = tl.maximum(m, tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + rq, cache_modifier=".cg"))
+    l = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for s in range(num_splits):
+        m_s = tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + rq, cache_modifier=".cg")
+        w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m))  # an empty split weighs nothing
+        l += w * tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + BLOCK_Q + rq, cache_modifier=".cg")
+        acc += w[:, None] * tl.load(part_o_ptr + (base + s) * BLOCK_Q * BLOCK_D + rq[:, None] * BLOCK_D + rd[None, :],
+                                    cache_modifier=".cg")
+    return acc / l[:, None]
+
+
 # The cache length and the split count are fixed per cache, but differ between caches; as runtime
 # values they never cause a compile (they only bound loops), so one variant serves every cache.
 @triton.jit(do_not_specialize=["L", "num_splits"])
-def _decode_attn_partial_kernel(
+def _decode_attn_fwd_kernel(
     q_ptr,                # (B, H, Lq, D) the newest Lq tokens' queries
     k_ptr, v_ptr,         # (B, H, L, D) caches, unit D stride
     lens_ptr,             # (B,) int32 valid length per row, including the Lq new tokens
+    o_ptr,                # (B, H, Lq, D) output, unit D stride
     part_o_ptr,           # (B*H, num_splits, BLOCK_Q, BLOCK_D) fp32 partial accumulators
     part_ml_ptr,          # (B*H, num_splits, 2, BLOCK_Q) fp32 partial running max and sum
+    count_ptr,            # (B*H,) int32 zeros: splits arrived per row, left at zero
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
     H, Lq, L, D, num_splits, qk_scale,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -135,39 +159,20 @@ def _decode_attn_partial_kernel(
         s = tl.where((cols[None, :] < hi) & (cols[None, :] <= last_key[:, None]), s, float("-inf"))
         v = tl.load(v_base + cols[:, None] * stride_vt + rd[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
-    part = bh.to(tl.int64) * num_splits + split
+    # No combine kernel: every split stores its partial and counts its arrival; the row's last
+    # split to arrive merges all of them in split order (the same result whatever the order).
+    base = bh.to(tl.int64) * num_splits
+    part = base + split
     tl.store(part_o_ptr + part * BLOCK_Q * BLOCK_D + rq[:, None] * BLOCK_D + rd[None, :], acc)
     tl.store(part_ml_ptr + part * 2 * BLOCK_Q + rq, m_i)
     tl.store(part_ml_ptr + part * 2 * BLOCK_Q + BLOCK_Q + rq, l_i)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_attn_combine_kernel(
-    part_o_ptr, part_ml_ptr,  # as written by _decode_attn_partial_kernel
-    o_ptr,                    # (B, H, Lq, D) output, unit D stride
-    stride_ob, stride_oh, stride_ot,
-    H, Lq, D, num_splits,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    rq = tl.arange(0, BLOCK_Q)
-    rd = tl.arange(0, BLOCK_D)
-    base = bh.to(tl.int64) * num_splits
-    m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-    for s in range(num_splits):
-        m = tl.maximum(m, tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + rq))
-    l = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    for s in range(num_splits):
-        m_s = tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + rq)
-        w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m))  # an empty split weighs nothing
-        l += w * tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + BLOCK_Q + rq)
-        acc += w[:, None] * tl.load(part_o_ptr + (base + s) * BLOCK_Q * BLOCK_D + rq[:, None] * BLOCK_D + rd[None, :])
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + rq[:, None] * stride_ot + rd[None, :],
-             (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=(rq[:, None] < Lq) & (rd[None, :] < D))
-
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    arrived = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:
+        out = _combine_splits(part_o_ptr, part_ml_ptr, base, num_splits, BLOCK_Q, BLOCK_D)
+        tl.store(o_ptr + b * stride_ob + h * stride_oh + rq[:, None] * stride_ot + rd[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=(rq[:, None] < Lq) & d_ok[None, :])
+        tl.atomic_xchg(count_ptr + bh, 0)
 
 
 def prefill_settings(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -282,14 +287,12 @@ def _decode_attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
     part_ml = torch.empty((b * h, splits, 2, block_q), dtype=torch.float32, device=q.device)
     scale = d ** -0.5 if scale is None else scale
     block_n, warps = decode_settings(d, q.dtype)
-    _decode_attn_partial_kernel[(b * h, splits)](
-        q, k_cache, v_cache, cache_lens, part_o, part_ml, q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), h, lq, max_len, d, splits, scale * LOG2E, BLOCK_Q=block_q,
-        BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=2)
-    _decode_attn_combine_kernel[(b * h,)](
-        part_o, part_ml, o, o.stride(0), o.stride(1), o.stride(2), h, lq, d, splits,
-        BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
+    _decode_attn_fwd_kernel[(b * h, splits)](
+        q, k_cache, v_cache, cache_lens, o, part_o, part_ml, arrival_counters(q.device, b * h),
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        h, lq, max_len, d, splits, scale * LOG2E, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=2)
     return o
 
 

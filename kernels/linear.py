@@ -1,14 +1,19 @@
-"""Linear layers with fused epilogues: ``y = act(x @ weight.T + bias) + residual``.
+"""Linear layers with a fused prologue and epilogues: ``y = act(LayerNorm?(x) @ weight.T + bias) + residual``.
 
 Two regimes, one kernel:
 - decode (M <= 16 rows): 16-row tiles, narrow column blocks and split-K, so that even one row
   launches enough programs to stream the weight once at full bandwidth. With split-K each program
-  writes an fp32 partial sum and a second small kernel reduces them and runs the epilogue.
+  writes an fp32 partial sum and counts its arrival; the last program of each output tile sums the
+  partials in split order (deterministic: no float atomics) and runs the epilogue. One kernel.
 - prefill (larger M): tensor-core tiles (fp16/bf16 in, fp32 accumulate) in grouped order for L2 reuse.
-The epilogue adds the bias, applies GPT-2's tanh GELU and adds the residual in fp32 before the one
-rounding to the output dtype. fp32 inputs use IEEE fp32 dot products (the correctness path, not TF32).
+Prologue (optional): LayerNorm of x's rows, each program computing its rows' statistics itself, so
+a LayerNorm costs no kernel of its own (``ln_linear``). Epilogue: bias, GPT-2's tanh GELU and the
+residual in fp32 before the one rounding to the output dtype; or, for a decode step's fused QKV
+projection, the key and value stored straight into the KV cache (``ln_qkv_append``).
+fp32 inputs use IEEE fp32 dot products (the correctness path, not TF32).
 ``weight`` is (N, K), the nn.Linear layout, with any strides.
-Reference: Triton tutorial 03-matrix-multiplication; split-K as in CUTLASS / gpt-fast's int4 GEMV.
+References: Triton tutorial 03-matrix-multiplication; split-K as in CUTLASS / gpt-fast's int4 GEMV;
+the serial split-K fix-up (last arrival reduces) as in CUTLASS's and stream-K's semaphores.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import NS, check_tensor, dot_precision, sm_count
+from .layernorm import layer_norm_ref
+from ._ops import NS, arrival_counters, check_tensor, dot_precision, sm_count
 
 ACTIVATIONS = (None, "gelu_tanh")
 DECODE_MAX_ROWS = 16
@@ -36,9 +42,34 @@ def _gelu_tanh(z):
 
 
 @triton.jit
+def _row_stats(x_ptr, rm, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """LayerNorm's mean and 1/std (fp32, (BLOCK_M,)) of rows ``rm`` of x over K, in one pass:
+    each K block's own mean and centred sum of squares, merged by Chan's formula (no
+    E[x^2] - E[x]^2 cancellation, so a large mean costs no precision)."""
+    rk = tl.arange(0, BLOCK_K)
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask = (rm[:, None] < M) & (kk[None, :] < K)
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        n_b = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
+        mean_b = tl.sum(x, axis=1) / n_b
+        centred = tl.where(mask, x - mean_b[:, None], 0.0)
+        n = k0 + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / n)
+        m2 += tl.sum(centred * centred, axis=1) + delta * delta * (k0 * n_b / n)
+    return mean, 1.0 / tl.sqrt(m2 / K + eps)
+
+
+@triton.jit
 def _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
-              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """bias, activation, residual in fp32, then one rounding and a masked store of the tile."""
+              kc_ptr, vc_ptr, lens_ptr, stride_cb, stride_ch, stride_ct, head_dim,
+              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, KV_CACHE: tl.constexpr):
+    """bias, activation, residual in fp32, then one rounding and masked stores of the tile: into y,
+    or with KV_CACHE, columns [0, C) (the query) into y and [C, 3C) (key, value) into the caches."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == 1:
@@ -47,24 +78,43 @@ def _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
     rows = rm[:, None].to(tl.int64)
     if HAS_RESIDUAL:
         acc += tl.load(r_ptr + rows * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    out = acc.to(y_ptr.dtype.element_ty)
+    if KV_CACHE:
+        c = N // 3
+        part = rn // c  # 0 query, 1 key, 2 value
+        col = rn - part * c
+        pos = tl.load(lens_ptr + rm, mask=rm < M, other=1) - 1  # the new token's slot in each row
+        at = rows * stride_cb + (col // head_dim)[None, :] * stride_ch + pos[:, None].to(tl.int64) * stride_ct \
+            + (col % head_dim)[None, :]
+        tl.store(y_ptr + rows * stride_ym + rn[None, :], out, mask=mask & (part == 0)[None, :])
+        tl.store(kc_ptr + at, out, mask=mask & (part == 1)[None, :])
+        tl.store(vc_ptr + at, out, mask=mask & (part == 2)[None, :])
+    else:
+        tl.store(y_ptr + rows * stride_ym + rn[None, :], out, mask=mask)
 
 
 # M is B*T in a prefill and changes with every prompt; its alignment buys nothing (it only masks
 # rows), so only M == 1 (the batch-1 GEMV) gets its own variant, never M % 16 == 0.
 @triton.jit(do_not_specialize_on_alignment=["M"])
 def _linear_fwd_kernel(
-    x_ptr,   # (M, K) input
-    w_ptr,   # (N, K) weight, any strides
-    b_ptr,   # (N,) bias (read when HAS_BIAS)
-    r_ptr,   # (M, N) residual, last dim contiguous (read when HAS_RESIDUAL)
-    y_ptr,   # (M, N) output, contiguous rows (written when SPLIT_K == 1)
-    ws_ptr,  # (SPLIT_K, M, N) fp32 partial sums (written when SPLIT_K > 1)
+    x_ptr,      # (M, K) input
+    ln_w_ptr,   # (K,) LayerNorm weight (read when NORM)
+    ln_b_ptr,   # (K,) LayerNorm bias (read when NORM)
+    w_ptr,      # (N, K) weight, any strides
+    b_ptr,      # (N,) bias (read when HAS_BIAS)
+    r_ptr,      # (M, N) residual, last dim contiguous (read when HAS_RESIDUAL)
+    y_ptr,      # (M, N) output, contiguous rows; with KV_CACHE (M, N / 3), the query only
+    kc_ptr,     # (M, H, L, D) key cache, unit D stride (written when KV_CACHE)
+    vc_ptr,     # (M, H, L, D) value cache, the key cache's strides (written when KV_CACHE)
+    lens_ptr,   # (M,) int32 cache lengths including the new token (read when KV_CACHE)
+    ws_ptr,     # (SPLIT_K, M, N) fp32 partial sums (when SPLIT_K > 1)
+    count_ptr,  # (tiles,) int32 zeros: arrivals per output tile (when SPLIT_K > 1), left at zero
     M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_ym,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_ym, stride_cb, stride_ch, stride_ct,
+    head_dim, eps,
+    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    KV_CACHE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -80,6 +130,8 @@ def _linear_fwd_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    if NORM:  # each program normalises its rows itself: no LayerNorm kernel, no normalised copy
+        mean, rstd = _row_stats(x_ptr, rm, M, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
     k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K  # this split's share of K, whole blocks
     k0 = pid_k * k_span
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + rk)[None, :] * stride_xk
@@ -88,35 +140,34 @@ def _linear_fwd_kernel(
     for k in range(0, k_span, BLOCK_K):
         kk = k0 + k + rk
         a = tl.load(x_ptrs, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        if NORM:  # rounded to the input dtype, as a separate LayerNorm's output would be
+            g = tl.load(ln_w_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            beta = tl.load(ln_b_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            a = ((a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]).to(a.dtype)
         b = tl.load(w_ptrs, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    if SPLIT_K == 1:
-        _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
-    else:
+    if SPLIT_K > 1:
+        # No second kernel: every split stores its fp32 partial, and the tile's last split to arrive
+        # (an integer counter) sums all of them in split order, so the result does not depend on
+        # the arrival order, then runs the epilogue and re-arms the counter.
         mask = (rm[:, None] < M) & (rn[None, :] < N)
-        offs = pid_k.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
-        tl.store(ws_ptr + offs, acc, mask=mask)
-
-
-@triton.jit(do_not_specialize_on_alignment=["M"])
-def _splitk_reduce_kernel(
-    ws_ptr,  # (SPLIT_K, M, N) fp32 partial sums
-    b_ptr, r_ptr, y_ptr,  # as in _linear_fwd_kernel
-    M, N, stride_rm, stride_ym,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
-    _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):  # .cg: from L2, where the other programs' partials are
+                acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
+                      stride_cb, stride_ch, stride_ct, head_dim, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, KV_CACHE)
+            tl.atomic_xchg(count_ptr + pid, 0)
+    else:
+        _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
+                  stride_cb, stride_ch, stride_ct, head_dim, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, KV_CACHE)
 
 
 @dataclass(frozen=True)
@@ -130,20 +181,34 @@ class GemmConfig:
     group_m: int = 8
 
 
-REDUCE_BLOCK = (16, 128, 4)  # (BLOCK_M, BLOCK_N, num_warps) of the split-K reduction
-
+# Decode launches aim at this many programs per SM: two resident programs keep one streaming its
+# weight tile while the other waits on memory (DESIGN.md); fewer leave bandwidth unused at batch 1.
+DECODE_PROGRAMS_PER_SM = 2
+# At most this many K splits, and at least this many BLOCK_K blocks in each: more or shorter splits
+# spend on writing and re-reading fp32 partials what they gain in parallelism.
+MAX_SPLIT_K = 16
+MIN_BLOCKS_PER_SPLIT = 2
 
 
 def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmConfig:
-    """Tile sizes for an (m, k) x (k, n) product, and split-K for decode-sized m on ``sms`` SMs."""
+    """Tile sizes for an (m, k) x (k, n) product, and split-K for decode-sized m on ``sms`` SMs.
+
+    Decode (m <= 16): 16-row tiles (``tl.dot``'s minimum), BLOCK_K = 64 (one 128-byte line of an
+    fp16 weight row per column), and the widest column block (64, 32, then 16) that, with K split
+    into powers of two, reaches ``DECODE_PROGRAMS_PER_SM`` programs per SM; gpt2's 768 x 768
+    attention projection, the smallest, gets 16 x 4 splits = 192 programs, the lm_head 786 x 1.
+    """
     wide = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
     if m <= DECODE_MAX_ROWS:
-        cfg = GemmConfig(16, 64, 64 if wide else 128, 4, 3 if wide else 4)
-        tiles, k_blocks = triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k)
-        split, target = 1, 4 * sms  # a few programs per SM keep enough loads in flight
-        while tiles * split * 2 <= target and k_blocks >= 4 * split * 2 and split < 16:
-            split *= 2
-        return GemmConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, split)
+        block_k = 64
+        k_blocks, target = triton.cdiv(k, block_k), DECODE_PROGRAMS_PER_SM * sms
+        for block_n in (64, 32, 16):
+            tiles, split = triton.cdiv(n, block_n), 1
+            while tiles * split < target and k_blocks >= MIN_BLOCKS_PER_SPLIT * split * 2 and split < MAX_SPLIT_K:
+                split *= 2
+            if tiles * split >= target:
+                break
+        return GemmConfig(16, block_n, block_k, 4, 3 if wide else 4, split)
     if wide:
         # fp32 is the correctness path. Under Triton 3.6, 64x64x32 spills on sm_80 at 4 warps (128-164
         # registers) and, with the GELU epilogue, on sm_90 at 8; BLOCK_K = 16 at 8 warps holds 80 and none.
@@ -153,8 +218,7 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmCon
     return GemmConfig(128, 128, 64, 8, 3)
 
 
-def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
-                   residual: Tensor | None) -> Tensor:
+def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> None:
     check_tensor("x", x, last_dim_contiguous=False)
     if x.dim() < 1:
         raise ValueError("x must have at least one dim (..., K)")
@@ -167,41 +231,86 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         check_tensor("bias", bias, shape=(n,), device=x.device)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _check_norm(x: Tensor, ln_weight: Tensor, ln_bias: Tensor) -> None:
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        check_tensor(name, t, shape=(x.shape[-1],), device=x.device)
+
+
+def _check_kv_cache(x: Tensor, weight: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be (B, C), one new token per row, got shape {list(x.shape)}")
+    b, c = x.shape
+    check_tensor("k_cache", k_cache, ndim=4, dtype=x.dtype, device=x.device)
+    check_tensor("v_cache", v_cache, ndim=4, dtype=x.dtype, device=x.device)
+    if weight.shape[0] != 3 * c:
+        raise ValueError(f"weight has shape {list(weight.shape)}: the fused QKV projection needs N = 3 * C = {3 * c}")
+    h, d = k_cache.shape[1], k_cache.shape[3]
+    if k_cache.shape[0] != b or h * d != c:
+        raise ValueError(f"k_cache has shape {list(k_cache.shape)}: expected (B, H, max_len, D) with B = {b} "
+                         f"and H * D = C = {c}")
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError(f"v_cache (shape {list(v_cache.shape)}, strides {v_cache.stride()}) must match k_cache "
+                         f"(shape {list(k_cache.shape)}, strides {k_cache.stride()})")
+    check_tensor("cache_lens", cache_lens, dtypes=(torch.int32,), shape=(b,), device=x.device)
+
+
+def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+                   residual: Tensor | None, norm: tuple[Tensor, Tensor, float] | None = None,
+                   kv_cache: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """The one launcher behind every linear op: checks, allocates, picks the tiles and launches.
+
+    norm: (ln_weight, ln_bias, eps) to LayerNorm x's rows in the prologue. kv_cache: (k_cache,
+    v_cache, cache_lens) to store columns [C, 3C) of a fused QKV projection into the caches; the
+    output is then the query, (M, C).
+    """
+    _check_linear(x, weight, bias, activation)
+    n, k = weight.shape
     out_shape = (*x.shape[:-1], n)
     if residual is not None:
         check_tensor("residual", residual, shape=out_shape, dtype=x.dtype, device=x.device)
+    if norm is not None:
+        _check_norm(x, norm[0], norm[1])
+    if kv_cache is not None:
+        _check_kv_cache(x, weight, *kv_cache)
+        out_shape = (x.shape[0], n // 3)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     y = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     if k == 0:
+        if norm is not None or kv_cache is not None:
+            raise ValueError("x has no columns (K = 0): there is nothing to normalise")
         return linear_ref(x, weight, bias, activation, residual)  # no product to compute
-    y2 = y.view(m, n)
+    y2 = y.view(m, -1)
     r2 = residual.reshape(m, n) if residual is not None else y2
     b = bias if bias is not None else y2
+    ln_w, ln_b, eps = norm if norm is not None else (y2, y2, 0.0)
+    kc, vc, lens = kv_cache if kv_cache is not None else (y2, y2, y2)
     cfg = gemm_config(m, n, k, x.dtype, sm_count(x.device))
-    ws = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device) if cfg.split_k > 1 else y2
-    flags = dict(HAS_BIAS=bias is not None, ACTIVATION=int(activation == "gelu_tanh"), HAS_RESIDUAL=residual is not None)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-    _linear_fwd_kernel[grid](
-        x2, weight, b, r2, y2, ws, m, n, k, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
-        r2.stride(0), y2.stride(0), **flags, SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.split_k > 1:
-        bm, bn, warps = REDUCE_BLOCK
-        _splitk_reduce_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            ws, b, r2, y2, m, n, r2.stride(0), y2.stride(0), **flags, SPLIT_K=cfg.split_k,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+        ws = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+        counts = arrival_counters(x.device, tiles)
+    else:
+        ws = counts = y2
+    cache_strides = (kc.stride(0), kc.stride(1), kc.stride(2), kc.shape[3]) if kv_cache is not None else (0, 0, 0, 1)
+    _linear_fwd_kernel[(tiles, cfg.split_k)](
+        x2, ln_w, ln_b, weight, b, r2, y2, kc, vc, lens, ws, counts, m, n, k,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), r2.stride(0), y2.stride(0),
+        *cache_strides, eps, NORM=norm is not None, HAS_BIAS=bias is not None,
+        ACTIVATION=int(activation == "gelu_tanh"), HAS_RESIDUAL=residual is not None, KV_CACHE=kv_cache is not None,
+        SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
-
 
 
 @torch.library.custom_op(f"{NS}::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
            residual: Tensor | None = None) -> Tensor:
-    """``act(x @ weight.T + bias) + residual`` in one kernel (two with split-K).
+    """``act(x @ weight.T + bias) + residual`` in one kernel (split-K partials are summed inside it).
 
     Args:
         x: (..., K), fp32/fp16/bf16, any strides.
@@ -240,6 +349,65 @@ def _(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None):
     return x.new_empty((*x.shape[:-1], proj_weight.shape[0]))
 
 
+@torch.library.custom_op(f"{NS}::ln_linear", mutates_args=())
+def ln_linear(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor | None = None,
+              activation: str | None = None, eps: float = 1e-5) -> Tensor:
+    """``act(LayerNorm(x) @ weight.T + bias)`` in one kernel: the LayerNorm runs in the GEMM's prologue.
+
+    Each program computes the mean and 1/std of its rows in fp32 (the whole row, one pass) and
+    normalises x's K blocks as it loads them, rounding them to x's dtype as a separate LayerNorm's
+    output would be; the normalised activations are never written. Meant for decode-sized M (<= 16
+    rows), where re-reading a row per program is cheap beside the weight; any M works.
+
+    Args:
+        x: (..., K), fp32/fp16/bf16, any strides.
+        ln_weight, ln_bias: (K,), any float dtype, on x's device.
+        weight: (N, K) in x's dtype (the nn.Linear layout), any strides.
+        bias: (N,) or None.
+        activation: None or ``"gelu_tanh"``.
+        eps: added to the variance.
+    Returns:
+        y: (..., N) in x's dtype.
+    """
+    return _linear_launch(x, weight, bias, activation, None, norm=(ln_weight, ln_bias, eps))
+
+
+@ln_linear.register_fake
+def _(x, ln_weight, ln_bias, weight, bias=None, activation=None, eps=1e-5):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op(f"{NS}::ln_qkv_append", mutates_args=("k_cache", "v_cache"))
+def ln_qkv_append(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
+                  k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, eps: float = 1e-5) -> Tensor:
+    """A decode step's attention input in one kernel: LayerNorm, the fused QKV projection, and the
+    new token's key and value stored straight into the cache (no separate cache write).
+
+    ``qkv = LayerNorm(x) @ weight.T + bias``; columns [0, C) are the query (returned), [C, 2C) the
+    key and [2C, 3C) the value, each laid out (H, D); row b's key and value are stored at position
+    ``cache_lens[b] - 1`` of ``k_cache[b]`` and ``v_cache[b]``.
+
+    Args:
+        x: (B, C) fp32/fp16/bf16, one new token per row.
+        ln_weight, ln_bias: (C,).
+        weight: (3C, C) in x's dtype; bias: (3C,).
+        k_cache, v_cache: (B, H, max_len, D) with H * D = C, x's dtype, unit D stride, the same
+            strides (views of the static cache); written at one position per row, nowhere else.
+        cache_lens: int32 (B,) on x's device, each row's length including the new token (>= 1,
+            <= max_len; not checked: reading it would cost a host sync).
+        eps: LayerNorm's epsilon.
+    Returns:
+        q: (B, C) in x's dtype, contiguous; ``q.view(B, 1, H, D).transpose(1, 2)`` is (B, H, 1, D).
+    """
+    return _linear_launch(x, weight, bias, None, None, norm=(ln_weight, ln_bias, eps),
+                          kv_cache=(k_cache, v_cache, cache_lens))
+
+
+@ln_qkv_append.register_fake
+def _(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, cache_lens, eps=1e-5):
+    return x.new_empty((x.shape[0], weight.shape[0] // 3))
+
+
 def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
                residual: Tensor | None = None) -> Tensor:
     """``act(x @ weight.T + bias) + residual`` in plain PyTorch, in the input dtype.
@@ -264,15 +432,36 @@ def gelu_mlp_ref(x: Tensor, fc_weight: Tensor, fc_bias: Tensor, proj_weight: Ten
     return linear_ref(h, proj_weight, proj_bias, residual=residual)
 
 
+def ln_linear_ref(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor | None = None,
+                  activation: str | None = None, eps: float = 1e-5) -> Tensor:
+    """``act(LayerNorm(x) @ weight.T + bias)`` in plain PyTorch: ``layer_norm_ref`` then ``linear_ref``."""
+    return linear_ref(layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias, activation)
+
+
+def ln_qkv_append_ref(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
+                      k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, eps: float = 1e-5) -> Tensor:
+    """``ln_qkv_append`` in plain PyTorch: LayerNorm, QKV projection, then the key and value
+    written into the caches by device-side indexing (no host sync). Returns q (B, C)."""
+    b, c = x.shape
+    h, d = k_cache.shape[1], k_cache.shape[3]
+    q, k, v = linear_ref(layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias).split(c, dim=-1)
+    rows, pos = torch.arange(b, device=x.device), cache_lens.long() - 1
+    k_cache[rows, :, pos] = k.view(b, h, d)
+    v_cache[rows, :, pos] = v.view(b, h, d)
+    return q
+
+
 # Row counts covering every config gemm_config picks and every way the JIT specialises M:
 # decode 1 (M == 1) and 5, prefill up to 64 rows (40) and beyond (512).
 AOT_ROWS = (1, 5, 40, 512)
+AOT_DECODE_ROWS = (1, 5)  # the fused decode ops run at M <= 16 rows: M == 1 and any other M
 
 
 def aot_launches() -> None:
     """Call the launcher for GPT-2's linears at every size: c_attn (bias), attention c_proj (bias,
     and bias + residual as the fused API offers it), c_fc (bias + GELU), MLP c_proj (bias, bias +
-    residual) and lm_head (no bias, N = 50257), fp16/bf16/fp32, at ``AOT_ROWS`` rows.
+    residual) and lm_head (no bias, N = 50257), fp16/bf16/fp32, at ``AOT_ROWS`` rows; and the fused
+    decode ops (``ln_qkv_append``, ``ln_linear`` for c_fc and lm_head) at ``AOT_DECODE_ROWS``.
     For ``kernels.aot``, which records the launches without running them."""
     from .aot import GPT2_SIZES, GPT2_VOCAB
 
@@ -289,3 +478,13 @@ def aot_launches() -> None:
                         _linear_launch(x, w, bias, activation, None)
                     if with_residual:
                         _linear_launch(x, w, bias, None, torch.empty((m, n), dtype=dtype))
+            # The fused decode ops: LayerNorm + QKV + cache write, LayerNorm + c_fc + GELU, ln_f + lm_head.
+            ln = (torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype), 1e-5)
+            for m in AOT_DECODE_ROWS:
+                x = torch.empty((m, c), dtype=dtype)
+                cache = torch.empty((2, m, c // 64, 1024, 64), dtype=dtype)
+                _linear_launch(x, torch.empty((3 * c, c), dtype=dtype), torch.empty(3 * c, dtype=dtype), None, None,
+                               norm=ln, kv_cache=(cache[0], cache[1], torch.ones(m, dtype=torch.int32)))
+                _linear_launch(x, torch.empty((4 * c, c), dtype=dtype), torch.empty(4 * c, dtype=dtype), "gelu_tanh",
+                               None, norm=ln)
+                _linear_launch(x, torch.empty((GPT2_VOCAB, c), dtype=dtype), None, None, None, norm=ln)

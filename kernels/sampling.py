@@ -251,3 +251,19 @@ def sample_unchecked(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
     if _extension.SAMPLE_OP is None and not load_extension():
         return sample_ref(logits, temperature, top_k, top_p, seed, offset)
     return _extension.SAMPLE_OP(logits, temperature, top_k, top_p, seed, offset)
+
+
+def sample_next_(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 seed: torch.Tensor, offset: torch.Tensor, out: torch.Tensor) -> None:
+    """A decode step's sampling as one kernel: ``out[r]`` = row r's token drawn at ``offset[r]``,
+    then ``offset[r] += 1`` (the index of the request's next token), both in place.
+
+    Unchecked, like ``sample_unchecked`` (same per-row parameters); ``offset`` and ``out`` must be
+    contiguous int64 (B,) tensors on the logits' device (the compiled op raises otherwise). Where the
+    compiled sampler cannot be built, this is ``sample_ref`` plus two in-place updates (and syncs).
+    """
+    if _extension.SAMPLE_NEXT_OP is None and not load_extension():
+        out.copy_(sample_ref(logits, temperature, top_k, top_p, seed, offset))
+        offset += 1
+        return
+    _extension.SAMPLE_NEXT_OP(logits, temperature, top_k, top_p, seed, offset, out)

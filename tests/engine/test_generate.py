@@ -62,13 +62,14 @@ def test_stop_at_eos(model, monkeypatch):
     # Force EOS at the third sampled token (offset 2) of row 0 only; row 1 runs to the end.
     import engine.runner
 
-    real = engine.runner.sample_unchecked
+    real = engine.runner.sample_next_
 
-    def fake(logits, temperature, top_k, top_p, seed, offset):
-        tokens = real(logits, temperature, top_k, top_p, seed, offset)
-        return torch.where((torch.arange(len(tokens)) == 0) & (offset == 2), EOT_ID, tokens)
+    def fake(logits, temperature, top_k, top_p, seed, offset, out):
+        at_third = (torch.arange(len(out)) == 0) & (offset == 2)
+        real(logits, temperature, top_k, top_p, seed, offset, out)
+        out.copy_(torch.where(at_third, EOT_ID, out))
 
-    monkeypatch.setattr(engine.runner, "sample_unchecked", fake)
+    monkeypatch.setattr(engine.runner, "sample_next_", fake)
     out = engine.generate(model, ["a", "b"], 6, temperature=0)
     assert len(out.tokens[0]) == 3 and out.tokens[0][-1] == EOT_ID and len(out.tokens[1]) == 6
     assert "<|endoftext|>" not in out.texts[0]

@@ -163,13 +163,14 @@ def test_graphs_with_ragged_batches_and_eos(tiny_checkpoint, monkeypatch):
     assert got.tokens == want and got.capture_seconds > 0
     again = engine.generate(model, prompts[:2] + [[8, 9]], 12, temperature=0, stop_at_eos=False)
     assert again.capture_seconds == 0  # the 4-row graph is reused
-    real = engine.runner.sample_unchecked
+    real = engine.runner.sample_next_
 
-    def eos_at_third(logits, temperature, top_k, top_p, seed, offset):  # row 1 stops at its 3rd token
-        tokens = real(logits, temperature, top_k, top_p, seed, offset)
-        return torch.where((torch.arange(len(tokens), device=tokens.device) == 1) & (offset == 2), EOT_ID, tokens)
+    def eos_at_third(logits, temperature, top_k, top_p, seed, offset, out):  # row 1 stops at its 3rd token
+        at_third = (torch.arange(len(out), device=out.device) == 1) & (offset == 2)
+        real(logits, temperature, top_k, top_p, seed, offset, out)
+        out.copy_(torch.where(at_third, EOT_ID, out))
 
-    monkeypatch.setattr(engine.runner, "sample_unchecked", eos_at_third)
+    monkeypatch.setattr(engine.runner, "sample_next_", eos_at_third)
     runner_for(model).graphs.clear()  # recapture with the patched sampler
     out = engine.generate(model, prompts, 12, temperature=0)
     assert len(out.tokens[1]) == 3 and out.tokens[1][-1] == EOT_ID

@@ -157,8 +157,7 @@ def _linear_fwd_kernel(
         offs = rm[:, None].to(tl.int64) * N + rn[None, :]
         tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(SPLIT_K):  # .cg: from L2, where the other programs' partials are
                 acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
@@ -202,7 +201,8 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmCon
     if m <= DECODE_MAX_ROWS:
         block_k = 64
         k_blocks, target = triton.cdiv(k, block_k), DECODE_PROGRAMS_PER_SM * sms
-        for block_n in (64, 32, 16):
+        # fp32 (the correctness path) at BLOCK_N = 64 and M = 1 spilled on sm_90 (kernels.aot, Triton 3.9).
+        for block_n in (32, 16) if wide else (64, 32, 16):
             tiles, split = triton.cdiv(n, block_n), 1
             while tiles * split < target and k_blocks >= MIN_BLOCKS_PER_SPLIT * split * 2 and split < MAX_SPLIT_K:
                 split *= 2

@@ -10,6 +10,7 @@ random weights; without a GPU the Triton kernels run under the interpreter (coun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 import torch
@@ -35,9 +36,15 @@ def _shapes(value):
     return value if isinstance(value, (int, float, bool, str, type(None))) else type(value).__name__
 
 
+def _compiled(func) -> bool:
+    """An op of the compiled csrc library (the sampler): one CUDA kernel launch per call."""
+    return func.namespace.endswith("_C")
+
+
 class OpTrace(TorchDispatchMode):
     """Records ``(op, argument shapes, depth)`` for every op dispatched inside it; ``depth`` 1 marks
-    the ops run inside a custom op (our kernels' launchers), which it enters too."""
+    the ops run inside a custom op (our kernels' launchers), which it enters too. Compiled (csrc)
+    ops are recorded but not entered: each launches exactly one kernel (csrc/sampling_cuda.cu)."""
 
     def __init__(self):
         super().__init__()
@@ -47,7 +54,7 @@ class OpTrace(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ops.append((func.name(), _shapes((args, sorted(kwargs.items()))), self._depth))
-        if func.namespace in ("aten", "prims"):
+        if func.namespace in ("aten", "prims") or _compiled(func):
             return func(*args, **kwargs)
         self._depth += 1
         try:  # run the custom op's own implementation with this mode still on, to see inside it
@@ -61,10 +68,12 @@ class OpTrace(TorchDispatchMode):
         return [name for name, _, _ in self.ops if name.split(".")[0] in HOST_SYNC]
 
     def kernels(self) -> list[str]:
-        """The outermost ops that launch a kernel (custom ops count as one each here; their Triton
-        launches are counted by ``kernels.aot.record_launches``)."""
-        return [name for name, _, depth in self.ops
-                if depth == 0 and name.split(".")[0] not in NO_KERNEL and name.split("::")[0] in ("aten", "prims")]
+        """The ops that launch a kernel outside Triton: aten ops other than views and allocations,
+        inside our launchers too, and each compiled (csrc) op once. Triton launches are counted by
+        ``kernels.aot.record_launches``."""
+        return [name for name, _, _ in self.ops
+                if (name.split("::")[0] in ("aten", "prims") and name.split(".")[0] not in NO_KERNEL)
+                or name.split("::")[0].endswith("_C")]
 
     def custom_ops(self) -> list[str]:
         return [name for name, _, depth in self.ops if depth == 0 and name.split("::")[0] not in ("aten", "prims")]
@@ -74,31 +83,85 @@ def _on_cuda(args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
 
 
+@contextlib.contextmanager
+def _launches_untraced():
+    """Triton launches run with the dispatch mode off: the interpreter moves tensors through aten
+    ops of its own (set_, copy_) that no GPU launch has."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+
+    def untraced(run):
+        def wrapper(self, *args, **kwargs):
+            with _disable_current_modes():
+                return run(self, *args, **kwargs)
+        return wrapper
+
+    for cls, run in originals.items():
+        cls.run = untraced(run)
+    try:
+        yield
+    finally:
+        for cls, run in originals.items():
+            cls.run = run
+
+
 def trace_step(step) -> tuple[OpTrace, list]:
     """Run ``step()`` once under an ``OpTrace`` and ``record_launches``: (the trace, Triton launches)."""
     from kernels.aot import record_launches
 
-    with record_launches() as launches, OpTrace() as trace:
+    with record_launches() as launches, _launches_untraced(), OpTrace() as trace:
         step()
     return trace, launches.launches
 
 
-def count(model_name: str, backend: str, batch: int, dtype: str) -> dict:
-    """Kernels in one decode step of a random-weight ``model_name``, after a 5-token prompt."""
-    import engine
+def step_kernels(step) -> int:
+    """Kernels ``step()`` launches: Triton launches plus the trace's other kernels."""
+    trace, launches = trace_step(step)
+    return len(trace.kernels()) + len(launches)
+
+
+@contextlib.contextmanager
+def _first_layers(model, n: int):
+    """The model with only its first ``n`` blocks (the cache keeps all of its layers)."""
+    blocks = model.h
+    model.h = torch.nn.ModuleList(list(blocks)[:n])
+    try:
+        yield
+    finally:
+        model.h = blocks
+
+
+def kernel_budget(model, batch: int) -> dict:
+    """Kernels in one decode step of ``batch`` rows of ``model`` after a 5-token prompt: the total,
+    those each layer adds (the step with 2 layers minus the step with 1) and those outside the layers."""
+    from engine.generation import runner_for
     from engine.runner import Request, SamplingParams
 
-    model = engine.load_model(f"random:{model_name}", dtype=dtype, backend=backend)
-    runner = engine.generation.runner_for(model)
-    requests = [Request([1, 2, 3, 4, 5], 8, SamplingParams(temperature=0.0)) for _ in range(batch)]
+    runner = runner_for(model)
+    requests = [Request([1, 2, 3, 4, 5], 8, SamplingParams(temperature=0.7, top_k=40, seed=r)) for r in range(batch)]
     runner.prepare(requests, cuda_graph=False)
     runner.start(requests)
-    trace, launches = trace_step(runner.step)
-    layers = model.config.n_layer
-    total = len(trace.kernels()) + len(launches)
-    return {"model": model_name, "backend": backend, "batch": batch, "layers": layers, "kernels": total,
-            "triton_launches": len(launches), "aten_kernels": len(trace.kernels()), "host_syncs": trace.host_syncs(),
-            "custom_ops": len(trace.custom_ops())}
+    total = step_kernels(lambda: runner._decode_step(runner.rows))
+    with _first_layers(model, 1):
+        one = step_kernels(lambda: runner._decode_step(runner.rows))
+    with _first_layers(model, 2):
+        two = step_kernels(lambda: runner._decode_step(runner.rows))
+    per_layer = two - one
+    return {"kernels": total, "per_layer": per_layer, "outside_layers": one - per_layer,
+            "layers": model.config.n_layer}
+
+
+def count(model_name: str, backend: str, batch: int, dtype: str) -> dict:
+    """The kernel budget of a random-weight ``model_name``, and the host syncs of its decode step."""
+    import engine
+
+    model = engine.load_model(f"random:{model_name}", dtype=dtype, backend=backend)
+    budget = kernel_budget(model, batch)
+    trace, _ = trace_step(lambda: engine.generation.runner_for(model)._decode_step(batch))
+    return {"model": model_name, "backend": backend, "batch": batch, **budget, "host_syncs": trace.host_syncs()}
 
 
 def main(argv=None):

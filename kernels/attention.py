@@ -112,7 +112,7 @@ def _combine_splits(part_o_ptr, part_ml_ptr, base, num_splits, active, BLOCK_Q: 
                          cache_modifier=".cg")
         acc += w[:, None] * tl.load(part_o_ptr + (base + s) * BLOCK_Q * BLOCK_D + rq[:, None] * BLOCK_D + rd[None, :],
                                     mask=active[:, None], other=0.0, cache_modifier=".cg")
-    return acc / l[:, None]
+    return acc / tl.where(active, l, 1.0)[:, None]  # inactive: no 0 / 0
 
 
 # The cache length and the split count are fixed per cache, but differ between caches; as runtime

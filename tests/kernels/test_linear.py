@@ -103,3 +103,123 @@ def test_bad_input(call, match, device):
     x, w, b, r = _inputs(3, 80, 96, torch.float32, device, seed=6)
     with pytest.raises(ValueError, match=match):
         call(x, w, b, r)
+
+
+# --- the fused decode ops: LayerNorm in the prologue, the KV-cache write in the epilogue -------------
+LN_SHAPES = [(1, 96, 80), (3, 1600, 200), (16, 96, 4231), (1, 769, 96), (33, 96, 200)]  # (M, K, N); 33: prefill tiles
+
+
+def _ln_inputs(m, k, n, dtype, device, seed, mean=-2.3, scale=3.0):
+    """x with a large mean and scale (a naive fp16 variance would be garbage), LayerNorm and linear params."""
+    g = torch.Generator().manual_seed(seed)
+    x = mean + scale * torch.randn(m, k, generator=g)
+    ln_w, ln_b = 1 + 0.3 * torch.randn(k, generator=g), 0.3 * torch.randn(k, generator=g)
+    w, b = torch.randn(n, k, generator=g) / k**0.5, 0.5 * torch.randn(n, generator=g)
+    return [t.to(device, dtype) for t in (x, ln_w, ln_b, w, b)]
+
+
+def _ln_oracle(x, ln_w, ln_b, w, b, act, eps=1e-5):
+    """float64, with the LayerNorm's output rounded to x's dtype, as the kernel (and a separate LayerNorm) does."""
+    h = kernels.layer_norm_ref(x.double(), ln_w.double(), ln_b.double(), eps).to(x.dtype).double()
+    return linear_ref(h, w.double(), b.double() if b is not None else None, act)
+
+
+@pytest.mark.parametrize("act,has_bias", [(None, False), ("gelu_tanh", True)])
+@pytest.mark.parametrize("m,k,n", LN_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ln_linear(m, k, n, act, has_bias, dtype, device, monkeypatch):
+    x, ln_w, ln_b, w, b = _ln_inputs(m, k, n, dtype, device, seed=m + k + n)
+    b = b if has_bias else None
+    want = _ln_oracle(x, ln_w, ln_b, w, b, act)
+    poison_empty(monkeypatch)
+    assert_close_to(kernels.ln_linear(x, ln_w, ln_b, w, b, act), want, TOLS[dtype])
+
+
+def test_ln_linear_strided_rows_and_3d(device):
+    x, ln_w, ln_b, w, b = _ln_inputs(6, 96, 80, torch.float32, device, seed=7)
+    wide = torch.randn(6, 130, device=device)
+    wide[:, 20:116] = x
+    want = _ln_oracle(x, ln_w, ln_b, w, b, None)
+    assert_close_to(kernels.ln_linear(wide[:, 20:116], ln_w, ln_b, w, b), want, TOLS[torch.float32])
+    assert kernels.ln_linear(x.view(2, 3, 96), ln_w, ln_b, w, b).shape == (2, 3, 80)
+
+
+def _qkv_case(b, h, d, max_len, dtype, device, seed):
+    """Inputs of a decode step's QKV projection, with caches that are views of a NaN-filled
+    (layers, slots, H, L, D) buffer holding more slots than rows, as the engine's cache is."""
+    c = h * d
+    x, ln_w, ln_b, w, bias = _ln_inputs(b, c, 3 * c, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    lens = torch.randint(1, max_len + 1, (b,), generator=g, dtype=torch.int32).to(device)
+    store = torch.full((2, 2, b + 2, h, max_len, d), float("nan"), dtype=dtype, device=device)
+    return x, ln_w, ln_b, w, bias, store, lens
+
+
+@pytest.mark.parametrize("b,h,d", [(1, 3, 32), (3, 2, 64), (16, 3, 32)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ln_qkv_append_writes_the_new_token_and_nothing_else(b, h, d, dtype, device, monkeypatch):
+    max_len = 37
+    x, ln_w, ln_b, w, bias, store, lens = _qkv_case(b, h, d, max_len, dtype, device, seed=b * h + d)
+    k_cache, v_cache = store[0, 1, :b], store[1, 1, :b]  # layer 1 of a 2-layer cache, rows [0, b)
+    want = _ln_oracle(x, ln_w, ln_b, w, bias, None).view(b, 3, h, d)
+    poison_empty(monkeypatch)
+    q = kernels.ln_qkv_append(x, ln_w, ln_b, w, bias, k_cache, v_cache, lens)
+    assert q.shape == (b, h * d) and q.is_contiguous()
+    assert_close_to(q, want[:, 0].reshape(b, h * d), TOLS[dtype])
+    rows, pos = torch.arange(b, device=device), lens.long() - 1
+    assert_close_to(k_cache[rows, :, pos], want[:, 1], TOLS[dtype])
+    assert_close_to(v_cache[rows, :, pos], want[:, 2], TOLS[dtype])
+    written = torch.zeros_like(store, dtype=torch.bool)
+    written[:, 1, rows, :, pos] = True
+    assert store[~written].isnan().all()  # no other slot, row or layer touched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ln_qkv_append_equals_its_reference(dtype, device):
+    """The eager backend's composition (LayerNorm, linear, index writes) gives the same caches and query."""
+    x, ln_w, ln_b, w, bias, store, lens = _qkv_case(3, 2, 64, 20, dtype, device, seed=11)
+    store.zero_()
+    ref_store = store.clone()
+    q = kernels.ln_qkv_append(x, ln_w, ln_b, w, bias, store[0, 0, :3], store[1, 0, :3], lens)
+    q_ref = kernels.ln_qkv_append_ref(x, ln_w, ln_b, w, bias, ref_store[0, 0, :3], ref_store[1, 0, :3], lens)
+    tol = TOLS[dtype]
+    torch.testing.assert_close(q, q_ref, atol=tol[0], rtol=tol[1])
+    torch.testing.assert_close(store, ref_store, atol=tol[0], rtol=tol[1])
+
+
+def test_fused_ops_opcheck(device):
+    x, ln_w, ln_b, w, b = _ln_inputs(3, 80, 96, torch.float32, device, seed=12)
+    opcheck(getattr(torch.ops, NS).ln_linear.default, (x, ln_w, ln_b, w, b, "gelu_tanh", 1e-5))
+    opcheck(getattr(torch.ops, NS).ln_linear.default, (x, ln_w, ln_b, w))
+    x, ln_w, ln_b, w, bias, store, lens = _qkv_case(2, 2, 32, 9, torch.float32, device, seed=13)
+    store.zero_()
+    opcheck(getattr(torch.ops, NS).ln_qkv_append.default, (x, ln_w, ln_b, w, bias, store[0, 0, :2], store[1, 0, :2], lens))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: kernels.ln_linear(x, ln_w[:-1], ln_b, w), r"ln_weight has shape \[63\], expected \[64\]"),
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: kernels.ln_qkv_append(x, ln_w, ln_b, w[:-1], b[:-1], kc, vc, lens),
+     r"the fused QKV projection needs N = 3 \* C = 192"),
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc[:, :1], vc[:, :1], lens),
+     r"k_cache has shape \[2, 1, 9, 32\]: expected \(B, H, max_len, D\) with B = 2 and H \* D = C = 64"),
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc, vc, lens.long()),
+     "cache_lens has dtype torch.int64"),
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc, vc[:, :, :5], lens),
+     "v_cache .* must match k_cache"),
+])
+def test_fused_ops_bad_input(call, match, device):
+    x, ln_w, ln_b, w, b, store, lens = _qkv_case(2, 2, 32, 9, torch.float32, device, seed=14)
+    with pytest.raises(ValueError, match=match):
+        call(x, ln_w, ln_b, w, b, store[0, 0, :2], store[1, 0, :2], lens)
+
+
+def test_split_k_is_deterministic_and_rearms_its_counters(device):
+    """The last split to arrive sums the partials in split order: bit-identical results whatever the
+    arrival order, and every arrival counter back at zero for the next launch."""
+    from kernels._ops import arrival_counters
+
+    x, ln_w, ln_b, w, b = _ln_inputs(2, 768, 96, torch.float16, device, seed=15)
+    assert gemm_config(2, 96, 768, torch.float16, sms=132).split_k > 1
+    first = kernels.ln_linear(x, ln_w, ln_b, w, b, "gelu_tanh")
+    assert all(torch.equal(first, kernels.ln_linear(x, ln_w, ln_b, w, b, "gelu_tanh")) for _ in range(3))
+    assert not arrival_counters(device, 4096).any()

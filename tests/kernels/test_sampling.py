@@ -242,3 +242,39 @@ def test_torch_compile_traces_the_compiled_sampler(device):
 
     compiled = torch.compile(step, backend="aot_eager" if device.type == "cpu" else "inductor")
     assert torch.equal(compiled(x), step(x))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "reference-fallback"])
+def test_sample_next_draws_into_out_and_advances_offsets(compiled, device, monkeypatch):
+    """The decode step's one-kernel form: out[r] = sample(...)[r] at offset[r], then offset[r] += 1."""
+    from kernels import _extension, sampling
+
+    if not compiled:  # where the extension cannot be built: the reference plus two in-place updates
+        monkeypatch.setattr(_extension, "SAMPLE_NEXT_OP", None)
+        monkeypatch.setattr(sampling, "load_extension", lambda: False)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(4, 300, generator=g).to(device)
+    temperature = torch.tensor([0.0, 0.8, 1.0, 1.3], device=device)
+    top_k = torch.tensor([0, 40, 0, 5], device=device)
+    top_p = torch.tensor([1.0, 0.9, 0.5, 1.0], dtype=torch.float64, device=device)
+    seed = torch.tensor([1, 2, 3, 4], device=device)
+    offset = torch.tensor([0, 7, 2**40, 3], device=device)
+    want = sample(x, temperature, top_k, top_p, seed, offset)
+    out = torch.full((4,), -5, dtype=torch.long, device=device)
+    before = offset.clone()
+    sampling.sample_next_(x, temperature, top_k, top_p, seed, offset, out)
+    assert torch.equal(out, want) and torch.equal(offset, before + 1)
+
+
+def test_sample_next_needs_contiguous_int64_outputs(device):
+    from kernels.sampling import load_extension, sample_next_
+
+    assert load_extension()
+    x = torch.randn(2, 50, device=device)
+    params = (torch.ones(2, device=device), torch.zeros(2, dtype=torch.long, device=device),
+              torch.ones(2, dtype=torch.float64, device=device), torch.zeros(2, dtype=torch.long, device=device))
+    offset = torch.zeros(2, dtype=torch.long, device=device)
+    with pytest.raises(RuntimeError, match="out must be a contiguous int64"):
+        sample_next_(x, *params, offset, torch.zeros(2, dtype=torch.int32, device=device))
+    with pytest.raises(RuntimeError, match="offset must be a contiguous int64"):
+        sample_next_(x, *params, torch.zeros(4, dtype=torch.long, device=device)[::2], torch.zeros(2, dtype=torch.long, device=device))

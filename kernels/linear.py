@@ -189,6 +189,11 @@ MAX_SPLIT_K = 16
 MIN_BLOCKS_PER_SPLIT = 2
 
 
+def _every_split_has_work(k_blocks: int, split: int) -> bool:
+    """Whether cutting ``k_blocks`` into ``split`` shares of whole blocks leaves none empty."""
+    return (split - 1) * triton.cdiv(k_blocks, split) < k_blocks
+
+
 def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmConfig:
     """Tile sizes for an (m, k) x (k, n) product, and split-K for decode-sized m on ``sms`` SMs.
 
@@ -204,7 +209,8 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmCon
         # fp32 (the correctness path) at BLOCK_N = 64 and M = 1 spilled on sm_90 (kernels.aot, Triton 3.9).
         for block_n in (32, 16) if wide else (64, 32, 16):
             tiles, split = triton.cdiv(n, block_n), 1
-            while tiles * split < target and k_blocks >= MIN_BLOCKS_PER_SPLIT * split * 2 and split < MAX_SPLIT_K:
+            while (tiles * split < target and split < MAX_SPLIT_K and k_blocks >= MIN_BLOCKS_PER_SPLIT * split * 2
+                   and _every_split_has_work(k_blocks, split * 2)):
                 split *= 2
             if tiles * split >= target:
                 break

@@ -223,3 +223,16 @@ def test_split_k_is_deterministic_and_rearms_its_counters(device):
     first = kernels.ln_linear(x, ln_w, ln_b, w, b, "gelu_tanh")
     assert all(torch.equal(first, kernels.ln_linear(x, ln_w, ln_b, w, b, "gelu_tanh")) for _ in range(3))
     assert not arrival_counters(device, 4096).any()
+
+
+@pytest.mark.parametrize("c", [768, 1024, 1280, 1600])
+@pytest.mark.parametrize("m", [1, 8, 16])
+def test_decode_launches_fill_an_h100(c, m):
+    """A CPU proxy of decode bandwidth: at GPT-2's shapes every decode projection launches at least
+    1.4 programs per SM of an H100 (132 SMs) and leaves no K split without work."""
+    for n, k in [(3 * c, c), (c, c), (4 * c, c), (c, 4 * c), (50257, c)]:
+        cfg = gemm_config(m, n, k, torch.float16, sms=132)
+        programs = -(-n // cfg.block_n) * cfg.split_k
+        assert programs >= 1.4 * 132, (n, k, cfg)
+        k_blocks = -(-k // cfg.block_k)
+        assert (cfg.split_k - 1) * -(-k_blocks // cfg.split_k) < k_blocks, (n, k, cfg)

@@ -120,6 +120,18 @@ class HF:
         return first * 1e3, ids.shape[0] * (new_tokens - 1) / (full - first), out[0, ids.shape[1]:].tolist()
 
 
+def kernel_counts(runners, batches) -> dict[tuple[str, int], int]:
+    """(impl, batch) -> kernels in one decode step, for our op-by-op and graphed runners."""
+    from .step_trace import kernel_budget
+
+    counts = {}
+    for r in runners:
+        if isinstance(r, Ours) and "compile" not in r.impl:
+            for batch in batches:
+                counts[r.impl, batch] = kernel_budget(r.model, batch)["kernels"]
+    return counts
+
+
 def make(impl, ckpt, device, dtype):
     return (HF if impl.startswith("hf") else Ours)(ckpt, device, dtype, impl)
 
@@ -185,6 +197,7 @@ def main(argv=None):
                     got, failed = measure_round_robin(here, batch, args.prompt_len, args.new_tokens, args.repeats)
                     model_rows += got
                     failures += failed
+                budgets = kernel_counts(runners, args.batch)
                 del runners
                 Ours._models.clear()
                 gc.collect()
@@ -194,6 +207,7 @@ def main(argv=None):
                 kv_len = args.prompt_len + args.new_tokens / 2
                 for r in model_rows:
                     r["model"] = name
+                    r["kernels_per_step"] = budgets.get((r["impl"], r["batch"]))
                     tokens = r.pop("tokens")
                     bytes_per_step = step_bytes(engine.CONFIGS[name], dtype, r["batch"], kv_len)
                     r["roofline_frac"] = bytes_per_step * r["decode_tok_s"] / r["batch"] / copy_bps
@@ -208,11 +222,13 @@ def main(argv=None):
     extra = {"roofline": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
              "weights": "random (seed 0), same safetensors for every implementation", "failures": failures}
     columns = ["model", "dtype", "batch", "impl", "load_s", "prefill_ms", "decode_tok_s", "roofline_frac",
-               "greedy_same_as_eager"]
+               "kernels_per_step", "greedy_same_as_eager"]
     out = write_results(args.name, device, rows, columns, extra,
                         notes="decode_tok_s sums over the batch; greedy_same_as_eager counts tokens of row 0 equal "
                               "to our eager run (same dtype) before the first difference; roofline_frac = weight + "
-                              "KV bytes per step x steps/s / measured copy bandwidth.")
+                              "KV bytes per step x steps/s / measured copy bandwidth; kernels_per_step: kernels one "
+                              "decode step of our runner launches (benchmarks.step_trace), replayed as they are by "
+                              "+graph (none for torch.compile and HF, whose kernels we do not count).")
     labels = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda x: (list(engine.CONFIGS).index(x[0]), x[1]))
     series = {}
     for r in rows:

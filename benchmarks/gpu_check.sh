@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_check.sh pytest_rest
 #   bash benchmarks/gpu_check.sh bench_layernorm bench_sampling bench_attention
 #   bash benchmarks/gpu_check.sh bench_linear_fp16 bench_linear_bf16
+#   bash benchmarks/gpu_check.sh bench_decode_layer_fp16 bench_decode_layer_bf16 step_trace
 #   bash benchmarks/gpu_check.sh e2e_gpt2
 #   bash benchmarks/gpu_check.sh e2e_medium
 #   bash benchmarks/gpu_check.sh e2e_large_fp16
@@ -47,6 +48,9 @@ declare -A STEPS=(
   [bench_attention]="180 1 $PY -m benchmarks.bench_attention"
   [bench_linear_fp16]="180 1 $PY -m benchmarks.bench_linear --dtype fp16"
   [bench_linear_bf16]="180 1 $PY -m benchmarks.bench_linear --dtype bf16"
+  [bench_decode_layer_fp16]="150 1 $PY -m benchmarks.bench_decode_layer --dtype fp16"
+  [bench_decode_layer_bf16]="150 1 $PY -m benchmarks.bench_decode_layer --dtype bf16"
+  [step_trace]="120 1 $PY -m benchmarks.step_trace --model gpt2 gpt2-xl --backend triton eager --batch 1 8 --dtype float16"
   [e2e_gpt2]="360 1 $PY -m benchmarks.e2e --models gpt2 --name e2e_gpt2"
   [e2e_medium]="360 1 $PY -m benchmarks.e2e --models gpt2-medium --name e2e_medium"
   [e2e_large_fp16]="360 1 $PY -m benchmarks.e2e --models gpt2-large --dtypes fp16 --name e2e_large_fp16"
@@ -55,7 +59,7 @@ declare -A STEPS=(
   [e2e_xl_bf16]="300 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes bf16 --impls triton+graph triton eager+graph hf --name e2e_xl_bf16"
 )
 ORDER=(pytest_gpu aot pytest_rest bench_layernorm bench_sampling bench_attention bench_linear_fp16 bench_linear_bf16
-       e2e_gpt2 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
+       bench_decode_layer_fp16 bench_decode_layer_bf16 step_trace e2e_gpt2 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
 SETUP_TIMEOUT=180  # pip install plus the nvcc build of the sampler, ~70 s of it on 2 cores
 
 pack_results() { tar czf "$OUT/results.tgz" benchmarks/results; }

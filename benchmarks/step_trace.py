@@ -1,6 +1,6 @@
 """What one decode step dispatches: every op with its shapes, host syncs, and the kernels it launches.
 
-    python -m benchmarks.step_trace --model gpt2 --backend triton   # kernels per decode step
+    python -m benchmarks.step_trace --model gpt2 --backend triton   # kernels per decode step, per layer, outside
 
 The CPU-measurable proxy for the GPU's decode speed: on a GPU a step costs about one launch gap per
 kernel even inside a CUDA graph, and a host sync inside the step makes a graph impossible. Runs on
@@ -168,12 +168,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["gpt2"])
     p.add_argument("--backend", nargs="+", default=["eager", "triton"])
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
     for name in args.model:
         for backend in args.backend:
-            print(count(name, backend, args.batch, args.dtype), flush=True)
+            for batch in args.batch:
+                print(count(name, backend, batch, args.dtype), flush=True)
 
 
 if __name__ == "__main__":

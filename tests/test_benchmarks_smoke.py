@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("args", [
     ["benchmarks.bench_layernorm", "--smoke"],
     ["benchmarks.bench_linear", "--smoke"],
+    ["benchmarks.bench_decode_layer", "--smoke"],
     ["benchmarks.bench_attention", "--smoke"],
     ["benchmarks.bench_sampling", "--smoke"],
     ["benchmarks.e2e", "--models", "gpt2", "--batch", "1", "2", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "1"],

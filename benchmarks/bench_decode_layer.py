@@ -1,0 +1,133 @@
+"""One GPT-2 decode layer: the fused path (5 kernels) vs today's unfused kernels vs eager PyTorch.
+
+    python -m benchmarks.bench_decode_layer            # GPU: gpt2 ... gpt2-xl widths, batch 1 and 8, fp16
+    python -m benchmarks.bench_decode_layer --smoke    # CPU: one small width through the interpreter
+
+Per width and batch, one decode step through one layer (a new token per row over a cache holding
+``--kv-len`` tokens), three ways:
+- ``fused``: what ``GPT2.decode`` runs on the triton backend: ``ln_qkv_append`` (LayerNorm + QKV +
+  cache write), ``decode_attention``, c_proj + residual, ``ln_linear`` (LayerNorm + c_fc + GELU),
+  MLP c_proj + residual: five kernels;
+- ``unfused``: the same math through the separate kernels the prefill path uses: ``layer_norm``,
+  ``linear``, an ``index_put`` per cache, ``decode_attention``, ``linear``, ``add_layer_norm``,
+  ``gelu_mlp`` (two linears), ``add_layer_norm``;
+- ``eager``: the eager backend's plain PyTorch ops (the reference compositions).
+Reported as µs per layer and as the fraction of the copy bandwidth measured in the same run
+(the layer's weight bytes plus the cache bytes read, over the time). On CPU the kernels run in
+the interpreter: the run proves the benchmark works, its timings mean nothing and nothing is written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before kernels loads
+
+import kernels
+from engine.backends import EAGER, TRITON
+
+from .report import bar_plot, write_results
+from .roofline import copy_gbps
+from .timing import bench
+
+WIDTHS = {"gpt2": (768, 12), "gpt2-medium": (1024, 16), "gpt2-large": (1280, 20), "gpt2-xl": (1600, 25)}
+
+
+def layer_weights(c: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+    """One block's parameters, (out, in) weights as the engine holds them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device, dtype)
+
+    return {"ln_1": (1 + rand(c, scale=0.1), rand(c, scale=0.1)), "ln_2": (1 + rand(c, scale=0.1), rand(c, scale=0.1)),
+            "c_attn": (rand(3 * c, c, scale=c**-0.5), rand(3 * c, scale=0.1)),
+            "attn_proj": (rand(c, c, scale=c**-0.5), rand(c, scale=0.1)),
+            "c_fc": (rand(4 * c, c, scale=c**-0.5), rand(4 * c, scale=0.1)),
+            "mlp_proj": (rand(c, 4 * c, scale=(4 * c)**-0.5), rand(c, scale=0.1))}
+
+
+def fused_layer(ops, x, p, k_cache, v_cache, lens, h, eps=1e-5):
+    """``GPT2.decode``'s layer: five ops (five kernels on the triton backend). x (B, C) -> (B, C)."""
+    b, c = x.shape
+    q = ops.ln_qkv_append(x, *p["ln_1"], *p["c_attn"], k_cache, v_cache, lens, eps)
+    o = ops.decode_attention(q.view(b, 1, h, c // h).transpose(1, 2), k_cache, v_cache, lens)
+    x = ops.linear(o.transpose(1, 2).reshape(b, c), *p["attn_proj"], residual=x)
+    m = ops.ln_linear(x, *p["ln_2"], *p["c_fc"], "gelu_tanh", eps)
+    return ops.linear(m, *p["mlp_proj"], residual=x)
+
+
+def unfused_layer(x, p, k_cache, v_cache, lens, h, eps=1e-5):
+    """The same layer through the separate kernels (what a decode step launched before the fusions)."""
+    b, c = x.shape
+    rows, pos = torch.arange(b, device=x.device), lens.long() - 1
+    qkv = kernels.linear(kernels.layer_norm(x, *p["ln_1"], eps), *p["c_attn"])
+    q, k, v = qkv.view(b, 3, h, c // h).unbind(1)
+    k_cache[rows, :, pos] = k
+    v_cache[rows, :, pos] = v
+    o = kernels.decode_attention(q[:, :, None], k_cache, v_cache, lens, check_lens=False)
+    a = kernels.linear(o.reshape(b, c), *p["attn_proj"])
+    hn, resid = kernels.add_layer_norm(a, x, *p["ln_2"], eps)
+    m = kernels.gelu_mlp(hn, *p["c_fc"], *p["mlp_proj"])
+    return kernels.add_layer_norm(m, resid, *p["ln_1"], eps)[1]  # the next layer's LayerNorm, as the chain runs it
+
+
+def layer_bytes(c: int, batch: int, kv_len: int, element: int) -> int:
+    """Bytes a decode layer reads at least: its weights once, and each row's keys and values."""
+    weights = 12 * c * c + 13 * c + 4 * c  # four projections with biases, two LayerNorms
+    return (weights + batch * 2 * kv_len * c) * element
+
+
+def main(argv=None):
+    def options(p):
+        p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+        p.add_argument("--kv-len", type=int, default=512, help="tokens in each row's cache")
+        p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+
+    args, device, smoke = parse(__doc__, argv, options)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    widths, kv_len, batches, reps = WIDTHS, args.kv_len, args.batch, {}
+    if smoke:  # interpreted kernels take a second a layer: one small case, timed twice
+        widths, kv_len, batches, reps = {"tiny": (96, 3)}, 40, [3], {"warmup": 0, "reps": 2}
+        dtype = torch.float16 if device.type == "cpu" else dtype  # interpreter: no bf16 tl.dot
+    roof = copy_gbps(device)
+    print(f"copy {roof:.0f} GB/s")
+    results = []
+    for model, (c, h) in widths.items():
+        p = layer_weights(c, dtype, device)
+        for batch in batches:
+            g = torch.Generator().manual_seed(batch)
+            x = torch.randn(batch, c, generator=g).to(device, dtype)
+            cache = torch.randn(2, batch, h, kv_len + 8, c // h, generator=g).to(device, dtype)
+            caches = {name: cache.clone() for name in ("fused", "unfused", "eager")}
+            lens = torch.full((batch,), kv_len, dtype=torch.int32, device=device)  # the new token is the last
+            fns = {"fused": lambda: fused_layer(TRITON, x, p, *caches["fused"], lens, h),
+                   "unfused": lambda: unfused_layer(x, p, *caches["unfused"], lens, h),
+                   "eager": lambda: fused_layer(EAGER, x, p, *caches["eager"], lens, h)}
+            want = fns["eager"]().float()
+            for name in ("fused", "unfused"):
+                torch.testing.assert_close(fns[name]().float(), want, atol=5e-2, rtol=5e-2)
+            t = {name: bench(fn, device, **reps)["ms"] for name, fn in fns.items()}
+            nbytes = layer_bytes(c, batch, kv_len, x.element_size())
+            row = {"model": model, "C": c, "batch": batch, "kv_len": kv_len,
+                   **{f"{name}_us": v * 1e3 for name, v in t.items()},
+                   **{f"{name}_copy_frac": nbytes / (v * 1e-3) / (roof * 1e9) for name, v in t.items()},
+                   "vs_unfused": t["unfused"] / t["fused"], "vs_eager": t["eager"] / t["fused"]}
+            print_row(row)
+            results.append(row)
+    if interpreted(device):
+        return
+    cols = ["model", "C", "batch", "kv_len", "fused_us", "unfused_us", "eager_us", "fused_copy_frac",
+            "unfused_copy_frac", "eager_copy_frac", "vs_unfused", "vs_eager"]
+    out = write_results(f"decode_layer_{args.dtype}", device, results, cols,
+                        {"copy_gbps": roof, "dtype": args.dtype, "kv_len": kv_len},
+                        notes="One decode layer, one new token per row. *_copy_frac = (layer weights + KV read) "
+                              "bytes / time / measured copy bandwidth. vs_*: speed-up of fused (>1 is faster).")
+    labels = [f"{r['model']} b{r['batch']}" for r in results]
+    bar_plot(out / f"decode_layer_{args.dtype}.png", f"decode layer {args.dtype}, kv {kv_len}", labels,
+             {name: [r[f"{name}_us"] for r in results] for name in ("fused", "unfused", "eager")}, "µs per layer")
+    print(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    main()

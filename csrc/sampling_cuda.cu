@@ -21,6 +21,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "philox.h"
 
@@ -297,7 +298,8 @@ void launch_sample(const at::Tensor& logits, const at::Tensor& temperature, cons
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(vocab > 0 && vocab < (int64_t{1} << 31), "vocab size must be in [1, 2^31)");
-  for (const at::Tensor* t : {&temperature, &top_k, &top_p, &seed, &offset, &out}) {
+  const std::initializer_list<const at::Tensor*> per_row{&temperature, &top_k, &top_p, &seed, &offset, &out};
+  for (const at::Tensor* t : per_row) {
     TORCH_CHECK(t->device() == logits.device(), "sampling parameters must be on the logits' device");
   }
   const at::Tensor temp = temperature.to(at::kFloat).contiguous();

@@ -49,19 +49,35 @@ def gpt2_width_checkpoint(tmp_path_factory):
     return path
 
 
+def _run_requests(model, prompts, steps: int, **sampling) -> None:
+    """What ``engine.generate`` launches for ``prompts``: the runner's prefill, first draw and decode
+    steps (tokens are not read: with launches recorded but not executed they are meaningless)."""
+    from engine.generation import runner_for
+    from engine.runner import Request, SamplingParams
+
+    runner = runner_for(model)
+    requests = [Request(p, steps + 1, SamplingParams(**sampling)) for p in prompts]
+    runner.prepare(requests, cuda_graph=False)
+    runner.start(requests)
+    for _ in range(steps):
+        runner.step()
+
+
 def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint, device):
-    """On CPU the launches are interpreted; on a GPU they are the JIT's own, with real device pointers."""
+    """On a GPU the launches are the JIT's own, with real device pointers. On CPU they are recorded
+    with the same arguments but not executed: interpreting every program of gpt2-width kernels
+    would take minutes, and no launch argument depends on a kernel's output (no host sync)."""
     aot = aot_recording()
     model = engine.load_model(str(gpt2_width_checkpoint), device=device, dtype="float16", backend="triton")
     compiled_before = _jit_cache_keys()
-    with record_launches() as run:
-        engine.generate(model, "Hi", max_new_tokens=2, temperature=0)                       # batch 1: M = 1
-        engine.generate(model, [[1, 2, 3], list(range(20))], max_new_tokens=2, seed=0)     # ragged batch
+    with record_launches(execute=device.type == "cuda") as run:
+        _run_requests(model, [list(range(7))], steps=2, temperature=0.0)               # batch 1: M = 1
+        _run_requests(model, [[1, 2, 3], list(range(20))], steps=2, temperature=1.0)   # ragged batch
     assert len(run.launches) > 20
     missing = sorted({run.jobs[90, key].label for _, key in run.launches if key not in aot.keys(90)})
     assert not missing, "launched but not compiled by kernels.aot:\n" + "\n".join(missing)
-    for label in ("M=1", "Lq=1"):  # the batch-1 specialisations the JIT makes are among them
-        assert any(label in run.jobs[90, key].label for _, key in run.launches)
+    for label in ("M=1", "Lq=1", "NORM=True", "KV_CACHE=True"):  # batch 1's specialisations, the fused decode ops
+        assert any(label in run.jobs[90, key].label for _, key in run.launches), label
     if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         # What the JIT itself compiled for this generation on a Hopper GPU, read from its kernel caches.
         compiled = _jit_cache_keys() - compiled_before

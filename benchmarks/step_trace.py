@@ -108,18 +108,19 @@ def _launches_untraced():
             cls.run = run
 
 
-def trace_step(step) -> tuple[OpTrace, list]:
-    """Run ``step()`` once under an ``OpTrace`` and ``record_launches``: (the trace, Triton launches)."""
+def trace_step(step, execute: bool = True) -> tuple[OpTrace, list]:
+    """Run ``step()`` once under an ``OpTrace`` and ``record_launches``: (the trace, Triton launches).
+    execute=False records the Triton launches without running them (their outputs are garbage)."""
     from kernels.aot import record_launches
 
-    with record_launches() as launches, _launches_untraced(), OpTrace() as trace:
+    with record_launches(execute=execute) as launches, _launches_untraced(), OpTrace() as trace:
         step()
     return trace, launches.launches
 
 
-def step_kernels(step) -> int:
+def step_kernels(step, execute: bool = True) -> int:
     """Kernels ``step()`` launches: Triton launches plus the trace's other kernels."""
-    trace, launches = trace_step(step)
+    trace, launches = trace_step(step, execute)
     return len(trace.kernels()) + len(launches)
 
 
@@ -136,19 +137,27 @@ def _first_layers(model, n: int):
 
 def kernel_budget(model, batch: int) -> dict:
     """Kernels in one decode step of ``batch`` rows of ``model`` after a 5-token prompt: the total,
-    those each layer adds (the step with 2 layers minus the step with 1) and those outside the layers."""
+    those each layer adds (the step with 2 layers minus the step with 1) and those outside the layers.
+
+    Without a GPU the Triton launches are recorded, not interpreted (minutes at gpt2's width): no
+    launch and no op of the step depends on a kernel's output values (the step has no host sync).
+    """
     from engine.generation import runner_for
     from engine.runner import Request, SamplingParams
 
     runner = runner_for(model)
     requests = [Request([1, 2, 3, 4, 5], 8, SamplingParams(temperature=0.7, top_k=40, seed=r)) for r in range(batch)]
+    from kernels.aot import record_launches
+
+    execute = model.device.type == "cuda"
     runner.prepare(requests, cuda_graph=False)
-    runner.start(requests)
-    total = step_kernels(lambda: runner._decode_step(runner.rows))
+    with record_launches(execute=execute):  # the prefill too: only the step's launches are counted
+        runner.start(requests)
+    total = step_kernels(lambda: runner._decode_step(runner.rows), execute)
     with _first_layers(model, 1):
-        one = step_kernels(lambda: runner._decode_step(runner.rows))
+        one = step_kernels(lambda: runner._decode_step(runner.rows), execute)
     with _first_layers(model, 2):
-        two = step_kernels(lambda: runner._decode_step(runner.rows))
+        two = step_kernels(lambda: runner._decode_step(runner.rows), execute)
     per_layer = two - one
     return {"kernels": total, "per_layer": per_layer, "outside_layers": one - per_layer,
             "layers": model.config.n_layer}
@@ -160,7 +169,7 @@ def count(model_name: str, backend: str, batch: int, dtype: str) -> dict:
 
     model = engine.load_model(f"random:{model_name}", dtype=dtype, backend=backend)
     budget = kernel_budget(model, batch)
-    trace, _ = trace_step(lambda: engine.generation.runner_for(model)._decode_step(batch))
+    trace, _ = trace_step(lambda: engine.generation.runner_for(model)._decode_step(batch), model.device.type == "cuda")
     return {"model": model_name, "backend": backend, "batch": batch, **budget, "host_syncs": trace.host_syncs()}
 
 

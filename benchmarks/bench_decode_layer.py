@@ -5,13 +5,13 @@
 
 Per width and batch, one decode step through one layer (a new token per row over a cache holding
 ``--kv-len`` tokens), three ways:
-- ``fused``: what ``GPT2.decode`` runs on the triton backend: ``ln_qkv_append`` (LayerNorm + QKV +
+- ``fused``: ``engine.model.decode_layer``, what ``GPT2.decode`` runs, on the triton backend: ``ln_qkv_append`` (LayerNorm + QKV +
   cache write), ``decode_attention``, c_proj + residual, ``ln_linear`` (LayerNorm + c_fc + GELU),
   MLP c_proj + residual: five kernels;
 - ``unfused``: the same math through the separate kernels the prefill path uses: ``layer_norm``,
   ``linear``, an ``index_put`` per cache, ``decode_attention``, ``linear``, ``add_layer_norm``,
   ``gelu_mlp`` (two linears), ``add_layer_norm``;
-- ``eager``: the eager backend's plain PyTorch ops (the reference compositions).
+- ``eager``: ``decode_layer`` on the eager backend's plain PyTorch ops (the reference compositions).
 Reported as µs per layer and as the fraction of the copy bandwidth measured in the same run
 (the layer's weight bytes plus the cache bytes read, over the time). On CPU the kernels run in
 the interpreter: the run proves the benchmark works, its timings mean nothing and nothing is written.
@@ -25,6 +25,8 @@ from .kernel_cli import interpreted, parse, print_row  # first: it sets up the i
 
 import kernels
 from engine.backends import EAGER, TRITON
+from engine.config import GPT2Config
+from engine.model import Block, decode_layer
 
 from .report import bar_plot, write_results
 from .roofline import copy_gbps
@@ -33,43 +35,33 @@ from .timing import bench
 WIDTHS = {"gpt2": (768, 12), "gpt2-medium": (1024, 16), "gpt2-large": (1280, 20), "gpt2-xl": (1600, 25)}
 
 
-def layer_weights(c: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
-    """One block's parameters, (out, in) weights as the engine holds them."""
+def random_block(c: int, h: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Block:
+    """One GPT-2 block of width ``c`` with random parameters, (out, in) weights as the engine holds them."""
     g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(device, dtype)
-
-    return {"ln_1": (1 + rand(c, scale=0.1), rand(c, scale=0.1)), "ln_2": (1 + rand(c, scale=0.1), rand(c, scale=0.1)),
-            "c_attn": (rand(3 * c, c, scale=c**-0.5), rand(3 * c, scale=0.1)),
-            "attn_proj": (rand(c, c, scale=c**-0.5), rand(c, scale=0.1)),
-            "c_fc": (rand(4 * c, c, scale=c**-0.5), rand(4 * c, scale=0.1)),
-            "mlp_proj": (rand(c, 4 * c, scale=(4 * c)**-0.5), rand(c, scale=0.1))}
+    blk = Block(GPT2Config(n_embd=c, n_head=h)).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for name, param in blk.named_parameters():
+            scale = param.shape[-1] ** -0.5 if param.dim() == 2 else 0.1  # weights by fan-in, the rest small
+            one = 1.0 if name.startswith("ln_") and name.endswith("weight") else 0.0  # LayerNorm gains near 1
+            param.copy_(one + scale * torch.randn(param.shape, generator=g))
+    return blk
 
 
-def fused_layer(ops, x, p, k_cache, v_cache, lens, h, eps=1e-5):
-    """``GPT2.decode``'s layer: five ops (five kernels on the triton backend). x (B, C) -> (B, C)."""
-    b, c = x.shape
-    q = ops.ln_qkv_append(x, *p["ln_1"], *p["c_attn"], k_cache, v_cache, lens, eps)
-    o = ops.decode_attention(q.view(b, 1, h, c // h).transpose(1, 2), k_cache, v_cache, lens)
-    x = ops.linear(o.transpose(1, 2).reshape(b, c), *p["attn_proj"], residual=x)
-    m = ops.ln_linear(x, *p["ln_2"], *p["c_fc"], "gelu_tanh", eps)
-    return ops.linear(m, *p["mlp_proj"], residual=x)
-
-
-def unfused_layer(x, p, k_cache, v_cache, lens, h, eps=1e-5):
+def unfused_layer(x, blk, k_cache, v_cache, lens, h, eps=1e-5):
     """The same layer through the separate kernels (what a decode step launched before the fusions)."""
     b, c = x.shape
     rows, pos = torch.arange(b, device=x.device), lens.long() - 1
-    qkv = kernels.linear(kernels.layer_norm(x, *p["ln_1"], eps), *p["c_attn"])
+    attn, mlp = blk.attn, blk.mlp
+    qkv = kernels.linear(kernels.layer_norm(x, blk.ln_1.weight, blk.ln_1.bias, eps), attn.c_attn.weight, attn.c_attn.bias)
     q, k, v = qkv.view(b, 3, h, c // h).unbind(1)
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
     o = kernels.decode_attention(q[:, :, None], k_cache, v_cache, lens, check_lens=False)
-    a = kernels.linear(o.reshape(b, c), *p["attn_proj"])
-    hn, resid = kernels.add_layer_norm(a, x, *p["ln_2"], eps)
-    m = kernels.gelu_mlp(hn, *p["c_fc"], *p["mlp_proj"])
-    return kernels.add_layer_norm(m, resid, *p["ln_1"], eps)[1]  # the next layer's LayerNorm, as the chain runs it
+    a = kernels.linear(o.reshape(b, c), attn.c_proj.weight, attn.c_proj.bias)
+    hn, resid = kernels.add_layer_norm(a, x, blk.ln_2.weight, blk.ln_2.bias, eps)
+    m = kernels.gelu_mlp(hn, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias)
+    # the next layer's LayerNorm, as the unfused chain runs it after every block
+    return kernels.add_layer_norm(m, resid, blk.ln_1.weight, blk.ln_1.bias, eps)[1]
 
 
 def layer_bytes(c: int, batch: int, kv_len: int, element: int) -> int:
@@ -94,16 +86,16 @@ def main(argv=None):
     print(f"copy {roof:.0f} GB/s")
     results = []
     for model, (c, h) in widths.items():
-        p = layer_weights(c, dtype, device)
+        blk = random_block(c, h, dtype, device)
         for batch in batches:
             g = torch.Generator().manual_seed(batch)
             x = torch.randn(batch, c, generator=g).to(device, dtype)
             cache = torch.randn(2, batch, h, kv_len + 8, c // h, generator=g).to(device, dtype)
             caches = {name: cache.clone() for name in ("fused", "unfused", "eager")}
             lens = torch.full((batch,), kv_len, dtype=torch.int32, device=device)  # the new token is the last
-            fns = {"fused": lambda: fused_layer(TRITON, x, p, *caches["fused"], lens, h),
-                   "unfused": lambda: unfused_layer(x, p, *caches["unfused"], lens, h),
-                   "eager": lambda: fused_layer(EAGER, x, p, *caches["eager"], lens, h)}
+            fns = {"fused": lambda: decode_layer(TRITON, blk, x, *caches["fused"], lens, h, 1e-5),
+                   "unfused": lambda: unfused_layer(x, blk, *caches["unfused"], lens, h),
+                   "eager": lambda: decode_layer(EAGER, blk, x, *caches["eager"], lens, h, 1e-5)}
             want = fns["eager"]().float()
             for name in ("fused", "unfused"):
                 torch.testing.assert_close(fns[name]().float(), want, atol=5e-2, rtol=5e-2)

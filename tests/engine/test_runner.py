@@ -150,15 +150,31 @@ def test_graph_replay_equals_the_eager_step(small_vocab_checkpoint, backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,min_same", [("float32", 1.0), ("float16", 0.99)])
-def test_triton_graph_greedy_equals_eager_greedy(tiny_checkpoint, dtype, min_same):
-    eager = _model(tiny_checkpoint, "eager", dtype, "cuda")
-    triton_ = _model(tiny_checkpoint, "triton", dtype, "cuda")
+def test_triton_graph_greedy_equals_eager_greedy_in_fp32(tiny_checkpoint):
+    eager = _model(tiny_checkpoint, "eager", "float32", "cuda")
+    triton_ = _model(tiny_checkpoint, "triton", "float32", "cuda")
     prompts = [engine.encode(t) for t in ("Once upon a time", "1 2 3 4 5 6", "The")]
     want = engine.generate(eager, prompts, 40, temperature=0, stop_at_eos=False, cuda_graph=False).tokens
     got = engine.generate(triton_, prompts, 40, temperature=0, stop_at_eos=False, cuda_graph=True).tokens
-    same = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w)) / sum(len(w) for w in want)
-    assert same >= min_same, f"{same:.3f} of greedy tokens agree"
+    assert got == want
+
+
+@pytest.mark.gpu
+def test_triton_graph_fp16_greedy_picks_the_fp32_argmax_up_to_rounding(tiny_checkpoint, hf_model):
+    """In fp16, near-ties flip (a random tiny model's top two logits are ~0.1 apart, fp16 moves them
+    by ~3e-3), and one flip changes the rest of the row, so token equality with eager is the wrong
+    test (it saw 72 % on an H200). Instead every token our fp16 graph picks, along its own sequence,
+    must be the argmax of HF's fp32 logits up to a margin far below the gap between real choices."""
+    triton_ = _model(tiny_checkpoint, "triton", "float16", "cuda")
+    prompts = [engine.encode(t) for t in ("Once upon a time", "1 2 3 4 5 6", "The")]
+    got = engine.generate(triton_, prompts, 40, temperature=0, stop_at_eos=False, cuda_graph=True).tokens
+    worst = 0.0
+    for prompt, tokens in zip(prompts, got):
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].double()
+        chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        worst = max(worst, (logits.max(1).values - chosen).max().item())
+    assert worst < 0.03, f"a greedy token is {worst:.3g} below the fp32 argmax"
 
 
 @pytest.mark.gpu
@@ -180,8 +196,21 @@ def test_graphs_with_ragged_batches_and_eos(tiny_checkpoint, monkeypatch):
         out.copy_(torch.where(at_third, EOT_ID, out))
 
     monkeypatch.setattr(engine.runner, "sample_next_", eos_at_third)
-    runner_for(model).graphs.clear()  # recapture with the patched sampler
+    runner_for(model).drop_graphs()  # recapture with the patched sampler
     out = engine.generate(model, prompts, 12, temperature=0)
     assert len(out.tokens[1]) == 3 and out.tokens[1][-1] == EOT_ID
     for r in (0, 2):  # the others are untouched (up to an EOS of their own)
         assert out.tokens[r] == want[r][:len(out.tokens[r])]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_graphs_survive_the_cache_growing(tiny_checkpoint, backend):
+    """A bigger batch regrows the cache and drops the graphs; capturing again must start a fresh
+    memory pool (reusing the old one's handle tripped the CUDA allocator's assert on an H200)."""
+    model = _model(tiny_checkpoint, backend, "float16", "cuda")
+    for batch, length in ((1, 5), (8, 40), (64, 100), (1, 5)):
+        prompts = [list(range(r + 1, r + 1 + length)) for r in range(batch)]
+        want = engine.generate(model, prompts, 6, temperature=0, stop_at_eos=False, cuda_graph=False).tokens
+        got = engine.generate(model, prompts, 6, temperature=0, stop_at_eos=False, cuda_graph=True).tokens
+        assert got == want

@@ -50,7 +50,7 @@ def _draw(sampler, logits, draws, seed, **kw):
     counts = torch.zeros(logits.shape[-1], dtype=torch.long)
     for offset, start in enumerate(range(0, draws, chunk)):
         rows = logits.expand(min(chunk, draws - start), -1)
-        counts += torch.bincount(sampler(rows, seed=seed, offset=offset, **kw), minlength=logits.shape[-1])
+        counts += torch.bincount(sampler(rows, seed=seed, offset=offset, **kw), minlength=logits.shape[-1]).cpu()
     return counts
 
 

@@ -1,0 +1,191 @@
+"""Tile sweep for the decode GEMVs (M = 1 and 8 rows): which (BLOCK_N, BLOCK_K, warps, stages, programs
+per SM) streams GPT-2's weights fastest, and what the winners do to a whole decode step.
+
+    python -m benchmarks.sweep_decode_gemv            # GPU: gpt2 and gpt2-xl layer shapes
+    python -m benchmarks.sweep_decode_gemv --smoke    # CPU: two configs, one small shape, interpreter
+
+Each (shape, config) is timed as a CUDA graph of launches that rotate over enough weight copies to
+exceed the L2 twice, so the time is device time, not Python launch overhead or cache hits. GB/s
+counts the weight bytes (the x, bias and output bytes are under 1 %). The step check then generates
+with gemm_config patched to each shape's winner and compares decode tok/s with the default table.
+Compiles run first in parallel processes (Triton's on-disk cache), so the sweep fits a short lease.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import importlib
+import multiprocessing
+import time
+
+import torch
+
+from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before kernels loads
+
+import kernels
+from kernels._ops import sm_count
+
+from .report import write_results
+from .roofline import copy_gbps
+
+klinear = importlib.import_module("kernels.linear")  # the module: kernels.linear is the op
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM): today's table first, then wider K
+# blocks (more bytes in flight per program), more stages, and more resident programs.
+CONFIGS = [(64, 64, 4, 4, 2), (64, 128, 4, 4, 2), (32, 128, 4, 4, 2), (32, 256, 4, 3, 2), (16, 256, 4, 4, 2),
+           (64, 128, 4, 3, 4), (32, 128, 4, 4, 4), (32, 256, 4, 3, 4), (16, 512, 4, 3, 4), (128, 64, 4, 4, 2),
+           (64, 256, 8, 3, 2), (128, 128, 8, 3, 2)]
+MODELS = {"gpt2": 768, "gpt2-xl": 1600}
+
+
+def shapes(c: int, vocab: int = 50257) -> list[tuple[str, int, int, str | None, bool]]:
+    """(layer, N, K, activation, residual?) of one decode step's GEMVs at width c."""
+    return [("c_attn", 3 * c, c, None, False), ("attn.c_proj+res", c, c, None, True),
+            ("c_fc+gelu", 4 * c, c, "gelu_tanh", False), ("mlp.c_proj+res", c, 4 * c, None, True),
+            ("lm_head", vocab, c, None, False)]
+
+
+def config_for(cfg: tuple, n: int, k: int, sms: int) -> klinear.GemmConfig:
+    """gemm_config's split-K rule (powers of two until the programs reach the target) at ``cfg``'s tiles."""
+    block_n, block_k, warps, stages, per_sm = cfg
+    tiles, split, k_blocks = -(-n // block_n), 1, -(-k // block_k)
+    while (tiles * split < per_sm * sms and split < klinear.MAX_SPLIT_K
+           and k_blocks >= klinear.MIN_BLOCKS_PER_SPLIT * split * 2 and klinear._every_split_has_work(k_blocks, split * 2)):
+        split *= 2
+    return klinear.GemmConfig(16, block_n, block_k, warps, stages, split)
+
+
+def run_with(config: klinear.GemmConfig | None, fn):
+    """Run ``fn`` with gemm_config returning ``config`` for decode rows (None: the default table)."""
+    default = klinear.gemm_config
+    if config is not None:
+        klinear.gemm_config = lambda m, n, k, dtype, sms: config if m <= klinear.DECODE_MAX_ROWS else default(m, n, k, dtype, sms)
+    try:
+        return fn()
+    finally:
+        klinear.gemm_config = default
+
+
+def _inputs(m, n, k, act, res, dtype, device, copies):
+    g = torch.Generator(device=device).manual_seed(n * 7 + k)
+    ws = [torch.randn(n, k, dtype=dtype, device=device, generator=g) * k**-0.5 for _ in range(copies)]
+    x = torch.randn(m, k, dtype=dtype, device=device, generator=g)
+    bias = None if n == 50257 else torch.randn(n, dtype=dtype, device=device, generator=g)  # the lm_head has none
+    r = torch.randn(m, n, dtype=dtype, device=device, generator=g) if res else None
+    return x, ws, bias, r
+
+
+def _compile_one(job):
+    """Worker: run one (shape, config) once so its kernel variant lands in Triton's disk cache."""
+    m, n, k, act, res, dtype, config = job
+    x, ws, bias, r = _inputs(m, n, k, act, res, dtype, "cuda", 1)
+    run_with(config, lambda: kernels.linear(x, ws[0], bias, act if act == "gelu_tanh" else None, r))
+    torch.cuda.synchronize()
+    return True
+
+
+def time_gemv(m, n, k, act, res, dtype, device, config, l2_bytes) -> tuple[float, float]:
+    """(µs per launch, max abs error vs linear_ref) with ``config``, from graph replays."""
+    copies = max(2, -(-2 * l2_bytes // (n * k * dtype.itemsize)))
+    x, ws, bias, r = _inputs(m, n, k, act, res, dtype, device, copies)
+    activation = act if act == "gelu_tanh" else None
+    out = run_with(config, lambda: kernels.linear(x, ws[0], bias, activation, r))
+    err = (out.float() - klinear.linear_ref(x, ws[0], bias, activation, r).float()).abs().max().item()
+    if device.type != "cuda":
+        return float("nan"), err
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in ws:
+            run_with(config, lambda: kernels.linear(x, w, bias, activation, r))
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(ws))
+    return sorted(times)[len(times) // 2], err
+
+
+def step_tok_s(model, batch: int, winners: dict | None) -> float:
+    """Decode tok/s of a 64-token greedy generation (CUDA graph) with the default or the winning tiles."""
+    import engine
+    from engine.generation import runner_for
+
+    default = klinear.gemm_config
+
+    def patched(m, n, k, dtype, sms):
+        cfg = (winners or {}).get((m <= 1, n, k))
+        return cfg if cfg is not None and m <= klinear.DECODE_MAX_ROWS else default(m, n, k, dtype, sms)
+
+    runner = runner_for(model)
+    runner.drop_graphs()  # captured with the other table
+    klinear.gemm_config = patched
+    try:
+        prompts = [[int(t) for t in torch.randint(0, 50257, (128,))] for _ in range(batch)]
+        engine.generate(model, prompts, 8, temperature=0, stop_at_eos=False, cuda_graph=True)  # compile + capture
+        out = engine.generate(model, prompts, 64, temperature=0, stop_at_eos=False, cuda_graph=True)
+        return out.decode_tokens_per_second
+    finally:
+        klinear.gemm_config = default
+        runner.drop_graphs()
+
+
+def main(argv=None):
+    args, device, smoke = parse(__doc__, argv)
+    dtype = torch.float16
+    if smoke:
+        configs, cases, rows_list = CONFIGS[:2], {"tiny": [("c_fc+gelu", 200, 96, "gelu_tanh", False)]}, [1]
+    else:
+        configs, cases, rows_list = CONFIGS, {name: shapes(c) for name, c in MODELS.items()}, [1, 8]
+    sms = sm_count(device) if device.type == "cuda" else 132
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 1 << 20
+    jobs = [(m, n, k, act, res, dtype, config_for(cfg, n, k, sms))
+            for cases_ in cases.values() for (_, n, k, act, res) in cases_ for m in rows_list for cfg in configs]
+    if device.type == "cuda":
+        start = time.perf_counter()
+        with futures.ProcessPoolExecutor(16, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_compile_one, jobs))
+        print(f"compiled {len(jobs)} (shape, config) pairs in {time.perf_counter() - start:.0f} s", flush=True)
+    bw = copy_gbps(device)
+    rows, winners = [], {}
+    for model, cases_ in cases.items():
+        for layer, n, k, act, res in cases_:
+            for m in rows_list:
+                best = None
+                for cfg in configs:
+                    config = config_for(cfg, n, k, sms)
+                    us, err = time_gemv(m, n, k, act, res, dtype, device, config, l2)
+                    gbps = n * k * dtype.itemsize / us / 1e3
+                    row = {"model": model, "layer": layer, "M": m, "N": n, "K": k, "BN": config.block_n,
+                           "BK": config.block_k, "warps": config.num_warps, "stages": config.num_stages,
+                           "split": config.split_k, "programs": -(-n // config.block_n) * config.split_k, "us": us,
+                           "gbps": gbps, "pct_copy": 100 * gbps / bw, "max_err": err}
+                    rows.append(row)
+                    print_row(row)
+                    if device.type == "cuda" and (best is None or us < best[0]):
+                        best = (us, config)
+                if best is not None:
+                    winners[(m <= 1, n, k)] = best[1]
+    if interpreted(device):
+        return
+    cols = ["model", "layer", "M", "N", "K", "BN", "BK", "warps", "stages", "split", "programs", "us", "gbps",
+            "pct_copy", "max_err"]
+    write_results("decode_gemv_sweep", device, rows, cols, {"copy_gbps": bw, "dtype": "fp16"})  # before the step check
+    import engine
+
+    steps = []
+    for model in reversed(MODELS):  # gpt2-xl first: its step is the one a short lease must not miss
+        gpt2 = engine.load_model(f"random:{model}", device="cuda", dtype=dtype, backend="triton")
+        for batch in rows_list:
+            base, tuned = step_tok_s(gpt2, batch, None), step_tok_s(gpt2, batch, winners)
+            steps.append({"model": model, "batch": batch, "default_tok_s": base, "winners_tok_s": tuned,
+                          "speedup": tuned / base})
+            print_row(steps[-1])
+    write_results("decode_gemv_sweep", device, rows, cols, {"copy_gbps": bw, "dtype": "fp16", "step_check": steps})
+
+
+if __name__ == "__main__":
+    main()

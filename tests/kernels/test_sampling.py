@@ -65,7 +65,7 @@ def test_chi_square_fit(name, vocab, temperature, top_k, top_p, device):
     logits = (torch.randn(1, vocab, generator=torch.Generator().manual_seed(vocab)) * 2).to(device)
     draws = DRAWS if vocab < 1000 else (5_000 if name == "ref" else 20_000)  # 50257-wide draws: ~1.4 ms (ref), ~0.6 ms (C++)
     counts = _draw(SAMPLERS[name], logits, draws, temperature=temperature, top_k=top_k, top_p=top_p, seed=5).cpu()
-    assert _chi2_pvalue(counts, _expected(logits[0], temperature, top_k, top_p)) > 1e-6
+    assert _chi2_pvalue(counts, _expected(logits[0].cpu(), temperature, top_k, top_p)) > 1e-6
 
 
 def _no_renormalisation(logits, temperature, top_k, top_p, seed, offset):
@@ -93,7 +93,7 @@ def test_harness_rejects_broken_samplers(name):
     kw = dict(temperature=0.7, top_k=3, top_p=1.0) if name != "top_p_boundary_inclusive" else \
         dict(temperature=1.0, top_k=0, top_p=0.8)
     counts = _draw(BROKEN[name], logits, DRAWS, seed=5, **kw)
-    assert _chi2_pvalue(counts, _expected(logits[0], kw["temperature"], kw["top_k"], kw["top_p"])) < 1e-6
+    assert _chi2_pvalue(counts, _expected(logits[0].cpu(), kw["temperature"], kw["top_k"], kw["top_p"])) < 1e-6
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

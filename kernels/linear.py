@@ -189,6 +189,16 @@ MAX_SPLIT_K = 16
 MIN_BLOCKS_PER_SPLIT = 2
 
 
+# Decode tiles measured best on an H200 (fp16, M = 1 and 8; benchmarks/sweep_decode_gemv.py, results in
+# benchmarks/results/nvidia-h200/decode_gemv_sweep.md), where they beat the rule below. gpt2's layers
+# are small (1.2-4.7 MB of weights): fewer, longer programs with wide K blocks and no split-K won by
+# 0.3-1 µs a kernel, 1.19x on the graphed gpt2 step. At gpt2-xl's shapes the rule's choice was best.
+DECODE_TUNED = {  # (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages, split_k), 16-bit weights
+    (3 * 768, 768): (32, 256, 4, 3, 1), (768, 768): (16, 256, 4, 4, 1), (4 * 768, 768): (32, 256, 4, 3, 1),
+    (768, 4 * 768): (32, 128, 4, 4, 8), (50257, 768): (64, 128, 4, 4, 1),
+}
+
+
 def _every_split_has_work(k_blocks: int, split: int) -> bool:
     """Whether cutting ``k_blocks`` into ``split`` shares of whole blocks leaves none empty."""
     return (split - 1) * triton.cdiv(k_blocks, split) < k_blocks
@@ -199,10 +209,13 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmCon
 
     Decode (m <= 16): 16-row tiles (``tl.dot``'s minimum), BLOCK_K = 64 (one 128-byte line of an
     fp16 weight row per column), and the widest column block (64, 32, then 16) that, with K split
-    into powers of two, reaches ``DECODE_PROGRAMS_PER_SM`` programs per SM; gpt2's 768 x 768
-    attention projection, the smallest, gets 16 x 4 splits = 192 programs, the lm_head 786 x 1.
+    into powers of two, reaches ``DECODE_PROGRAMS_PER_SM`` programs per SM (gpt2-xl's c_fc: 100 x 4
+    splits = 400 programs, its lm_head 786 x 1); shapes in ``DECODE_TUNED`` take the measured tiles.
     """
     wide = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
+    if m <= DECODE_MAX_ROWS and not wide and (n, k) in DECODE_TUNED:
+        block_n, block_k, warps, stages, split = DECODE_TUNED[n, k]
+        return GemmConfig(16, block_n, block_k, warps, stages, split)
     if m <= DECODE_MAX_ROWS:
         block_k = 64
         k_blocks, target = triton.cdiv(k, block_k), DECODE_PROGRAMS_PER_SM * sms

@@ -9,7 +9,7 @@ import kernels
 from kernels._ops import NS
 
 from .helpers import assert_close_to, poison_empty
-from kernels.linear import gelu_mlp_ref, gemm_config, linear_ref
+from kernels.linear import DECODE_TUNED, gelu_mlp_ref, gemm_config, linear_ref
 
 # (M, K, N): one row, split-K (K = 1600 at M = 1), odd K and N, both regimes (M <= 16 and above).
 SHAPES = [(1, 80, 96), (1, 1600, 200), (3, 200, 1600), (16, 96, 80), (33, 96, 200), (300, 200, 96)]
@@ -225,14 +225,37 @@ def test_split_k_is_deterministic_and_rearms_its_counters(device):
     assert not arrival_counters(device, 4096).any()
 
 
+@pytest.mark.parametrize("n,k", [pytest.param(n, k, marks=[pytest.mark.gpu] if n == 50257 else [])  # lm_head: 40 s interpreted
+                                 for n, k in DECODE_TUNED])
+def test_measured_decode_tiles(n, k, device, monkeypatch):
+    """The tiles DECODE_TUNED picks for gpt2's shapes (wide K blocks, split-K 1 or 8) compute the same
+    product, with and without the LayerNorm prologue, with the epilogues those layers use."""
+    x, w, b, r = _inputs(1, k, n, torch.float16, device, seed=n + k)
+    ln_w, ln_b = 1 + 0.1 * torch.randn(k, device=device), 0.1 * torch.randn(k, device=device)
+    act = "gelu_tanh" if n == 4 * k else None
+    residual = r if n <= k else None  # the two c_proj layers
+    poison_empty(monkeypatch)
+    got = kernels.linear(x, w, b, act, residual)
+    assert_close_to(got, linear_ref(x.double(), w.double(), b.double(), act, residual.double() if residual is not None else None),
+                    TOLS[torch.float16])
+    assert_close_to(kernels.ln_linear(x, ln_w, ln_b, w, b, act), _ln_oracle(x, ln_w, ln_b, w, b, act), TOLS[torch.float16])
+
+
 @pytest.mark.parametrize("c", [768, 1024, 1280, 1600])
 @pytest.mark.parametrize("m", [1, 8, 16])
 def test_decode_launches_fill_an_h100(c, m):
-    """A CPU proxy of decode bandwidth: at GPT-2's shapes every decode projection launches at least
-    1.4 programs per SM of an H100 (132 SMs) and leaves no K split without work."""
+    """A CPU proxy of decode bandwidth: at GPT-2's shapes every decode projection the rule sizes
+    launches at least 1.4 programs per SM of an H100 (132 SMs); measured tiles (DECODE_TUNED: gpt2's
+    small layers, where fewer programs won on an H200) are used for 16-bit weights only. Either way no
+    K split is left without work and the blocks fit tl.dot."""
     for n, k in [(3 * c, c), (c, c), (4 * c, c), (c, 4 * c), (50257, c)]:
-        cfg = gemm_config(m, n, k, torch.float16, sms=132)
-        programs = -(-n // cfg.block_n) * cfg.split_k
-        assert programs >= 1.4 * 132, (n, k, cfg)
-        k_blocks = -(-k // cfg.block_k)
-        assert (cfg.split_k - 1) * -(-k_blocks // cfg.split_k) < k_blocks, (n, k, cfg)
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            cfg = gemm_config(m, n, k, dtype, sms=132)
+            tuned = DECODE_TUNED.get((n, k)) if dtype != torch.float32 else None
+            if tuned:
+                assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.split_k) == tuned
+            else:
+                assert -(-n // cfg.block_n) * cfg.split_k >= 1.4 * 132, (n, k, dtype, cfg)
+            k_blocks = -(-k // cfg.block_k)
+            assert (cfg.split_k - 1) * -(-k_blocks // cfg.split_k) < k_blocks, (n, k, cfg)
+            assert cfg.block_m == 16 and cfg.block_n >= 16 and cfg.block_k >= 16, cfg

@@ -80,6 +80,18 @@ setup() {
        2>/dev/null; then
     MAX_JOBS=16 $PY setup.py -q build_ext --inplace || return 1
   fi
+  # An error inside the extension must raise, not crash: with the image's /opt/gcc build it segfaulted
+  # (2026-11-25). Then show where (cuda-gdb is the debugger there) and try the system compilers.
+  if ! $PY -m benchmarks.probe_cpp_errors; then
+    echo "C++ errors crash the process with this build ($(${CXX:-c++} --version | head -1)); first frames:"
+    cuda-gdb -batch -ex run -ex "bt 14" --args $PY -m benchmarks.probe_cpp_errors 2>&1 | grep "^#" | cut -c1-300
+    if [ -x /usr/bin/g++ ]; then
+      echo "rebuilding with $(/usr/bin/g++ --version | head -1)"
+      rm -rf build kernels/_C*.so
+      CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS=16 $PY setup.py -q build_ext --inplace || return 1
+      $PY -m benchmarks.probe_cpp_errors || echo "still crashing with the system compilers (a known defect)"
+    fi
+  fi
   $PY - <<'EOF'
 import numpy, torch, triton
 from kernels import _extension

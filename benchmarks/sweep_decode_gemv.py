@@ -30,7 +30,7 @@ from .roofline import copy_gbps
 
 klinear = importlib.import_module("kernels.linear")  # the module: kernels.linear is the op
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM): today's table first, then wider K
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM): the rule's tiles first, then wider K
 # blocks (more bytes in flight per program), more stages, and more resident programs.
 CONFIGS = [(64, 64, 4, 4, 2), (64, 128, 4, 4, 2), (32, 128, 4, 4, 2), (32, 256, 4, 3, 2), (16, 256, 4, 4, 2),
            (64, 128, 4, 3, 4), (32, 128, 4, 4, 4), (32, 256, 4, 3, 4), (16, 512, 4, 3, 4), (128, 64, 4, 4, 2),

@@ -140,10 +140,7 @@ def main(argv=None):
                     return y
                 return run
 
-            def timed(fn):  # ms: device time from graph replays on CUDA; the interpreter on CPU
-                return graph_bench(fn, device)["ms"] if device.type == "cuda" else bench(fn, device, **reps)["ms"]
-
-            t = {name: timed(stack(name)) / layers for name in layer}
+            t = {name: graph_bench(stack(name), device, **reps)["ms"] / layers for name in layer}
             host = bench(stack("fused"), device, **reps)["ms"] / layers  # through Python, as the triton backend without graphs
             nbytes = layer_bytes(c, batch, kv_len, x.element_size())
             row = {"model": model, "C": c, "batch": batch, "kv_len": kv_len,
@@ -151,7 +148,7 @@ def main(argv=None):
                    **{f"{name}_copy_frac": nbytes / (v * 1e-3) / (roof * 1e9) for name, v in t.items()},
                    "vs_unfused": t["unfused"] / t["fused"], "vs_eager": t["eager"] / t["fused"]}
             for kname, (fn, kbytes) in kernel_fns(blocks, caches["fused"], x, lens, h).items():
-                us = timed(fn) * 1e3 / layers
+                us = graph_bench(fn, device, **reps)["ms"] * 1e3 / layers
                 row[f"{kname}_us"], row[f"{kname}_pct_copy"] = us, 100 * kbytes / (us * 1e-6) / (roof * 1e9)
             print_row(row)
             results.append(row)

@@ -14,6 +14,7 @@ Compiles run first in parallel processes (Triton's on-disk cache), so the sweep 
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import importlib
 import multiprocessing
 import time
@@ -27,6 +28,7 @@ from kernels._ops import sm_count
 
 from .report import write_results
 from .roofline import copy_gbps
+from .timing import graph_bench
 
 klinear = importlib.import_module("kernels.linear")  # the module: kernels.linear is the op
 
@@ -46,22 +48,25 @@ def shapes(c: int, vocab: int = 50257) -> list[tuple[str, int, int, str | None, 
 
 
 def config_for(cfg: tuple, n: int, k: int, sms: int) -> klinear.GemmConfig:
-    """gemm_config's split-K rule (powers of two until the programs reach the target) at ``cfg``'s tiles."""
+    """``cfg``'s tiles, with the K splits gemm_config's rule gives them for its programs-per-SM target."""
     block_n, block_k, warps, stages, per_sm = cfg
-    tiles, split, k_blocks = -(-n // block_n), 1, -(-k // block_k)
-    while (tiles * split < per_sm * sms and split < klinear.MAX_SPLIT_K
-           and k_blocks >= klinear.MIN_BLOCKS_PER_SPLIT * split * 2 and klinear._every_split_has_work(k_blocks, split * 2)):
-        split *= 2
-    return klinear.GemmConfig(16, block_n, block_k, warps, stages, split)
+    return klinear.GemmConfig(16, block_n, block_k, warps, stages,
+                              klinear.decode_split_k(n, k, block_n, block_k, per_sm * sms))
 
 
-def run_with(config: klinear.GemmConfig | None, fn):
-    """Run ``fn`` with gemm_config returning ``config`` for decode rows (None: the default table)."""
+@contextlib.contextmanager
+def decode_tiles(choose):
+    """gemm_config patched: decode-sized products take ``choose(m, n, k)`` where it gives a config,
+    the default table otherwise (and again on exit)."""
     default = klinear.gemm_config
-    if config is not None:
-        klinear.gemm_config = lambda m, n, k, dtype, sms: config if m <= klinear.DECODE_MAX_ROWS else default(m, n, k, dtype, sms)
+
+    def patched(m, n, k, dtype, sms):
+        config = choose(m, n, k) if m <= klinear.DECODE_MAX_ROWS else None
+        return config if config is not None else default(m, n, k, dtype, sms)
+
+    klinear.gemm_config = patched
     try:
-        return fn()
+        yield
     finally:
         klinear.gemm_config = default
 
@@ -79,7 +84,8 @@ def _compile_one(job):
     """Worker: run one (shape, config) once so its kernel variant lands in Triton's disk cache."""
     m, n, k, act, res, dtype, config = job
     x, ws, bias, r = _inputs(m, n, k, act, res, dtype, "cuda", 1)
-    run_with(config, lambda: kernels.linear(x, ws[0], bias, act if act == "gelu_tanh" else None, r))
+    with decode_tiles(lambda *_: config):
+        kernels.linear(x, ws[0], bias, act, r)
     torch.cuda.synchronize()
     return True
 
@@ -88,25 +94,13 @@ def time_gemv(m, n, k, act, res, dtype, device, config, l2_bytes) -> tuple[float
     """(µs per launch, max abs error vs linear_ref) with ``config``, from graph replays."""
     copies = max(2, -(-2 * l2_bytes // (n * k * dtype.itemsize)))
     x, ws, bias, r = _inputs(m, n, k, act, res, dtype, device, copies)
-    activation = act if act == "gelu_tanh" else None
-    out = run_with(config, lambda: kernels.linear(x, ws[0], bias, activation, r))
-    err = (out.float() - klinear.linear_ref(x, ws[0], bias, activation, r).float()).abs().max().item()
-    if device.type != "cuda":
-        return float("nan"), err
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in ws:
-            run_with(config, lambda: kernels.linear(x, w, bias, activation, r))
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(ws))
-    return sorted(times)[len(times) // 2], err
+    with decode_tiles(lambda *_: config):
+        out = kernels.linear(x, ws[0], bias, act, r)
+        err = (out.float() - klinear.linear_ref(x, ws[0], bias, act, r).float()).abs().max().item()
+        if device.type != "cuda":
+            return float("nan"), err
+        ms = graph_bench(lambda: [kernels.linear(x, w, bias, act, r) for w in ws], device, replays=5)["ms"]
+    return ms * 1e3 / len(ws), err
 
 
 def step_tok_s(model, batch: int, winners: dict | None) -> float:
@@ -114,22 +108,15 @@ def step_tok_s(model, batch: int, winners: dict | None) -> float:
     import engine
     from engine.generation import runner_for
 
-    default = klinear.gemm_config
-
-    def patched(m, n, k, dtype, sms):
-        cfg = (winners or {}).get((m <= 1, n, k))
-        return cfg if cfg is not None and m <= klinear.DECODE_MAX_ROWS else default(m, n, k, dtype, sms)
-
     runner = runner_for(model)
     runner.drop_graphs()  # captured with the other table
-    klinear.gemm_config = patched
     try:
-        prompts = [[int(t) for t in torch.randint(0, 50257, (128,))] for _ in range(batch)]
-        engine.generate(model, prompts, 8, temperature=0, stop_at_eos=False, cuda_graph=True)  # compile + capture
-        out = engine.generate(model, prompts, 64, temperature=0, stop_at_eos=False, cuda_graph=True)
+        with decode_tiles(lambda m, n, k: (winners or {}).get((m <= 1, n, k))):
+            prompts = [[int(t) for t in torch.randint(0, 50257, (128,))] for _ in range(batch)]
+            engine.generate(model, prompts, 8, temperature=0, stop_at_eos=False, cuda_graph=True)  # compile + capture
+            out = engine.generate(model, prompts, 64, temperature=0, stop_at_eos=False, cuda_graph=True)
         return out.decode_tokens_per_second
     finally:
-        klinear.gemm_config = default
         runner.drop_graphs()
 
 

@@ -33,15 +33,16 @@ def bench(fn: Callable[[], object], device: torch.device | str, warmup: int = 3,
     return {"ms": statistics.median(times), "ms_p20": q[1], "ms_p80": q[7]}
 
 
-def graph_bench(fn: Callable[[], object], device: torch.device | str, replays: int = 20) -> dict:
+def graph_bench(fn: Callable[[], object], device: torch.device | str, replays: int = 20, **cpu_reps) -> dict:
     """Median and 20/80 % quantiles, in ms, of one call of ``fn`` replayed from a CUDA graph: device
     time alone, without Python or launch overhead, which at decode sizes is most of what ``bench``
     sees (an H200 run timed a 5-kernel decode layer at ~500 µs through Python; its graphed step says
     ~60). ``fn`` must be capturable (no host syncs or allocations that escape the graph's pool); it
-    should rotate over enough data to exceed the L2, as a real decode step does. On CPU: ``bench``.
+    should rotate over enough data to exceed the L2, as a real decode step does. On CPU: ``bench``
+    with ``cpu_reps`` (its warmup and reps).
     """
     if torch.device(device).type != "cuda":
-        return bench(fn, device)
+        return bench(fn, device, **cpu_reps)
     fn()  # compiles and lazily allocated buffers (the kernels' arrival counters) stay out of the graph
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()

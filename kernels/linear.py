@@ -216,6 +216,16 @@ def _every_split_has_work(k_blocks: int, split: int) -> bool:
     return (split - 1) * triton.cdiv(k_blocks, split) < k_blocks
 
 
+def decode_split_k(n: int, k: int, block_n: int, block_k: int, target: int) -> int:
+    """K splits (a power of two) for a decode GEMV at these tiles: doubled until the programs reach
+    ``target``, while every split keeps at least ``MIN_BLOCKS_PER_SPLIT`` blocks and none is empty."""
+    tiles, split, k_blocks = triton.cdiv(n, block_n), 1, triton.cdiv(k, block_k)
+    while (tiles * split < target and split < MAX_SPLIT_K and k_blocks >= MIN_BLOCKS_PER_SPLIT * split * 2
+           and _every_split_has_work(k_blocks, split * 2)):
+        split *= 2
+    return split
+
+
 def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmConfig:
     """Tile sizes for an (m, k) x (k, n) product, and split-K for decode-sized m on ``sms`` SMs.
 
@@ -229,15 +239,11 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmCon
         block_n, block_k, warps, stages, split = DECODE_TUNED[n, k]
         return GemmConfig(16, block_n, block_k, warps, stages, split)
     if m <= DECODE_MAX_ROWS:
-        block_k = 64
-        k_blocks, target = triton.cdiv(k, block_k), DECODE_PROGRAMS_PER_SM * sms
+        block_k, target = 64, DECODE_PROGRAMS_PER_SM * sms
         # fp32 (the correctness path) at BLOCK_N = 64 and M = 1 spilled on sm_90 (kernels.aot, Triton 3.9).
         for block_n in (32, 16) if wide else (64, 32, 16):
-            tiles, split = triton.cdiv(n, block_n), 1
-            while (tiles * split < target and split < MAX_SPLIT_K and k_blocks >= MIN_BLOCKS_PER_SPLIT * split * 2
-                   and _every_split_has_work(k_blocks, split * 2)):
-                split *= 2
-            if tiles * split >= target:
+            split = decode_split_k(n, k, block_n, block_k, target)
+            if triton.cdiv(n, block_n) * split >= target:
                 break
         return GemmConfig(16, block_n, block_k, 4, 3 if wide else 4, split)
     if wide:

@@ -27,7 +27,7 @@ def main(device: str = "cpu") -> None:
     for offset, out in [(good, torch.zeros(2, dtype=torch.int32, device=device)),
                         (torch.zeros(4, dtype=torch.long, device=device)[::2], good.clone())]:
         try:
-            sample_next_(x, *params, offset, out)
+            sample_next_(x, *params, offset, out, torch.zeros(2, dtype=torch.float64, device=device))
             print("accepted")
             accepted += 1
         except RuntimeError as e:

@@ -1,5 +1,5 @@
-// Sampling on CPU: temperature, then top-k, then top-p over the renormalised rest (HF semantics,
-// spelled out in kernels/sampling.py). Rows run in parallel; a row touches only its own logits.
+// Sampling on CPU: temperature, then top-k, then top-p over the renormalised rest, then min-p (HF
+// semantics, spelled out in kernels/sampling.py). Rows run in parallel; a row touches only its own logits.
 // Sort-free where it can be: top-k by selection (nth_element), top-p by sorting only the tokens
 // above a probability threshold that provably holds the nucleus.
 #include <ATen/ATen.h>
@@ -26,6 +26,7 @@ struct RowParams {
   float temperature;
   int64_t top_k;
   double top_p;
+  double min_p;
   double u;
 };
 
@@ -105,6 +106,9 @@ int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParam
       if (scaled[j] >= kth) ids.push_back(j);
     }
   }
+  if (prm.min_p > 0.0) {  // weights are exp(scaled - top): the top token's is 1, so it always stays
+    ids.erase(std::remove_if(ids.begin(), ids.end(), [&](int64_t j) { return weights[j] < prm.min_p; }), ids.end());
+  }
   // Inverse CDF over the kept tokens in vocabulary order: the first whose cumulative weight exceeds u * mass.
   double kept = 0.0;
   for (int64_t j : ids) kept += weights[j];
@@ -122,12 +126,12 @@ int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParam
 // Draws row r's token into out[r] (int64, contiguous), reading the row's uniform at offset[r];
 // with `advance`, offset[r] is then incremented (offset must then be int64 and contiguous).
 void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                 const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, at::Tensor& out,
-                 bool advance) {
+                 const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset,
+                 at::Tensor& out, bool advance) {
   TORCH_CHECK(logits.dim() == 2, "logits must be (B, V), got ", logits.sizes());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const at::Tensor x = logits.scalar_type() == at::kFloat ? logits : logits.to(at::kFloat);
-  const RowTensors rt = row_tensors(rows, temperature, top_k, top_p, seed, offset, out, advance);
+  const RowTensors rt = row_tensors(rows, temperature, top_k, top_p, min_p, seed, offset, out, advance);
   if (rows == 0) return;
   TORCH_CHECK(vocab > 0, "logits must have at least one column");
   const float* xp = x.data_ptr<float>();
@@ -135,6 +139,7 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, const 
   const float* tp = rt.temperature.data_ptr<float>();
   const int64_t* kp = rt.top_k.data_ptr<int64_t>();
   const double* pp = rt.top_p.data_ptr<double>();
+  const double* mp = rt.min_p.data_ptr<double>();
   const int64_t* sp = rt.seed.data_ptr<int64_t>();
   int64_t* offp = rt.offset.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
@@ -145,7 +150,7 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, const 
     ids.reserve(1024);
     for (int64_t r = begin; r < end; ++r) {
       const double u = philox_uniform(static_cast<uint64_t>(sp[r]), static_cast<uint64_t>(offp[r]));
-      const RowParams prm{tp[r], kp[r], pp[r], u};
+      const RowParams prm{tp[r], kp[r], pp[r], mp[r], u};
       op[r] = sample_row(xp + r * stride_row, stride_col, vocab, prm, scaled, weights, ids, scratch);
       if (advance) offp[r] += 1;
     }
@@ -153,27 +158,30 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, const 
 }
 
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                      const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
+                      const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset,
+                      const at::Tensor& min_p) {
   TORCH_CHECK(logits.dim() == 2, "logits must be (B, V), got ", logits.sizes());
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
-  sample_rows(logits, temperature, top_k, top_p, seed, offset, out, /*advance=*/false);
+  sample_rows(logits, temperature, top_k, top_p, min_p, seed, offset, out, /*advance=*/false);
   return out;
 }
 
 void sample_next_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                     const at::Tensor& top_p, const at::Tensor& seed, at::Tensor& offset, at::Tensor& out) {
+                     const at::Tensor& top_p, const at::Tensor& seed, at::Tensor& offset, at::Tensor& out,
+                     const at::Tensor& min_p) {
   check_sample_next_outputs(logits, offset, out);
-  sample_rows(logits, temperature, top_k, top_p, seed, offset, out, /*advance=*/true);
+  sample_rows(logits, temperature, top_k, top_p, min_p, seed, offset, out, /*advance=*/true);
 }
 
 }  // namespace
 
 RowTensors row_tensors(int64_t rows, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-                       const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& out, bool advance) {
+                       const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& out,
+                       bool advance) {
   RowTensors rt{temperature.to(at::kFloat).contiguous(), top_k.to(at::kLong).contiguous(),
-                top_p.to(at::kDouble).contiguous(), seed.to(at::kLong).contiguous(),
+                top_p.to(at::kDouble).contiguous(), min_p.to(at::kDouble).contiguous(), seed.to(at::kLong).contiguous(),
                 advance ? offset : offset.to(at::kLong).contiguous()};
-  const std::initializer_list<const at::Tensor*> per_row{&rt.temperature, &rt.top_k, &rt.top_p,
+  const std::initializer_list<const at::Tensor*> per_row{&rt.temperature, &rt.top_k,  &rt.top_p, &rt.min_p,
                                                          &rt.seed,        &rt.offset, &out};
   for (const at::Tensor* t : per_row) {
     TORCH_CHECK(t->numel() == rows, "per-row parameters must have ", rows, " values");
@@ -192,10 +200,11 @@ void check_sample_next_outputs(const at::Tensor& logits, const at::Tensor& offse
 }
 
 TORCH_LIBRARY(gpt2engine_C, m) {
-  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) -> Tensor");
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
+        "Tensor min_p) -> Tensor");
   // Draws into `out` and advances each row's offset by one: one kernel for a decode step's sampling.
   m.def("sample_next_(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
-        "Tensor(a!) offset, Tensor(b!) out) -> ()");
+        "Tensor(a!) offset, Tensor(b!) out, Tensor min_p) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gpt2engine_C, CPU, m) {

@@ -6,7 +6,8 @@
 //   3. top-p: the same radix descent, weighing each digit bin by its fixed-point probability mass
 //      (integer atomics: the result does not depend on thread timing), finds the boundary value;
 //      tokens tied at the boundary are kept in vocabulary order while the mass before them is < p;
-//   4. the draw: inverse CDF over the kept tokens in vocabulary order (a deterministic block scan
+//   4. min-p: a kept token also needs weight exp(scaled - top) >= min_p (checked where 5 walks);
+//   5. the draw: inverse CDF over the kept tokens in vocabulary order (a deterministic block scan
 //      over contiguous per-thread segments; one owner segment chosen by a block reduction), with
 //      the row's Philox uniform (philox.h).
 // Semantics are those of kernels/sampling.py; each row's seed and offset are read on the device,
@@ -159,7 +160,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) sample_kernel(
     const T* __restrict__ logits, int64_t stride_row, int64_t stride_col, int64_t vocab,
     const float* __restrict__ temperature, const int64_t* __restrict__ top_k, const double* __restrict__ top_p,
-    const int64_t* __restrict__ seed, int64_t* __restrict__ offset, int64_t* __restrict__ out, bool advance) {
+    const double* __restrict__ min_p, const int64_t* __restrict__ seed, int64_t* __restrict__ offset,
+    int64_t* __restrict__ out, bool advance) {
   __shared__ SampleShared sh;
   const int64_t r = blockIdx.x;
   const T* row = logits + r * stride_row;
@@ -181,6 +183,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
   const float temp = temperature[r];
   const int64_t k = top_k[r];
   const double p = top_p[r];
+  const double mp = min_p[r];
   if (sh.bad || temp == 0.0f || k == 1) {
     if (threadIdx.x == 0) finish_row(out, offset, r, sh.bad ? -1 : sh.argmax, advance);
     return;
@@ -218,8 +221,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
     tied = sh.tied;
   }
 
-  // 4. Inverse CDF in vocabulary order over contiguous per-thread segments. A token is kept when
-  // it survives top-k and lies above the top-p boundary, or is among its first `tied` ties.
+  // 4-5. Inverse CDF in vocabulary order over contiguous per-thread segments. A token is kept when
+  // it survives top-k and lies above the top-p boundary, or is among its first `tied` ties, and
+  // its weight reaches min_p.
   const int64_t seg = (vocab + blockDim.x - 1) / blockDim.x;
   const int64_t lo = min(vocab, static_cast<int64_t>(threadIdx.x) * seg), hi = min(vocab, lo + seg);
   int seg_ties = 0;
@@ -232,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
   int ties_before = 0;
   cub::BlockScan<int, kThreads>(sh.cub.scan_i).ExclusiveSum(seg_ties, ties_before);
   __syncthreads();
-  auto kept = [&](float s, int& rank) {
+  auto kept = [&](float s, int& rank) {  // by top-k and top-p; the loops below apply min-p to the weight
     if (s < kth) return false;
     if (p >= 1.0) return true;
     const uint32_t key = float_key(s);
@@ -246,6 +250,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
     const float s = scaled(j);
     if (!kept(s, rank)) continue;
     const double w = exp(static_cast<double>(s) - top);
+    if (w < mp) continue;
     seg_mass += w;
     if (w > 0) seg_last = j;
   }
@@ -275,7 +280,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
     for (int64_t j = lo; j < hi; ++j) {
       const float s = scaled(j);
       if (!kept(s, rank)) continue;
-      cum += exp(static_cast<double>(s) - top);
+      const double w = exp(static_cast<double>(s) - top);
+      if (w < mp) continue;
+      cum += w;
       if (cum > target) {
         pick = j;
         break;
@@ -290,23 +297,24 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
 // Draws row r's token into out[r] (int64, contiguous), reading the row's uniform at offset[r];
 // with `advance`, offset[r] is then incremented (offset must then be int64 and contiguous).
 void launch_sample(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                   const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, at::Tensor& out,
-                   bool advance) {
+                   const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset,
+                   at::Tensor& out, bool advance) {
   TORCH_CHECK(logits.is_cuda() && logits.dim() == 2, "logits must be a CUDA tensor (B, V), got ", logits.sizes());
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(vocab > 0 && vocab < (int64_t{1} << 31), "vocab size must be in [1, 2^31)");
-  const std::initializer_list<const at::Tensor*> per_row{&temperature, &top_k, &top_p, &seed, &offset, &out};
+  const std::initializer_list<const at::Tensor*> per_row{&temperature, &top_k, &top_p, &min_p, &seed, &offset, &out};
   for (const at::Tensor* t : per_row) {
     TORCH_CHECK(t->device() == logits.device(), "sampling parameters must be on the logits' device");
   }
-  const RowTensors rt = row_tensors(rows, temperature, top_k, top_p, seed, offset, out, advance);
+  const RowTensors rt = row_tensors(rows, temperature, top_k, top_p, min_p, seed, offset, out, advance);
   if (rows == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gpt2engine_sample", [&] {
     sample_kernel<scalar_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), vocab, rt.temperature.data_ptr<float>(),
-        rt.top_k.data_ptr<int64_t>(), rt.top_p.data_ptr<double>(), rt.seed.data_ptr<int64_t>(),
+        rt.top_k.data_ptr<int64_t>(), rt.top_p.data_ptr<double>(), rt.min_p.data_ptr<double>(),
+        rt.seed.data_ptr<int64_t>(),
         rt.offset.data_ptr<int64_t>(),
         out.data_ptr<int64_t>(), advance);
   });
@@ -314,16 +322,18 @@ void launch_sample(const at::Tensor& logits, const at::Tensor& temperature, cons
 }
 
 at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                       const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
+                       const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset,
+                       const at::Tensor& min_p) {
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
-  launch_sample(logits, temperature, top_k, top_p, seed, offset, out, /*advance=*/false);
+  launch_sample(logits, temperature, top_k, top_p, min_p, seed, offset, out, /*advance=*/false);
   return out;
 }
 
 void sample_next_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                      const at::Tensor& top_p, const at::Tensor& seed, at::Tensor& offset, at::Tensor& out) {
+                      const at::Tensor& top_p, const at::Tensor& seed, at::Tensor& offset, at::Tensor& out,
+                      const at::Tensor& min_p) {
   check_sample_next_outputs(logits, offset, out);
-  launch_sample(logits, temperature, top_k, top_p, seed, offset, out, /*advance=*/true);
+  launch_sample(logits, temperature, top_k, top_p, min_p, seed, offset, out, /*advance=*/true);
 }
 
 }  // namespace

@@ -1,11 +1,19 @@
-"""Next-token sampling: temperature, then top-k, then top-p over the renormalised rest.
+"""Next-token sampling: penalties, then temperature, top-k, top-p over the renormalised rest, and min-p.
 
 Semantics (HF's ``generate``, written once here and matched by every implementation):
+- penalties (``apply_penalties``, before everything else, as HF's logits processors and OpenAI's
+  API do): HF's ``repetition_penalty`` divides the positive logits and multiplies the negative ones
+  of every token seen in the prompt or the output; OpenAI's ``frequency_penalty`` and
+  ``presence_penalty`` subtract ``frequency * count + presence`` from each token generated
+  ``count > 0`` times so far.
 - ``temperature == 0`` or ``top_k == 1``: argmax, the first index winning ties.
 - logits are divided by the temperature; ``top_k > 0`` keeps the tokens whose scaled logit is
   >= the k-th largest (ties at the boundary are kept); ``top_k = 0`` disables it.
 - ``top_p < 1`` sorts the survivors by probability (descending, stable) and keeps a token when the
   mass strictly before it is < ``top_p``; the top token is always kept; ``top_p = 1`` disables it.
+- ``min_p > 0`` then also drops every token whose probability is below ``min_p`` times the top
+  token's, i.e. whose weight ``exp(scaled - max scaled)`` (float64) is ``< min_p`` (HF's order:
+  temperature, top-k, top-p, min-p); ``min_p = 0`` disables it.
 - one token is drawn from the renormalised survivors, walked in vocabulary order, with one uniform
   number per row from Philox keyed by the row's seed at counter = the row's offset. A batch run
   gives each row its own ``(seed, offset)`` (a request's seed and the index of the token within
@@ -28,8 +36,9 @@ from . import _extension
 Param = float | int | torch.Tensor
 
 
-def check_sampling_params(temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0) -> None:
-    """Raise ValueError for a temperature that is negative or not finite, ``top_k < 0`` or ``top_p`` outside (0, 1]."""
+def check_sampling_params(temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0, min_p: Param = 0.0) -> None:
+    """Raise ValueError for a temperature that is negative or not finite, ``top_k < 0``, ``top_p``
+    outside (0, 1] or ``min_p`` outside [0, 1]."""
     def values(name, v):
         if isinstance(v, torch.Tensor):
             return v.detach().double().cpu().flatten().tolist()
@@ -46,6 +55,51 @@ def check_sampling_params(temperature: Param = 1.0, top_k: Param = 0, top_p: Par
     for p in values("top_p", top_p):
         if not 0 < p <= 1:  # also rejects NaN
             raise ValueError(f"top_p must be in (0, 1], got {p}")
+    for m in values("min_p", min_p):
+        if not 0 <= m <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {m}")
+
+
+def check_penalties(repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                    frequency_penalty: float = 0.0) -> None:
+    """Raise ValueError for a repetition penalty that is not finite and > 0, or a presence or
+    frequency penalty outside [-2, 2] (OpenAI's range)."""
+    for name, v in (("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
+                    ("frequency_penalty", frequency_penalty)):
+        if not isinstance(v, Number) or isinstance(v, bool):
+            raise ValueError(f"{name} must be a number, got {type(v).__name__}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be finite and > 0, got {repetition_penalty}")
+    for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not -2 <= v <= 2:
+            raise ValueError(f"{name} must be in [-2, 2], got {v}")
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, prompt_mask: torch.Tensor,
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Penalised logits (see the module docstring), float32 (B, V), in a few elementwise ops: no
+    host sync, static shapes, so a CUDA graph can hold it. Rows with neutral penalties come out
+    equal to ``logits.float()``.
+
+    logits (B, V) fp32/fp16/bf16; counts int32 (B, V): each token's count in the row's output so
+    far; prompt_mask bool (B, V): the tokens of the row's prompt; repetition, presence, frequency:
+    float32 (B,).
+    """
+    x = logits.float()
+    seen = prompt_mask | (counts > 0)
+    rep = repetition[:, None]
+    x = torch.where(seen, torch.where(x < 0, x * rep, x / rep), x)
+    c = counts.float()
+    return x - (c * frequency[:, None] + (c > 0).float() * presence[:, None])
+
+
+def count_tokens_(counts: torch.Tensor, tokens: torch.Tensor) -> None:
+    """``counts[r, tokens[r]] += 1`` for every row, in place (a flagged row's -1 counts nothing).
+
+    counts int32 (B, V); tokens int64 (B,), both on one device. One scatter: graph-safe.
+    """
+    valid = tokens >= 0
+    counts.scatter_add_(1, tokens.clamp(min=0)[:, None], valid.to(counts.dtype)[:, None])
 
 
 def _mulhilo(a: int, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,15 +197,15 @@ def _sorted_candidates(scaled: torch.Tensor, k_eff: torch.Tensor, p: torch.Tenso
 
 
 def sample_ref(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
-               seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0) -> torch.Tensor:
+               seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0, min_p: Param = 0.0) -> torch.Tensor:
     """Draw one token per row. logits (B, V) fp32/fp16/bf16, rows may be strided.
 
-    temperature, top_k, top_p: numbers or per-row tensors (B,). seed, offset: see ``sample``.
+    temperature, top_k, top_p, min_p: numbers or per-row tensors (B,). seed, offset: see ``sample``.
     Returns int64 (B,) on the logits' device; -1 flags a row of NaN or only -inf.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape (B, V), got {list(logits.shape)}")
-    check_sampling_params(temperature, top_k, top_p)
+    check_sampling_params(temperature, top_k, top_p, min_p)
     rows, vocab = logits.shape
     dev = logits.device
     x = logits.float()
@@ -176,6 +230,8 @@ def sample_ref(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0,
     before = torch.cumsum(probs, dim=-1) - probs
     keep = (before < p[:, None]) | (p[:, None] >= 1)
     keep[:, 0] = True
+    top = scaled.max(-1, keepdim=True).values.double()
+    keep &= torch.exp(vals - top) >= _row_tensor(min_p, rows, torch.float64, dev)[:, None]
     probs = torch.where(keep, probs, 0.0)
     # The draw walks the kept tokens in vocabulary order, as the compiled samplers do.
     by_id = torch.argsort(order, dim=-1)
@@ -205,7 +261,7 @@ def prepare_sampler(device: torch.device) -> None:
 
 
 def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
-           seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0) -> torch.Tensor:
+           seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0, min_p: Param = 0.0) -> torch.Tensor:
     """Draw one token per row with the compiled sampler (C++ on CPU, CUDA on GPU).
 
     Args:
@@ -216,6 +272,7 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
             (B,) tensor of per-row seeds (a request's own seed, wherever its row is).
         offset: an int or one-value int64 tensor for every row, or int64 (B,) per row: the index of
             the token being drawn within its request. Ints are read modulo 2^64.
+        min_p: a number or per-row tensor (B,) in [0, 1]; 0 disables it.
     Returns:
         int64 (B,) on the logits' device; -1 flags a row of NaN or only -inf (other rows untouched).
 
@@ -230,40 +287,42 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
         raise ValueError(f"logits has dtype {logits.dtype}, supported: fp32, fp16, bf16")
     if logits.shape[1] == 0:
         raise ValueError("logits must have at least one column")
-    check_sampling_params(temperature, top_k, top_p)
+    check_sampling_params(temperature, top_k, top_p, min_p)
     if not load_extension():
-        return sample_ref(logits, temperature, top_k, top_p, seed, offset)
+        return sample_ref(logits, temperature, top_k, top_p, seed, offset, min_p)
     rows, dev = logits.shape[0], logits.device
     _extension.check_device(dev)
     return sample_unchecked(
         logits, _row_tensor(temperature, rows, torch.float32, dev), _row_tensor(top_k, rows, torch.int64, dev),
-        _row_tensor(top_p, rows, torch.float64, dev), row_seeds(seed, rows, dev), row_offsets(offset, rows, dev))
+        _row_tensor(top_p, rows, torch.float64, dev), row_seeds(seed, rows, dev), row_offsets(offset, rows, dev),
+        _row_tensor(min_p, rows, torch.float64, dev))
 
 
 def sample_unchecked(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                     seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+                     seed: torch.Tensor, offset: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """``sample`` for a decode loop or a CUDA graph: no checks, no allocation beside the output, no host sync.
 
     Every parameter is a per-row tensor on the logits' device, already valid (``check_sampling_params``):
-    temperature float32 (B,), top_k int64 (B,), top_p float64 (B,), seed int64 (B,), offset int64 (B,).
-    Returns int64 (B,). Where the compiled sampler cannot be built, this is ``sample_ref`` (which syncs).
+    temperature float32 (B,), top_k int64 (B,), top_p float64 (B,), seed int64 (B,), offset int64 (B,),
+    min_p float64 (B,). Returns int64 (B,). Where the compiled sampler cannot be built, this is
+    ``sample_ref`` (which syncs).
     """
     if _extension.SAMPLE_OP is None and not load_extension():
-        return sample_ref(logits, temperature, top_k, top_p, seed, offset)
-    return _extension.SAMPLE_OP(logits, temperature, top_k, top_p, seed, offset)
+        return sample_ref(logits, temperature, top_k, top_p, seed, offset, min_p)
+    return _extension.SAMPLE_OP(logits, temperature, top_k, top_p, seed, offset, min_p)
 
 
 def sample_next_(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 seed: torch.Tensor, offset: torch.Tensor, out: torch.Tensor) -> None:
+                 seed: torch.Tensor, offset: torch.Tensor, out: torch.Tensor, min_p: torch.Tensor) -> None:
     """A decode step's sampling as one kernel: ``out[r]`` = row r's token drawn at ``offset[r]``,
     then ``offset[r] += 1`` (the index of the request's next token), both in place.
 
-    Unchecked, like ``sample_unchecked`` (same per-row parameters); ``offset`` and ``out`` must be
+    Unchecked, like ``sample_unchecked`` (same per-row parameters, min_p last); ``offset`` and ``out`` must be
     contiguous int64 (B,) tensors on the logits' device (the compiled op raises otherwise). Where the
     compiled sampler cannot be built, this is ``sample_ref`` plus two in-place updates (and syncs).
     """
     if _extension.SAMPLE_NEXT_OP is None and not load_extension():
-        out.copy_(sample_ref(logits, temperature, top_k, top_p, seed, offset))
+        out.copy_(sample_ref(logits, temperature, top_k, top_p, seed, offset, min_p))
         offset += 1
         return
-    _extension.SAMPLE_NEXT_OP(logits, temperature, top_k, top_p, seed, offset, out)
+    _extension.SAMPLE_NEXT_OP(logits, temperature, top_k, top_p, seed, offset, out, min_p)

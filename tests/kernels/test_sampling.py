@@ -10,14 +10,14 @@ import pytest
 import torch
 from scipy import stats
 
-from kernels.sampling import sample, sample_ref
+from kernels.sampling import apply_penalties, check_penalties, count_tokens_, sample, sample_ref
 
 SAMPLERS = {"ref": sample_ref, "compiled": sample}
 
 DRAWS = 200_000
 
 
-def _expected(logits, temperature, top_k, top_p):
+def _expected(logits, temperature, top_k, top_p, min_p=0.0):
     """The exact float64 distribution the semantics define, written independently of sample_ref."""
     x = logits.double() / temperature
     vals, order = torch.sort(x, descending=True, stable=True)
@@ -27,7 +27,7 @@ def _expected(logits, temperature, top_k, top_p):
     before = torch.cumsum(p, 0) - p
     keep = before < top_p
     keep[0] = True
-    p = torch.where(keep, p, 0.0)
+    p = torch.where(keep & (p >= min_p * p[0]), p, 0.0)  # min-p: against the top token's probability
     out = torch.zeros_like(p)
     out[order] = p / p.sum()
     return out
@@ -57,21 +57,23 @@ def _draw(sampler, logits, draws, seed, **kw):
     return counts
 
 
-SETTINGS = [  # (vocab, temperature, top_k, top_p): neither binds, top-k binds, top-p binds, both
-    (7, 1.0, 0, 1.0), (7, 0.7, 3, 1.0), (111, 1.3, 0, 0.8), (111, 1.0, 20, 0.9), (50257, 0.9, 50, 0.95),
+SETTINGS = [  # (vocab, temperature, top_k, top_p, min_p): none binds, top-k, top-p, both, min-p, all three
+    (7, 1.0, 0, 1.0, 0.0), (7, 0.7, 3, 1.0, 0.0), (111, 1.3, 0, 0.8, 0.0), (111, 1.0, 20, 0.9, 0.0),
+    (50257, 0.9, 50, 0.95, 0.0), (111, 1.0, 0, 1.0, 0.1), (111, 1.2, 30, 0.95, 0.05),
 ]
 
 
-@pytest.mark.parametrize("vocab,temperature,top_k,top_p", SETTINGS)
+@pytest.mark.parametrize("vocab,temperature,top_k,top_p,min_p", SETTINGS)
 @pytest.mark.parametrize("name", SAMPLERS)
-def test_chi_square_fit(name, vocab, temperature, top_k, top_p, device):
+def test_chi_square_fit(name, vocab, temperature, top_k, top_p, min_p, device):
     logits = (torch.randn(1, vocab, generator=torch.Generator().manual_seed(vocab)) * 2).to(device)
     draws = DRAWS if vocab < 1000 else (5_000 if name == "ref" else 20_000)  # 50257-wide draws: ~1.4 ms (ref), ~0.6 ms (C++)
-    counts = _draw(SAMPLERS[name], logits, draws, temperature=temperature, top_k=top_k, top_p=top_p, seed=5).cpu()
-    assert _chi2_pvalue(counts, _expected(logits[0].cpu(), temperature, top_k, top_p)) > 1e-6
+    counts = _draw(SAMPLERS[name], logits, draws, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   seed=5).cpu()
+    assert _chi2_pvalue(counts, _expected(logits[0].cpu(), temperature, top_k, top_p, min_p)) > 1e-6
 
 
-def _no_renormalisation(logits, temperature, top_k, top_p, seed, offset):
+def _no_renormalisation(logits, temperature, top_k, top_p, seed, offset, min_p):
     # Keeps the survivors' full-softmax probabilities and gives the rest of the mass to the top token.
     x = logits.float() / temperature
     p = torch.softmax(x, -1)
@@ -86,6 +88,9 @@ BROKEN = {
     "top_k_off_by_one": lambda logits, top_k, **kw: sample_ref(logits, top_k=top_k + 1, **kw),
     "temperature_after_softmax": lambda logits, temperature, **kw: sample_ref(logits, temperature=1.0, **kw),
     "top_p_boundary_inclusive": lambda logits, top_p, **kw: sample_ref(logits, top_p=top_p - 0.05, **kw),
+    # min-p before the temperature: the threshold taken on the unscaled distribution
+    "min_p_before_temperature": lambda logits, temperature, min_p, **kw: sample_ref(
+        logits, temperature=temperature, min_p=min_p ** (1 / temperature), **kw),
 }
 
 
@@ -93,10 +98,11 @@ BROKEN = {
 def test_harness_rejects_broken_samplers(name):
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.6, 0.2, -0.5, -1.0]])
     logits = logits[:, torch.argsort(torch.rand(7, generator=torch.Generator().manual_seed(1)))]
-    kw = dict(temperature=0.7, top_k=3, top_p=1.0) if name != "top_p_boundary_inclusive" else \
-        dict(temperature=1.0, top_k=0, top_p=0.8)
+    kw = {"top_p_boundary_inclusive": dict(temperature=1.0, top_k=0, top_p=0.8, min_p=0.0),
+          "min_p_before_temperature": dict(temperature=2.0, top_k=0, top_p=1.0, min_p=0.3)}.get(
+        name, dict(temperature=0.7, top_k=3, top_p=1.0, min_p=0.0))
     counts = _draw(BROKEN[name], logits, DRAWS, seed=5, **kw)
-    assert _chi2_pvalue(counts, _expected(logits[0].cpu(), kw["temperature"], kw["top_k"], kw["top_p"])) < 1e-6
+    assert _chi2_pvalue(counts, _expected(logits[0].cpu(), **kw)) < 1e-6
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -145,7 +151,8 @@ def test_per_row_parameters(name, device):
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0.0),
-                                dict(top_p=1.01), dict(top_k=-1), dict(temperature=torch.tensor([1.0, -1.0]))])
+                                dict(top_p=1.01), dict(top_k=-1), dict(temperature=torch.tensor([1.0, -1.0])),
+                                dict(min_p=-0.1), dict(min_p=1.5), dict(min_p=float("nan"))])
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_bad_parameters(name, kw):
     with pytest.raises(ValueError):
@@ -167,7 +174,8 @@ def test_candidate_shortcut_equals_full_sort(monkeypatch, top_k, top_p, scale):
 
 SWEEP = [dict(temperature=0.0), dict(temperature=0.7), dict(top_k=50), dict(top_k=3, temperature=1.5),
          dict(top_p=0.9), dict(top_p=0.3, temperature=2.0), dict(top_k=50, top_p=0.9, temperature=0.8),
-         dict(top_k=100000), dict(top_p=1e-9)]
+         dict(top_k=100000), dict(top_p=1e-9), dict(min_p=0.1), dict(min_p=1.0, temperature=0.5),
+         dict(min_p=0.02, top_k=50, top_p=0.9, temperature=0.8), dict(min_p=0.3, top_p=0.5)]
 
 
 @pytest.mark.parametrize("kw", SWEEP, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
@@ -262,10 +270,11 @@ def test_sample_next_draws_into_out_and_advances_offsets(compiled, device, monke
     top_p = torch.tensor([1.0, 0.9, 0.5, 1.0], dtype=torch.float64, device=device)
     seed = torch.tensor([1, 2, 3, 4], device=device)
     offset = torch.tensor([0, 7, 2**40, 3], device=device)
-    want = sample(x, temperature, top_k, top_p, seed, offset)
+    min_p = torch.tensor([0.0, 0.0, 0.2, 0.05], dtype=torch.float64, device=device)
+    want = sample(x, temperature, top_k, top_p, seed, offset, min_p)
     out = torch.full((4,), -5, dtype=torch.long, device=device)
     before = offset.clone()
-    sampling.sample_next_(x, temperature, top_k, top_p, seed, offset, out)
+    sampling.sample_next_(x, temperature, top_k, top_p, seed, offset, out, min_p)
     assert torch.equal(out, want) and torch.equal(offset, before + 1)
 
 
@@ -279,3 +288,59 @@ def test_sample_next_needs_contiguous_int64_outputs(device):
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and "out must be a contiguous int64" in lines[0], r.stdout
     assert "offset must be a contiguous int64" in lines[1], r.stdout
+
+
+def _penalised_one_by_one(logits, prompt, output, repetition, presence, frequency):
+    """HF's RepetitionPenaltyLogitsProcessor, then OpenAI's documented formula, token by token."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    x = RepetitionPenaltyLogitsProcessor(repetition)(torch.tensor([prompt + output]), logits[None].clone())[0]
+    for j in set(output):
+        c = output.count(j)
+        x[j] = x[j] - (c * frequency + presence)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_penalties_equal_hf_and_openai_formulas(dtype, device):
+    g = torch.Generator().manual_seed(31)
+    vocab = 97
+    logits = (torch.randn(4, vocab, generator=g) * 3).to(dtype)
+    logits[:, 5] = 0.0  # a zero logit: divided, stays 0
+    prompts = [[1, 5, 5, 9], [], [3], [2, 2]]
+    outputs = [[9, 9, 4, 60, 9], [7], [], [2, 96, 96]]
+    params = [(1.3, 0.5, 0.25), (0.8, -1.0, 2.0), (1.0, 0.0, 0.0), (2.0, 2.0, -2.0)]
+    counts = torch.zeros(4, vocab, dtype=torch.int32)
+    prompt_mask = torch.zeros(4, vocab, dtype=torch.bool)
+    for r in range(4):
+        prompt_mask[r, prompts[r]] = True
+        for t in outputs[r]:
+            count_tokens_(counts[r:r + 1], torch.tensor([t]))
+    rep, pres, freq = (torch.tensor(col, dtype=torch.float32) for col in zip(*params))
+    got = apply_penalties(logits.to(device), counts.to(device), prompt_mask.to(device), rep.to(device),
+                          pres.to(device), freq.to(device))
+    for r in range(4):
+        want = _penalised_one_by_one(logits[r].float(), prompts[r], outputs[r], *params[r])
+        torch.testing.assert_close(got[r].cpu(), want, rtol=0, atol=0)
+    assert torch.equal(got[2].cpu(), logits[2].float())  # neutral penalties change nothing
+
+
+def test_count_tokens_counts_each_row_and_skips_flagged_rows(device):
+    counts = torch.zeros(3, 10, dtype=torch.int32, device=device)
+    for tokens in ([4, 0, 9], [4, -1, 9], [1, 0, 9]):
+        count_tokens_(counts, torch.tensor(tokens, device=device))
+    want = torch.zeros(3, 10, dtype=torch.int32)
+    want[0, 4], want[0, 1], want[1, 0], want[2, 9] = 2, 1, 2, 3
+    assert torch.equal(counts.cpu(), want)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(repetition_penalty=0.0), "repetition_penalty must be finite and > 0"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(presence_penalty=2.5), "presence_penalty must be in \\[-2, 2\\]"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(frequency_penalty="1"), "frequency_penalty must be a number"),
+])
+def test_bad_penalties(kw, message):
+    with pytest.raises(ValueError, match=message):
+        check_penalties(**kw)

@@ -58,7 +58,14 @@ class KVCache:
         else:
             self.lens[slots] = lengths
 
-    def layer(self, layer: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) of slots [0, rows): views (rows, H, max_len, D), the layout a decode step writes the
-        new token into and attends over (whole cache, bounded by ``lens``)."""
-        return self.k[layer, :rows], self.v[layer, :rows]
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Copy positions [0, length) and the lengths of slots ``src`` into slots ``dst`` (int64 (N,)
+        on the device): a prompt prefilled once, shared by several requests."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        self.lens[dst] = self.lens[src]
+
+    def layer(self, layer: int, rows: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of slots [0, rows): views (rows, H, length, D) of positions [0, length) (default:
+        all), the layout a decode step writes the new token into and attends over (bounded by ``lens``)."""
+        return self.k[layer, :rows, :, :length], self.v[layer, :rows, :, :length]

@@ -15,3 +15,15 @@ class CheckpointError(EngineError):
 
 class ContextLengthError(EngineError):
     """Prompt plus new tokens do not fit in the model's positions."""
+
+
+class ParameterError(EngineError):
+    """A generation parameter out of its range; ``param`` names it (as the API spells it)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(EngineError):
+    """The scheduler's waiting queue is full: try again later."""

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
 
-from kernels import check_sampling_params
 from kernels.sampling import as_int64, row_seeds
 
 from .errors import ContextLengthError, EngineError
 from .model import GPT2
-from .runner import Runner, SamplingParams, Request, TokenReader
-from .tokenizer import EOT_ID, decode, encode
+from .request import Request, check_max_time, sampling_params, stop_strings
+from .runner import Runner, TokenReader
+from .tokenizer import EOT_ID, encode
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -23,12 +23,13 @@ Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
 @dataclass
 class GenerationOutput:
     tokens: list[list[int]]          # new tokens per row; a row that stopped at EOS ends with it
-    texts: list[str] | None          # their text (EOS left out) when the prompts were text
+    texts: list[str] | None          # their text (EOS, a stop string and what followed left out) when the prompts were text
     prompt_tokens: list[list[int]]
     prefill_seconds: float           # prompt forward plus the first token's sampling
     decode_seconds: float            # every later step
     decode_steps: int
     capture_seconds: float = 0.0     # CUDA-graph capture before the prefill (0 when reused or off)
+    finish_reasons: list[str] | None = None  # per row: "stop" (EOS or a stop string), "length" or "time"
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -93,20 +94,31 @@ def runner_for(model: GPT2) -> Runner:
 def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | Sequence[int] | None = None, stop_at_eos: bool = True,
              on_text: Callable[[int, str], None] | None = None, allow_special: bool = False,
-             cuda_graph: bool | None = None) -> GenerationOutput:
+             cuda_graph: bool | None = None, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, stop: str | Sequence[str] | None = None,
+             max_time: float | None = None) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
     prompts: a string, a list of strings, or token ids (a list of lists, or an int tensor (B, T));
-    ragged batches are fine. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    ragged batches are fine, and identical prompts share one prefill. temperature 0 is greedy;
+    top_k 0, top_p 1 and min_p 0 disable those filters. repetition_penalty (HF's: > 1 discourages
+    the prompt's and the output's tokens), presence_penalty and frequency_penalty (OpenAI's, in
+    [-2, 2], over the output's tokens) act on the logits first; 1, 0 and 0 disable them.
     seed: per prompt, a list of ints; an int s seeds prompt r with s + r; None draws one. A prompt's
     tokens depend only on its own seed, never on its row or the other prompts of the batch.
-    on_text(row, piece) receives streamed text as it is generated; the pieces of a row concatenate
-    to its final text. ``<|endoftext|>`` inside a text prompt is plain text unless ``allow_special``.
+    stop: a string or list of strings; a row ends where one appears in its text, which leaves it
+    out. max_time: seconds after which every row ends ("time"). on_text(row, piece) receives
+    streamed text as it is generated; the pieces of a row concatenate to its final text.
+    ``<|endoftext|>`` inside a text prompt is plain text unless ``allow_special``.
     cuda_graph: replay the decode step as a CUDA graph (None: on for a CUDA model).
+    Bad parameters raise ``ParameterError`` (an ``EngineError``) naming them.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise EngineError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    check_sampling_params(temperature, top_k, top_p)
+    sampling = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                               frequency_penalty)
+    stops = stop_strings(stop)
+    check_max_time(max_time)
     cfg = model.config
     rows, is_text = _prompt_ids(prompts, allow_special, cfg.vocab_size)
     check_context(max(len(ids) for ids in rows), max_new_tokens, cfg.n_positions)
@@ -117,8 +129,8 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     def streamer(r):
         return None if on_text is None else lambda piece: on_text(r, piece)
 
-    seqs = [Request(ids, max_new_tokens, SamplingParams(float(temperature), int(top_k), float(top_p), s),
-                     stop_at_eos, streamer(r)) for r, (ids, s) in enumerate(zip(rows, seeds))]
+    seqs = [Request(ids, max_new_tokens, replace(sampling, seed=s), stop_at_eos, streamer(r), stops, max_time,
+                    keep_text=is_text) for r, (ids, s) in enumerate(zip(rows, seeds))]
     runner = runner_for(model)
     capture_seconds = runner.prepare(seqs, cuda_graph)
     reader = TokenReader(len(seqs), model.device)
@@ -145,7 +157,7 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
         accept(reader.read(pending))
     end = time.perf_counter()
 
-    out = [s.tokens for s in seqs]
-    texts = [decode([t for t in toks if t != EOT_ID or not stop_at_eos]) for toks in out] if is_text else None
-    return GenerationOutput(tokens=out, texts=texts, prompt_tokens=rows, prefill_seconds=prefill_done - start,
-                            decode_seconds=end - prefill_done, decode_steps=steps, capture_seconds=capture_seconds)
+    return GenerationOutput(tokens=[s.tokens for s in seqs], texts=[s.text for s in seqs] if is_text else None,
+                            prompt_tokens=rows, prefill_seconds=prefill_done - start,
+                            decode_seconds=end - prefill_done, decode_steps=steps, capture_seconds=capture_seconds,
+                            finish_reasons=[s.finish_reason for s in seqs])

@@ -157,8 +157,11 @@ class GPT2(nn.Module):
         return self._lm_head(h[torch.arange(b, device=h.device), lengths.long() - 1])
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
         """One step for slots [0, B): append ``tokens`` (B,) int64 at each slot's length, return logits (B, vocab).
+
+        kv_len: attend over (and write into) only the cache's first ``kv_len`` positions, which must
+        hold every slot's new length; None: the whole cache.
 
         Five ops a layer, each one kernel on the triton backend: LayerNorm + QKV projection + cache
         write; attention; c_proj + residual; LayerNorm + c_fc + GELU; MLP c_proj + residual. Around
@@ -172,5 +175,5 @@ class GPT2(nn.Module):
         lens = cache.lens[:b]
         x = ops.decode_embed(tokens, lens, self.wte.weight, self.wpe.weight)  # lens now count the new token
         for i, blk in enumerate(self.h):
-            x = decode_layer(ops, blk, x, *cache.layer(i, b), lens, cfg.n_head, eps)
+            x = decode_layer(ops, blk, x, *cache.layer(i, b, kv_len), lens, cfg.n_head, eps)
         return ops.ln_linear(x, self.ln_f.weight, self.ln_f.bias, self._lm_head_weight(), None, None, eps)

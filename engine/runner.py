@@ -9,18 +9,18 @@ replays it. The host reads each step's tokens outside the step (``TokenReader``)
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from kernels import prepare_device
-from kernels.sampling import prepare_sampler, sample_next_
+from kernels.sampling import apply_penalties, count_tokens_, prepare_sampler, sample_next_
 
 from .cache import KVCache
 from .errors import EngineError
 from .model import GPT2
-from .tokenizer import EOT_ID, StreamDecoder
+from .request import Request, SamplingParams
+
+__all__ = ["CACHE_LEN_STEP", "GRAPH_BUCKETS", "Request", "Runner", "SamplingParams", "TokenReader", "graph_bucket"]
 
 # Batch sizes a CUDA graph is captured for; a batch runs in the smallest bucket that holds it, with
 # padding rows. Powers of two: at most 2x wasted rows, and seven captures cover 1..64.
@@ -39,71 +39,31 @@ def graph_bucket(batch: int) -> int:
     return -(-batch // GRAPH_BUCKETS[-1]) * GRAPH_BUCKETS[-1]
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's sampling: temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
-    ``seed`` keys the request's own random stream (its n-th token draws at offset n)."""
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-
-@dataclass
-class Request:
-    """One request: its prompt, its sampling, and what it has produced so far."""
-    prompt: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams = SamplingParams()
-    stop_at_eos: bool = True
-    on_text: Callable[[str], None] | None = None  # receives streamed text as it is generated
-    tokens: list[int] = field(default_factory=list)
-    finished: bool = False
-    _decoder: StreamDecoder | None = None
-
-    def accept(self, token: int) -> None:
-        """Take the next sampled token; stream its text; finish at EOS or the token limit."""
-        if self.finished:
-            return
-        if token < 0:
-            raise RuntimeError("the model produced NaN or all -inf logits")
-        self.tokens.append(token)
-        if self.stop_at_eos and token == EOT_ID:
-            self.finished = True
-        elif self.on_text is not None:
-            self._decoder = self._decoder or StreamDecoder()
-            piece = self._decoder.push(token)
-            if piece:
-                self.on_text(piece)
-        if len(self.tokens) >= self.max_new_tokens:
-            self.finished = True
-        if self.finished and self._decoder is not None:
-            tail = self._decoder.flush()
-            if tail:
-                self.on_text(tail)
-
-
 def _rounded_len(needed: int, n_positions: int) -> int:
     return min(n_positions, -(-needed // CACHE_LEN_STEP) * CACHE_LEN_STEP)
 
 
 class Runner:
-    """Owns a model's KV cache, the decode step's inputs and one CUDA graph per batch bucket.
+    """Owns a model's KV cache, every slot's sampling state and one CUDA graph per batch bucket.
 
     Persistent across calls: the cache grows (and its graphs are recaptured) only when a batch
-    needs more slots or positions than it has. Use: ``start(requests)`` (prefill + first token),
-    then ``step()`` until every request is finished; ``tokens`` holds the latest tokens.
+    needs more slots or positions than it has. A batch: ``prepare(requests)``, ``start(requests)``
+    (prefill + first token), then ``step()`` until every request is finished. Continuous batching
+    (``engine.scheduler``): ``reserve`` once, then ``admit`` requests into free slots, ``step(rows)``
+    and ``release`` slots as requests come and go. ``tokens`` holds each slot's latest token.
     """
 
     def __init__(self, model: GPT2):
         self.model = model
         self.device = model.device
         self.cache: KVCache | None = None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (rows, penalized) -> graph
         self._pool = None
         self.rows = 0          # rows the decode step runs (the batch, padded to a bucket with graphs)
         self.batch = 0         # real rows
         self.use_graph = False
+        self.penalized = False  # the step applies penalties (some row has them) and counts tokens
+        self._lens: list[int] = []  # each slot's cache length, as the host knows it
         self.decode_step = self._decode_step  # benchmarks may swap in torch.compile(self._decode_step)
 
     # --- persistent state ---------------------------------------------------------------------------
@@ -117,13 +77,21 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.cache = KVCache(self.model.config, slots, max_len, self.model.dtype, self.device)
-        dev = self.device
+        dev, vocab = self.device, self.model.config.vocab_size
+        self._lens = [0] * slots
         self.tokens = torch.zeros(slots, dtype=torch.int64, device=dev)
-        self.temperature = torch.zeros(slots, dtype=torch.float32, device=dev)  # padding rows: greedy
+        # Free and padding rows: greedy, no penalties (cheapest, and always valid).
+        self.temperature = torch.zeros(slots, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(slots, dtype=torch.int64, device=dev)
         self.top_p = torch.ones(slots, dtype=torch.float64, device=dev)
+        self.min_p = torch.zeros(slots, dtype=torch.float64, device=dev)
         self.seed = torch.zeros(slots, dtype=torch.int64, device=dev)
         self.offset = torch.zeros(slots, dtype=torch.int64, device=dev)  # each row's next token index
+        self.repetition = torch.ones(slots, dtype=torch.float32, device=dev)
+        self.presence = torch.zeros(slots, dtype=torch.float32, device=dev)
+        self.frequency = torch.zeros(slots, dtype=torch.float32, device=dev)
+        self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=dev)  # output tokens, per slot
+        self.prompt_mask = torch.zeros(slots, vocab, dtype=torch.bool, device=dev)
 
     def drop_graphs(self) -> None:
         """Forget every captured graph and their memory pool. A pool whose graphs are all gone is
@@ -133,17 +101,40 @@ class Runner:
         self.graphs.clear()
         self._pool = None
 
-    def _sample_into(self, logits: torch.Tensor, rows: int) -> None:
-        """Draw rows [0, rows)'s tokens into ``tokens`` and advance their offsets: one kernel."""
-        sample_next_(logits, self.temperature[:rows], self.top_k[:rows], self.top_p[:rows],
-                     self.seed[:rows], self.offset[:rows], self.tokens[:rows])
-
-    def _decode_step(self, rows: int) -> None:
+    def _decode_step(self, rows: int, penalized: bool = False) -> None:
         """The static step over slots [0, rows): only device buffers in, only device buffers out."""
-        self._sample_into(self.model.decode(self.tokens[:rows], self.cache), rows)
+        logits = self.model.decode(self.tokens[:rows], self.cache, self._kv_len(rows))
+        self._sample(logits, slice(0, rows), penalized)
 
-    def _capture(self, rows: int) -> None:
-        """Record the decode step of ``rows`` rows as a CUDA graph (state is reset by the prefill after)."""
+    def _kv_len(self, rows: int) -> int | None:
+        """How much of the cache the step's attention reads: all of it on GPUs (the kernels stop at
+        each row's length on the device; static shapes for the graphs); on CPU, where the eager
+        attention reads every position it is given, only the prefix some row uses, in steps of 64."""
+        if self.device.type != "cpu":
+            return None
+        return min(self.cache.max_len, -(-(max(self._lens[:rows]) + 1) // 64) * 64)
+
+    def _sample(self, logits: torch.Tensor, rows: slice | torch.Tensor, penalized: bool) -> None:
+        """Draw the tokens of ``rows`` (a slice, or int64 slot ids) into ``tokens``, advancing their
+        offsets: one kernel, plus the penalties' few when ``penalized``."""
+        gathered = isinstance(rows, torch.Tensor)  # indexing by a tensor copies: write the results back
+        offset, tokens = self.offset[rows], self.tokens[rows]
+        if penalized:
+            counts = self.counts[rows]
+            logits = apply_penalties(logits, counts, self.prompt_mask[rows], self.repetition[rows],
+                                     self.presence[rows], self.frequency[rows])
+        sample_next_(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], self.seed[rows],
+                     offset, tokens, self.min_p[rows])
+        if penalized:
+            count_tokens_(counts, tokens)
+            if gathered:
+                self.counts[rows] = counts
+        if gathered:
+            self.offset[rows], self.tokens[rows] = offset, tokens
+
+    def _capture(self, rows: int, penalized: bool) -> None:
+        """Record the decode step of ``rows`` rows as a CUDA graph. Only while no request is running:
+        the warm-up steps write into those rows' cache (the caller's prefill resets them after)."""
         self.cache.lens[:rows] = 0
         self.tokens[:rows] = 0
         stream = torch.cuda.current_stream(self.device)
@@ -151,64 +142,144 @@ class Runner:
         side.wait_stream(stream)
         with torch.cuda.stream(side):  # warm-up: every kernel variant compiles and autotunes here
             for _ in range(2):
-                self._decode_step(rows)
+                self._decode_step(rows, penalized)
         stream.wait_stream(side)
         self._pool = self._pool or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._decode_step(rows)
-        self.graphs[rows] = graph
+            self._decode_step(rows, penalized)
+        self.graphs[rows, penalized] = graph
+        self.cache.lens[:rows] = 0
+        self.counts[:rows] = 0
+        self._lens[:rows] = [0] * rows
 
-    # --- the loop's three calls ---------------------------------------------------------------------
-    def prepare(self, requests: list[Request], cuda_graph: bool) -> float:
-        """Size the cache for ``requests`` and capture the step's graph if missing. Returns seconds spent capturing."""
+    def _capture_missing(self, buckets: list[int], modes: list[bool]) -> float:
+        start = time.perf_counter()
+        for rows in buckets:
+            for penalized in modes:
+                if (rows, penalized) not in self.graphs:
+                    self._capture(rows, penalized)
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def _check_device(self, cuda_graph: bool) -> None:
         if cuda_graph and self.device.type != "cuda":
             raise EngineError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
         prepare_sampler(self.device)  # outside the step: a build without this device's kernel fails here
         prepare_device(self.device)  # the kernels' counters: never allocated inside a step
+
+    # --- a batch: prepare, start, step ---------------------------------------------------------------
+    def prepare(self, requests: list[Request], cuda_graph: bool) -> float:
+        """Size the cache for ``requests`` and capture the step's graph if missing. Returns seconds spent capturing."""
+        self._check_device(cuda_graph)
         batch = len(requests)
         self.use_graph = cuda_graph
+        self.penalized = any(r.sampling.penalized for r in requests)
         self.batch, self.rows = batch, graph_bucket(batch) if cuda_graph else batch
         needed = max(len(s.prompt) + s.max_new_tokens for s in requests)
         self._allocate(self.rows, _rounded_len(needed, self.model.config.n_positions))
-        if not cuda_graph or self.rows in self.graphs:
+        if not cuda_graph:
             return 0.0
-        start = time.perf_counter()
-        self._capture(self.rows)
-        torch.cuda.synchronize(self.device)
-        return time.perf_counter() - start
+        return self._capture_missing([self.rows], [self.penalized])
 
     def start(self, requests: list[Request]) -> torch.Tensor:
         """Prefill ``requests`` (as prepared) into slots [0, B) and sample each one's first token.
 
         Returns the tokens, int64 (B,) on the device (a view of ``tokens``).
         """
-        batch, rows, dev = self.batch, self.rows, self.device
-        longest = max(len(s.prompt) for s in requests)
-        ids = torch.zeros((batch, longest), dtype=torch.int64)  # right padding, never attended
-        for r, s in enumerate(requests):
-            ids[r, :len(s.prompt)] = torch.tensor(s.prompt)
-        lengths = torch.tensor([len(s.prompt) for s in requests], dtype=torch.int32)
-        params = [s.sampling for s in requests] + [SamplingParams(temperature=0.0)] * (rows - batch)
-        self.temperature[:rows] = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        self.top_k[:rows] = torch.tensor([p.top_k for p in params], dtype=torch.int64)
-        self.top_p[:rows] = torch.tensor([p.top_p for p in params], dtype=torch.float64)
-        self.seed[:rows] = torch.tensor([p.seed for p in params], dtype=torch.int64)
-        self.offset[:rows] = 0
-        self.tokens[:rows] = 0
-        self.cache.lens[:rows] = 0  # padding rows start empty
-        logits = self.model.prefill(ids.to(dev), lengths.to(dev), self.cache)
-        self._sample_into(logits, batch)
+        self.release(range(len(requests), self.rows))  # padding rows
+        self.admit(requests, list(range(len(requests))))
+        return self.tokens[:self.batch]
+
+    def step(self, rows: int | None = None) -> torch.Tensor:
+        """One decode step for slots [0, rows) (default: the prepared batch's), finished and free
+        rows too: shapes stay static. Returns the new tokens, int64 (rows,) on the device (a view of
+        ``tokens``, overwritten by the next step); a prepared batch's padding rows are left out."""
+        batch = self.batch if rows is None else rows
+        rows = self.rows if rows is None else rows
+        overflowing = [s for s in range(rows) if self._lens[s] >= self.cache.max_len]
+        if overflowing:  # only free rows get here (a request's length is checked at admission)
+            self.release(overflowing)
+        if self.use_graph:
+            self.graphs[rows, self.penalized].replay()
+        else:
+            self.decode_step(rows, self.penalized) if self.penalized else self.decode_step(rows)
+        for s in range(rows):
+            self._lens[s] += 1
         return self.tokens[:batch]
 
-    def step(self) -> torch.Tensor:
-        """One decode step for every row (finished ones too: shapes stay static). Returns the new
-        tokens, int64 (B,) on the device (a view of ``tokens``, overwritten by the next step)."""
-        if self.use_graph:
-            self.graphs[self.rows].replay()
-        else:
-            self.decode_step(self.rows)
-        return self.tokens[:self.batch]
+    # --- continuous batching: reserve, admit, release ------------------------------------------------
+    def reserve(self, slots: int, max_len: int, cuda_graph: bool) -> float:
+        """Size the cache for ``slots`` rows of ``max_len`` positions and, with ``cuda_graph``,
+        capture every bucket up to ``slots`` with and without penalties, all before any request is
+        admitted (a capture mid-flight would disturb running rows). Returns seconds spent capturing."""
+        self._check_device(cuda_graph)
+        self.use_graph = cuda_graph
+        self._allocate(slots, max_len)
+        self.release(range(self.cache.slots))
+        if not cuda_graph:
+            return 0.0
+        return self._capture_missing([b for b in GRAPH_BUCKETS if b <= slots], [False, True])
+
+    def admit(self, requests: list[Request], slots: list[int]) -> None:
+        """Prefill ``requests`` into ``slots`` (free, distinct), set their sampling state and sample
+        each one's first token into ``tokens[slots]``; the host reads it from there.
+
+        Requests with the same prompt share one prefill: it runs once and its cache is copied.
+        """
+        dev = self.device
+        firsts: dict[tuple[int, ...], int] = {}  # prompt -> index of its first request
+        for i, r in enumerate(requests):
+            firsts.setdefault(tuple(r.prompt), i)
+        unique = list(firsts.values())
+        longest = max(len(requests[i].prompt) for i in unique)
+        ids = torch.zeros((len(unique), longest), dtype=torch.int64)  # right padding, never attended
+        for row, i in enumerate(unique):
+            ids[row, :len(requests[i].prompt)] = torch.tensor(requests[i].prompt)
+        lengths = torch.tensor([len(requests[i].prompt) for i in unique], dtype=torch.int32)
+        slot_ids = torch.tensor(slots, dtype=torch.int64, device=dev)
+        logits = self.model.prefill(ids.to(dev), lengths.to(dev), self.cache, slot_ids[unique])
+        source = [unique.index(firsts[tuple(r.prompt)]) for r in requests]  # each request's prefill row
+        shared = [i for i, row in enumerate(source) if unique[row] != i]
+        if shared:
+            self.cache.copy_slots(slot_ids[[unique[source[i]] for i in shared]], slot_ids[shared], longest)
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(dev)
+
+        params = [r.sampling for r in requests]
+        self.temperature[slot_ids] = column([p.temperature for p in params], torch.float32)
+        self.top_k[slot_ids] = column([p.top_k for p in params], torch.int64)
+        self.top_p[slot_ids] = column([p.top_p for p in params], torch.float64)
+        self.min_p[slot_ids] = column([p.min_p for p in params], torch.float64)
+        self.seed[slot_ids] = column([p.seed for p in params], torch.int64)
+        self.repetition[slot_ids] = column([p.repetition_penalty for p in params], torch.float32)
+        self.presence[slot_ids] = column([p.presence_penalty for p in params], torch.float32)
+        self.frequency[slot_ids] = column([p.frequency_penalty for p in params], torch.float32)
+        self.offset[slot_ids] = 0
+        self.counts[slot_ids] = 0
+        mask = torch.zeros(len(requests), self.model.config.vocab_size, dtype=torch.bool)
+        for i, r in enumerate(requests):
+            mask[i, r.prompt] = True
+        self.prompt_mask[slot_ids] = mask.to(dev)
+        for r, slot in zip(requests, slots):
+            self._lens[slot] = len(r.prompt)
+            r.begin()
+        self._sample(logits[source], slot_ids, any(p.penalized for p in params))
+
+    def release(self, slots) -> None:
+        """Reset ``slots`` to free rows: empty, greedy, no penalties (their later tokens are ignored)."""
+        slots = list(slots)
+        if not slots:
+            return
+        index = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        self.cache.lens[index] = 0
+        self.temperature[index] = 0.0
+        self.repetition[index] = 1.0
+        self.presence[index] = 0.0
+        self.frequency[index] = 0.0
+        for s in slots:
+            self._lens[s] = 0
 
 
 class TokenReader:

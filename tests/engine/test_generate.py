@@ -64,9 +64,9 @@ def test_stop_at_eos(model, monkeypatch):
 
     real = engine.runner.sample_next_
 
-    def fake(logits, temperature, top_k, top_p, seed, offset, out):
+    def fake(logits, temperature, top_k, top_p, seed, offset, out, min_p):
         at_third = (torch.arange(len(out)) == 0) & (offset == 2)
-        real(logits, temperature, top_k, top_p, seed, offset, out)
+        real(logits, temperature, top_k, top_p, seed, offset, out, min_p)
         out.copy_(torch.where(at_third, EOT_ID, out))
 
     monkeypatch.setattr(engine.runner, "sample_next_", fake)

@@ -190,9 +190,9 @@ def test_graphs_with_ragged_batches_and_eos(tiny_checkpoint, monkeypatch):
     assert again.capture_seconds == 0  # the 4-row graph is reused
     real = engine.runner.sample_next_
 
-    def eos_at_third(logits, temperature, top_k, top_p, seed, offset, out):  # row 1 stops at its 3rd token
+    def eos_at_third(logits, temperature, top_k, top_p, seed, offset, out, min_p):  # row 1 stops at its 3rd token
         at_third = (torch.arange(len(out), device=out.device) == 1) & (offset == 2)
-        real(logits, temperature, top_k, top_p, seed, offset, out)
+        real(logits, temperature, top_k, top_p, seed, offset, out, min_p)
         out.copy_(torch.where(at_third, EOT_ID, out))
 
     monkeypatch.setattr(engine.runner, "sample_next_", eos_at_third)

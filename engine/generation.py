@@ -129,8 +129,8 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     def streamer(r):
         return None if on_text is None else lambda piece: on_text(r, piece)
 
-    seqs = [Request(ids, max_new_tokens, replace(sampling, seed=s), stop_at_eos, streamer(r), stops, max_time,
-                    keep_text=is_text) for r, (ids, s) in enumerate(zip(rows, seeds))]
+    seqs = [Request(ids, max_new_tokens, replace(sampling, seed=s), stop_at_eos, on_text=streamer(r), stop=stops,
+                    max_time=max_time, keep_text=is_text) for r, (ids, s) in enumerate(zip(rows, seeds))]
     runner = runner_for(model)
     capture_seconds = runner.prepare(seqs, cuda_graph)
     reader = TokenReader(len(seqs), model.device)

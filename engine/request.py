@@ -91,7 +91,8 @@ class Request:
 
     ``accept`` takes each sampled token. The request finishes (``finish_reason``) at EOS or a stop
     string ("stop"), after ``max_new_tokens`` ("length"), once ``max_time`` seconds have passed
-    since it was admitted ("time"), or when ``cancel`` was called ("cancelled"). ``text`` is the
+    since it was admitted ("time"), when ``cancel`` was called ("cancelled"), or when the model
+    failed it ("error", e.g. NaN logits in a scheduler, which keeps serving the others). ``text`` is the
     output so far as text, without the EOS and without a stop string and what followed it; text
     that might be the start of a stop string is held back until it cannot be. ``on_text`` receives
     each new piece of ``text``.
@@ -101,6 +102,7 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     stop_at_eos: bool = True
     on_text: Callable[[str], None] | None = None
+    on_finish: Callable[["Request"], None] | None = None  # called once, when the request ends
     stop: tuple[str, ...] = ()
     max_time: float | None = None
     keep_text: bool = True  # False: tokens only (ids a tokenizer may not know are never decoded)
@@ -150,7 +152,12 @@ class Request:
                 return
             self._emit(self._held)
             self._held = ""
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
         self.finished, self.finish_reason = True, reason
+        if self.on_finish is not None:
+            self.on_finish(self)
 
     def _push(self, piece: str) -> None:
         if not self.stop:
@@ -161,7 +168,7 @@ class Request:
         if cut is not None:
             self._emit(self._held[:cut])
             self._held = ""
-            self.finished, self.finish_reason = True, "stop"
+            self._end("stop")
             return
         keep = _partial_stop(self._held, self.stop)
         self._emit(self._held[:len(self._held) - keep])

@@ -54,7 +54,10 @@ setup(
     ],
     extras_require={
         "hub": ["huggingface_hub>=0.23"],
-        "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.40", "scipy", "huggingface_hub>=0.23"],
+        "serve": ["starlette>=0.40", "uvicorn>=0.30"],
+        # openai: the official client, the server's tests talk through it
+        "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.40", "scipy", "huggingface_hub>=0.23",
+                 "starlette>=0.40", "uvicorn>=0.30", "openai>=1.40"],
         "bench": ["matplotlib", "transformers>=4.40", "huggingface_hub>=0.23"],
     },
 )

@@ -48,6 +48,33 @@ def _top_p(text):
     return v
 
 
+def _unit_interval(name):
+    def parse(text):
+        v = _parsed(text, float, f"{name} must be a number in [0, 1]")
+        if not 0 <= v <= 1:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text}")
+        return v
+    return parse
+
+
+def _positive_float(name):
+    def parse(text):
+        v = _parsed(text, float, f"{name} must be a finite number > 0")
+        if not math.isfinite(v) or v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text}")
+        return v
+    return parse
+
+
+def _penalty(name):
+    def parse(text):
+        v = _parsed(text, float, f"{name} must be a number in [-2, 2]")
+        if not -2 <= v <= 2:
+            raise argparse.ArgumentTypeError(f"{name} must be in [-2, 2], got {text}")
+        return v
+    return parse
+
+
 def _int_at_least(name, low):
     def parse(text):
         v = _parsed(text, int, f"{name} must be an integer >= {low}")
@@ -70,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 means greedy (default: 1.0)")
     p.add_argument("--top-k", type=_int_at_least("--top-k", 0), default=0, help="0 disables (default: 0)")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus mass in (0, 1]; 1 disables (default: 1.0)")
+    p.add_argument("--min-p", type=_unit_interval("--min-p"), default=0.0,
+                   help="drop tokens below this fraction of the top token's probability; 0 disables (default: 0)")
+    p.add_argument("--repetition-penalty", type=_positive_float("--repetition-penalty"), default=1.0,
+                   help="HF's: > 1 discourages tokens of the prompt and output; 1 disables (default: 1)")
+    p.add_argument("--presence-penalty", type=_penalty("--presence-penalty"), default=0.0,
+                   help="OpenAI's, in [-2, 2]: subtracted once from every token already generated (default: 0)")
+    p.add_argument("--frequency-penalty", type=_penalty("--frequency-penalty"), default=0.0,
+                   help="OpenAI's, in [-2, 2]: subtracted per occurrence of a generated token (default: 0)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the text where TEXT appears (left out); repeat for several")
+    p.add_argument("--max-time", type=_positive_float("--max-time"), default=None,
+                   help="stop generating after this many seconds")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--num-samples", type=_int_at_least("--num-samples", 1), default=1,
                    help="samples of the same prompt, generated as one batch")
@@ -118,7 +157,10 @@ def run(args) -> int:
             on_text = None
         out = generate(model, [prompt] * args.num_samples, args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=args.stop_at_eos,
-                       on_text=on_text, allow_special=args.allow_special, cuda_graph=args.cuda_graph)
+                       on_text=on_text, allow_special=args.allow_special, cuda_graph=args.cuda_graph,
+                       min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                       stop=args.stop, max_time=args.max_time)
     except (EngineError, torch.cuda.OutOfMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -118,6 +118,12 @@ class Scheduler:
         del self.active[slot]
         self.runner.release([slot])
 
+    def fail_running(self) -> None:
+        """End every running request with "error" and free its slot (after a failed step)."""
+        for slot, r in list(self.active.items()):
+            r.finish("error")
+            self._free(slot)
+
     def run_until_idle(self) -> None:
         """Step until no request is running or waiting (for callers without a loop of their own)."""
         while not self.idle:

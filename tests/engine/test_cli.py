@@ -44,6 +44,18 @@ def test_prompt_from_stdin_and_file(tiny_checkpoint, tmp_path, capsys):
     assert r.returncode == 0 and r.stdout == from_file
 
 
+def test_sampling_controls_and_stop(tiny_checkpoint, capsys):
+    args = ["--model", str(tiny_checkpoint), "--prompt", "x", "--max-new-tokens", "30", "--temperature", "0",
+            "--dtype", "float32", "--no-stop-at-eos"]
+    assert main(args) == 0
+    full = capsys.readouterr().out
+    stop = full[6:9]
+    assert main(args + ["--stop", stop, "--stop", "\x01", "--repetition-penalty", "1.0", "--min-p", "0.0"]) == 0
+    assert capsys.readouterr().out == full[:full.index(stop)] + "\n"
+    assert main(args + ["--frequency-penalty", "2", "--presence-penalty", "1"]) == 0
+    assert capsys.readouterr().out != full
+
+
 def test_num_samples(tiny_checkpoint, capsys):
     assert main(["--model", str(tiny_checkpoint), "--prompt", "x", "--max-new-tokens", "4",
                  "--num-samples", "3", "--seed", "1"]) == 0
@@ -66,6 +78,12 @@ def test_num_samples(tiny_checkpoint, capsys):
     (["--max-new-tokens", "abc"], "--max-new-tokens must be an integer >= 1, got 'abc'"),
     (["--top-p", "x"], "--top-p must be a number in (0, 1], got 'x'"),
     (["--seed", "x"], "invalid int value"),
+    (["--min-p", "1.5"], "--min-p must be in [0, 1]"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0"),
+    (["--presence-penalty", "3"], "--presence-penalty must be in [-2, 2]"),
+    (["--frequency-penalty", "x"], "--frequency-penalty must be a number in [-2, 2]"),
+    (["--stop", ""], "stop must be a non-empty string"),
+    (["--max-time", "-1"], "--max-time must be a finite number > 0"),
 ])
 def test_user_mistakes_are_one_line(tiny_checkpoint, capsys, args, match):
     assert main(["--model", str(tiny_checkpoint), "--prompt", "hi"] + args) == 2

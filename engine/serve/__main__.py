@@ -1,0 +1,82 @@
+"""``python -m engine.serve --model M``: serve the model over HTTP in OpenAI's completions format.
+
+A user mistake ends in one ``error:`` line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..backends import BACKENDS
+from ..cli import EXIT_USER_ERROR, _int_at_least, _Parser, _UsageError
+from ..loader import DTYPES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m engine.serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                description="Serve GPT-2 over HTTP: POST /v1/completions (OpenAI's format, streamed with "
+                            "stream=true), GET /v1/models, GET /health. Requests join the running batch "
+                            "between decode steps (continuous batching).",
+                epilog="example: python -m engine.serve --model gpt2 --port 8000, then "
+                       "curl localhost:8000/v1/completions -H 'Content-Type: application/json' "
+                       "-d '{\"prompt\": \"Hello\", \"max_tokens\": 20}'")
+    p.add_argument("--model", default="gpt2", help="hub name, local HF directory, or random:<size>")
+    p.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=_int_at_least("--port", 0), default=8000)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the loader's for the device")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=None,
+                   help="default: triton on a CUDA device, eager on CPU")
+    p.add_argument("--max-batch", type=_int_at_least("--max-batch", 1), default=None,
+                   help="requests decoded together (default: 64 on CUDA, 16 on CPU)")
+    p.add_argument("--max-waiting", type=_int_at_least("--max-waiting", 0), default=256,
+                   help="requests queued beyond the batch before the server answers 503")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
+                   help="on CUDA, run every decode step op by op instead of replaying CUDA graphs")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        raise _UsageError(f"the server needs the 'serve' extra ({e.name} is missing): pip install -e \".[serve]\"") \
+            from None
+    import torch
+
+    from ..errors import EngineError
+    from ..loader import load_model
+    from ..scheduler import Scheduler
+
+    try:
+        model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        max_batch = args.max_batch or (64 if model.device.type == "cuda" else 16)
+        scheduler = Scheduler(model, max_batch=max_batch, max_waiting=args.max_waiting, cuda_graph=args.cuda_graph)
+    except (EngineError, torch.cuda.OutOfMemoryError) as e:
+        raise _UsageError(str(e)) from None
+    name = args.served_model_name or args.model
+    print(f"serving {name} ({model.config.n_layer}L/{model.config.n_embd}d {model.dtype} {model.device} "
+          f"{model.backend}, batch {max_batch}, graphs captured in {scheduler.capture_seconds:.1f} s) "
+          f"on http://{args.host}:{args.port}", file=sys.stderr)
+    uvicorn.run(create_app(scheduler, name, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(build_parser().parse_args(argv))
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The OpenAI completions protocol: a request body in, engine ``Request``s out; responses and errors
+shaped as OpenAI's. No HTTP here, so it is testable on its own."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+from kernels.sampling import as_int64
+
+from ..errors import ParameterError
+from ..request import Request, check_max_time, sampling_params, stop_strings
+from ..tokenizer import EOT_ID, VOCAB_SIZE, decode, encode
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_N = 128
+
+class APIError(Exception):
+    """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Completion:
+    """A checked /v1/completions request: ``n`` choices for each prompt."""
+    id: str
+    created: int
+    model: str
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    n: int
+    max_tokens: int
+    requests: list[Request]  # prompt-major: choice i is prompt i // n
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(len(r.tokens) for r in self.requests)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+               "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+
+def finish_reason(request: Request) -> str:
+    """OpenAI's two reasons: "stop" (EOS or a stop string) and "length" (max_tokens, or max_time)."""
+    return "stop" if request.finish_reason == "stop" else "length"
+
+
+def _typed(body: dict, name: str, kinds: tuple, default, what: str):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise APIError(400, f"'{name}' must be {what}, got {value!r}", name)
+    return value
+
+
+def _prompts(prompt, vocab_size: int) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt: a string, a list of strings, a list of ids or a list of lists of ids."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise APIError(400, "'prompt' must be a string, a list of strings, or token ids", "prompt")
+    ids, texts = [], []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            # <|endoftext|> in a prompt is the special token, as OpenAI's and HF's tokenizers read it.
+            ids.append(encode(p, allow_special=True) or [EOT_ID])
+            texts.append(p)
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            ids.append(list(p))
+            texts.append(decode(p) if all(0 <= t < VOCAB_SIZE for t in p) else "")
+        else:
+            raise APIError(400, f"prompt {i} must be a string or a non-empty list of token ids", "prompt")
+    bad = [t for p in ids for t in p if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(400, f"the prompt holds token {bad[0]}, outside this model's vocabulary [0, {vocab_size})",
+                       "prompt")
+    return ids, texts
+
+
+def parse_completion(body, served_model: str, vocab_size: int, n_positions: int) -> Completion:
+    """Check a /v1/completions body and build its engine requests (callbacks left for the caller).
+
+    Raises APIError: 400 naming the parameter, 404 for another model's name.
+    """
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != served_model:
+        raise APIError(404, f"the model '{model}' does not exist; this server serves '{served_model}'", "model",
+                       "model_not_found")
+    for name in ("suffix", "logit_bias"):
+        if body.get(name):  # None, "" and {} are their defaults
+            raise APIError(400, f"'{name}' is not supported by this server", name)
+    if body.get("logprobs") is not None:
+        raise APIError(400, "'logprobs' is not provided by this engine yet", "logprobs")
+    prompts, texts = _prompts(body.get("prompt"), vocab_size)
+    max_tokens = _typed(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS, "an integer >= 1")
+    if max_tokens < 1:
+        raise APIError(400, f"'max_tokens' must be an integer >= 1, got {max_tokens}", "max_tokens")
+    n = _typed(body, "n", (int,), 1, f"an integer in [1, {MAX_N}]")
+    if not 1 <= n <= MAX_N:
+        raise APIError(400, f"'n' must be an integer in [1, {MAX_N}], got {n}", "n")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        raise APIError(400, "'best_of' is not supported (other than equal to n)", "best_of")
+    longest = max(len(p) for p in prompts)
+    if longest + max_tokens > n_positions:
+        raise APIError(400, f"the prompt's {longest} tokens plus max_tokens {max_tokens} exceed the model's context "
+                            f"of {n_positions} tokens", "max_tokens", "context_length_exceeded")
+    number = (int, float)
+    top_k = _typed(body, "top_k", (int,), 0, "an integer >= 0 (0 or -1: off)")
+    try:
+        sampling = sampling_params(
+            temperature=_typed(body, "temperature", number, 1.0, "a number"),
+            top_k=0 if top_k == -1 else top_k,  # vLLM's spelling of "off"
+            top_p=_typed(body, "top_p", number, 1.0, "a number"),
+            min_p=_typed(body, "min_p", number, 0.0, "a number"),
+            repetition_penalty=_typed(body, "repetition_penalty", number, 1.0, "a number"),
+            presence_penalty=_typed(body, "presence_penalty", number, 0.0, "a number"),
+            frequency_penalty=_typed(body, "frequency_penalty", number, 0.0, "a number"))
+        stop = stop_strings(body.get("stop"))
+        max_time = body.get("max_time")
+        check_max_time(max_time)
+    except ParameterError as e:
+        raise APIError(400, str(e), e.param) from None
+    seed = _typed(body, "seed", (int,), None, "an integer")
+    stream = _typed(body, "stream", (bool,), False, "a boolean")
+    echo = _typed(body, "echo", (bool,), False, "a boolean")
+    options = _typed(body, "stream_options", (dict,), {}, "an object")
+    first = secrets.randbits(63) if seed is None else seed
+    requests = [Request(p, max_tokens, replace(sampling, seed=as_int64(first + k)), stop=stop, max_time=max_time)
+                for k, p in enumerate(p for p in prompts for _ in range(n))]
+    return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served_model, prompts=prompts,
+                      prompt_texts=texts, n=n, max_tokens=max_tokens, requests=requests, stream=stream,
+                      include_usage=bool(options.get("include_usage")) and stream, echo=echo)

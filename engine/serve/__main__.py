@@ -6,11 +6,29 @@ A user mistake ends in one ``error:`` line on stderr and exit status 2, never a 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 
 from ..backends import BACKENDS
 from ..cli import EXIT_USER_ERROR, _int_at_least, _Parser, _UsageError
 from ..loader import DTYPES
+
+
+def server_dtype(device: str | None) -> str | None:
+    """The server's default dtype: on CPU the one whose batched GEMMs are fast there, bfloat16 where
+    the processor has native bf16 (AVX512-BF16, AMX), else float32 (CPU fp16 GEMMs beyond 16 rows run
+    upcast to fp32 anyway); elsewhere the loader's default (None). At 16 rows of gpt2 on a 2-core
+    EPYC with AVX512-BF16: 50 ms a step in bf16, 97 in fp32, 132 in fp16."""
+    import torch
+
+    if device is None and torch.cuda.is_available() or device is not None and not device.startswith("cpu"):
+        return None
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "float32"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=_int_at_least("--port", 0), default=8000)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the loader's for the device")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: float16 on CUDA; on CPU bfloat16 where the processor has native bf16, else float32")
     p.add_argument("--backend", choices=sorted(BACKENDS), default=None,
                    help="default: triton on a CUDA device, eager on CPU")
     p.add_argument("--max-batch", type=_int_at_least("--max-batch", 1), default=None,
@@ -55,7 +74,8 @@ def run(args) -> int:
     from ..scheduler import Scheduler
 
     try:
-        model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        model = load_model(args.model, device=args.device, dtype=args.dtype or server_dtype(args.device),
+                           backend=args.backend)
         max_batch = args.max_batch or (64 if model.device.type == "cuda" else 16)
         scheduler = Scheduler(model, max_batch=max_batch, max_waiting=args.max_waiting, cuda_graph=args.cuda_graph)
     except (EngineError, torch.cuda.OutOfMemoryError) as e:

@@ -145,9 +145,10 @@ def parse_completion(body, served_model: str, vocab_size: int, n_positions: int)
     stream = _typed(body, "stream", (bool,), False, "a boolean")
     echo = _typed(body, "echo", (bool,), False, "a boolean")
     options = _typed(body, "stream_options", (dict,), {}, "an object")
+    ignore_eos = _typed(body, "ignore_eos", (bool,), False, "a boolean")  # vLLM's extension, for benchmarks
     first = secrets.randbits(63) if seed is None else seed
-    requests = [Request(p, max_tokens, replace(sampling, seed=as_int64(first + k)), stop=stop, max_time=max_time)
-                for k, p in enumerate(p for p in prompts for _ in range(n))]
+    requests = [Request(p, max_tokens, replace(sampling, seed=as_int64(first + k)), stop_at_eos=not ignore_eos,
+                        stop=stop, max_time=max_time) for k, p in enumerate(p for p in prompts for _ in range(n))]
     return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served_model, prompts=prompts,
                       prompt_texts=texts, n=n, max_tokens=max_tokens, requests=requests, stream=stream,
                       include_usage=bool(options.get("include_usage")) and stream, echo=echo)

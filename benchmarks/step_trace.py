@@ -135,9 +135,10 @@ def _first_layers(model, n: int):
         model.h = blocks
 
 
-def kernel_budget(model, batch: int) -> dict:
+def kernel_budget(model, batch: int, penalized: bool = False) -> dict:
     """Kernels in one decode step of ``batch`` rows of ``model`` after a 5-token prompt: the total,
     those each layer adds (the step with 2 layers minus the step with 1) and those outside the layers.
+    ``penalized``: the step of a batch with repetition/presence/frequency penalties.
 
     Without a GPU the Triton launches are recorded, not interpreted (minutes at gpt2's width): no
     launch and no op of the step depends on a kernel's output values (the step has no host sync).
@@ -146,18 +147,23 @@ def kernel_budget(model, batch: int) -> dict:
     from engine.runner import Request, SamplingParams
 
     runner = runner_for(model)
-    requests = [Request([1, 2, 3, 4, 5], 8, SamplingParams(temperature=0.7, top_k=40, seed=r)) for r in range(batch)]
+    sampling = [SamplingParams(temperature=0.7, top_k=40, seed=r, repetition_penalty=1.2 if penalized else 1.0)
+                for r in range(batch)]
+    requests = [Request([1, 2, 3, 4, 5], 8, s) for s in sampling]
     from kernels.aot import record_launches
 
     execute = model.device.type == "cuda"
     runner.prepare(requests, cuda_graph=False)
     with record_launches(execute=execute):  # the prefill too: only the step's launches are counted
         runner.start(requests)
-    total = step_kernels(lambda: runner._decode_step(runner.rows), execute)
+    def step():
+        runner._decode_step(runner.rows, penalized)
+
+    total = step_kernels(step, execute)
     with _first_layers(model, 1):
-        one = step_kernels(lambda: runner._decode_step(runner.rows), execute)
+        one = step_kernels(step, execute)
     with _first_layers(model, 2):
-        two = step_kernels(lambda: runner._decode_step(runner.rows), execute)
+        two = step_kernels(step, execute)
     per_layer = two - one
     return {"kernels": total, "per_layer": per_layer, "outside_layers": one - per_layer,
             "layers": model.config.n_layer}

@@ -219,7 +219,7 @@ class Runner:
         self.release(range(self.cache.slots))
         if not cuda_graph:
             return 0.0
-        return self._capture_missing([b for b in GRAPH_BUCKETS if b <= slots], [False, True])
+        return self._capture_missing(sorted({graph_bucket(b) for b in range(1, slots + 1)}), [False, True])
 
     def admit(self, requests: list[Request], slots: list[int]) -> None:
         """Prefill ``requests`` into ``slots`` (free, distinct), set their sampling state and sample

@@ -19,7 +19,8 @@ def _alone(model, prompt, n, sampling):
     kw = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
               repetition_penalty=sampling.repetition_penalty, presence_penalty=sampling.presence_penalty,
               frequency_penalty=sampling.frequency_penalty)
-    return engine.generate(model, [prompt], n, seed=[sampling.seed], stop_at_eos=False, **kw).tokens[0]
+    return engine.generate(model, [prompt], n, seed=[sampling.seed], stop_at_eos=False, cuda_graph=False,
+                           **kw).tokens[0]
 
 
 def test_requests_joining_mid_flight_get_the_tokens_they_get_alone(model):
@@ -118,3 +119,25 @@ def test_nan_logits_fail_one_request_only(model, monkeypatch):
     sched.submit([a, b])
     sched.run_until_idle()
     assert a.finish_reason == "error" and b.finish_reason in ("length", "stop")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_graphed_scheduler_equals_generate_alone(tiny_checkpoint, backend):
+    """On CUDA every bucket's step is captured up front, with and without penalties; requests
+    joining mid-flight still get exactly their solo tokens (fp32, so exact)."""
+    model = engine.load_model(tiny_checkpoint, device="cuda", dtype=torch.float32, backend=backend)
+    sched = Scheduler(model, max_batch=5)
+    assert sched.cuda_graph and sched.capture_seconds > 0
+    assert set(sched.runner.graphs) == {(b, p) for b in (1, 2, 4, 8) for p in (False, True)}
+    specs = [(engine.encode(f"prompt {i}"), 5 + 3 * i,
+              SamplingParams(temperature=[0, 1.0][i % 2], seed=i, top_p=0.9, repetition_penalty=1.0 + 0.2 * (i % 3)))
+             for i in range(7)]
+    requests = [Request(p, n, s, stop_at_eos=False) for p, n, s in specs]
+    sched.submit(requests[:3])
+    for _ in range(3):
+        sched.step()
+    sched.submit(requests[3:])
+    sched.run_until_idle()
+    for r, (p, n, s) in zip(requests, specs):
+        assert r.tokens == _alone(model, p, n, s)

@@ -70,6 +70,8 @@ class Ops:
     ln_qkv_append: Callable     # (x, ln_w, ln_b, w, b, k_cache, v_cache, lens, eps) -> q; writes the new k, v
     ln_linear: Callable         # (x, ln_w, ln_b, w, b, activation, eps) -> y
     decode_attention: Callable  # (q, k_cache, v_cache, cache_lens) -> o
+    # before the sampler, in steps whose batch has penalties
+    apply_penalties: Callable   # (logits, counts, prompt_mask, last_tokens, rep, pres, freq) -> fp32 logits
 
 
 EAGER = Ops(
@@ -82,6 +84,7 @@ EAGER = Ops(
     ln_qkv_append=kernels.ln_qkv_append_ref,
     ln_linear=eager_ln_linear,
     decode_attention=eager_decode_attention,
+    apply_penalties=kernels.apply_penalties_ref,
 )
 
 TRITON = Ops(
@@ -95,6 +98,7 @@ TRITON = Ops(
     ln_linear=kernels.ln_linear,
     # The cache guarantees q_len <= cache_lens <= max_len: skip the check's host sync.
     decode_attention=functools.partial(kernels.decode_attention, check_lens=False),
+    apply_penalties=kernels.apply_penalties,
 )
 
 BACKENDS: dict[str, Ops] = {"eager": EAGER, "triton": TRITON}

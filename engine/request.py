@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from numbers import Number
 from typing import Callable, Sequence
 
-from kernels.sampling import check_penalties, check_sampling_params
+from kernels import check_penalties, check_sampling_params
 
 from .errors import ParameterError
 from .tokenizer import EOT_ID, StreamDecoder

@@ -13,7 +13,7 @@ import time
 import torch
 
 from kernels import prepare_device
-from kernels.sampling import apply_penalties, count_tokens_, prepare_sampler, sample_next_
+from kernels.sampling import prepare_sampler, sample_next_
 
 from .cache import KVCache
 from .errors import EngineError
@@ -104,7 +104,7 @@ class Runner:
     def _decode_step(self, rows: int, penalized: bool = False) -> None:
         """The static step over slots [0, rows): only device buffers in, only device buffers out."""
         logits = self.model.decode(self.tokens[:rows], self.cache, self._kv_len(rows))
-        self._sample(logits, slice(0, rows), penalized)
+        self._sample(logits, slice(0, rows), penalized, last=self.tokens[:rows])
 
     def _kv_len(self, rows: int) -> int | None:
         """How much of the cache the step's attention reads: all of it on GPUs (the kernels stop at
@@ -114,21 +114,21 @@ class Runner:
             return None
         return min(self.cache.max_len, -(-(max(self._lens[:rows]) + 1) // 64) * 64)
 
-    def _sample(self, logits: torch.Tensor, rows: slice | torch.Tensor, penalized: bool) -> None:
+    def _sample(self, logits: torch.Tensor, rows: slice | torch.Tensor, penalized: bool,
+                last: torch.Tensor | None = None) -> None:
         """Draw the tokens of ``rows`` (a slice, or int64 slot ids) into ``tokens``, advancing their
-        offsets: one kernel, plus the penalties' few when ``penalized``."""
+        offsets: one kernel. With ``penalized``, one more before it: count each row's ``last``
+        token (the step's input; None: nothing to count, as after a prefill) and penalise."""
         gathered = isinstance(rows, torch.Tensor)  # indexing by a tensor copies: write the results back
         offset, tokens = self.offset[rows], self.tokens[rows]
         if penalized:
             counts = self.counts[rows]
-            logits = apply_penalties(logits, counts, self.prompt_mask[rows], self.repetition[rows],
-                                     self.presence[rows], self.frequency[rows])
+            if last is None:
+                last = torch.full((logits.shape[0],), -1, dtype=torch.int64, device=self.device)
+            logits = self.model.ops.apply_penalties(logits, counts, self.prompt_mask[rows], last,
+                                                    self.repetition[rows], self.presence[rows], self.frequency[rows])
         sample_next_(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], self.seed[rows],
                      offset, tokens, self.min_p[rows])
-        if penalized:
-            count_tokens_(counts, tokens)
-            if gathered:
-                self.counts[rows] = counts
         if gathered:
             self.offset[rows], self.tokens[rows] = offset, tokens
 

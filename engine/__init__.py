@@ -1,13 +1,16 @@
 """A minimal GPT-2 inference runtime: checkpoints, tokenizer, static KV cache, generation, CLI."""
 
 from .config import CONFIGS, GPT2Config
-from .errors import CheckpointError, ConfigError, ContextLengthError, EngineError
+from .errors import CheckpointError, ConfigError, ContextLengthError, EngineError, ParameterError, QueueFullError
 from .generation import GenerationOutput, generate
 from .loader import load_model
 from .model import GPT2
+from .request import Request, SamplingParams
+from .scheduler import Scheduler
 from .tokenizer import EOT_ID, decode, encode
 
 __all__ = [
     "CONFIGS", "EOT_ID", "GPT2", "CheckpointError", "ConfigError", "ContextLengthError", "EngineError",
-    "GPT2Config", "GenerationOutput", "decode", "encode", "generate", "load_model",
+    "GPT2Config", "GenerationOutput", "ParameterError", "QueueFullError", "Request", "SamplingParams", "Scheduler",
+    "decode", "encode", "generate", "load_model",
 ]

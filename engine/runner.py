@@ -231,19 +231,19 @@ class Runner:
         Requests with the same prompt share one prefill: it runs once and its cache is copied.
         """
         dev = self.device
-        firsts: dict[tuple[int, ...], int] = {}  # prompt -> index of its first request
+        firsts: dict[tuple[int, ...], int] = {}  # prompt -> index of its first request, in prefill-row order
         for i, r in enumerate(requests):
             firsts.setdefault(tuple(r.prompt), i)
         unique = list(firsts.values())
-        longest = max(len(requests[i].prompt) for i in unique)
+        source = [unique.index(firsts[tuple(r.prompt)]) for r in requests]  # each request's prefill row
+        longest = max(len(r.prompt) for r in requests)
         ids = torch.zeros((len(unique), longest), dtype=torch.int64)  # right padding, never attended
         for row, i in enumerate(unique):
             ids[row, :len(requests[i].prompt)] = torch.tensor(requests[i].prompt)
         lengths = torch.tensor([len(requests[i].prompt) for i in unique], dtype=torch.int32)
         slot_ids = torch.tensor(slots, dtype=torch.int64, device=dev)
         logits = self.model.prefill(ids.to(dev), lengths.to(dev), self.cache, slot_ids[unique])
-        source = [unique.index(firsts[tuple(r.prompt)]) for r in requests]  # each request's prefill row
-        shared = [i for i, row in enumerate(source) if unique[row] != i]
+        shared = [i for i in range(len(requests)) if i not in unique]
         if shared:
             self.cache.copy_slots(slot_ids[[unique[source[i]] for i in shared]], slot_ids[shared], longest)
 

@@ -59,7 +59,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
                 body = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise APIError(400, "the request body is not valid JSON") from None
-            job = parse_completion(body, model_name, cfg.vocab_size, cfg.n_positions)
+            job = parse_completion(body, model_name)
             events = attach(job.requests, asyncio.get_running_loop(), job.stream)
             try:
                 scheduler.submit(job.requests)
@@ -81,7 +81,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         try:
             while left:
                 try:
-                    kind, _, r = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+                    kind, _, _ = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)  # nobody reads it; the slots are freed below

@@ -71,7 +71,7 @@ def _typed(body: dict, name: str, kinds: tuple, default, what: str):
     return value
 
 
-def _prompts(prompt, vocab_size: int) -> tuple[list[list[int]], list[str]]:
+def _prompts(prompt) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of each prompt: a string, a list of strings, a list of ids or a list of lists of ids."""
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
@@ -88,15 +88,12 @@ def _prompts(prompt, vocab_size: int) -> tuple[list[list[int]], list[str]]:
             texts.append(decode(p) if all(0 <= t < VOCAB_SIZE for t in p) else "")
         else:
             raise APIError(400, f"prompt {i} must be a string or a non-empty list of token ids", "prompt")
-    bad = [t for p in ids for t in p if not 0 <= t < vocab_size]
-    if bad:
-        raise APIError(400, f"the prompt holds token {bad[0]}, outside this model's vocabulary [0, {vocab_size})",
-                       "prompt")
     return ids, texts
 
 
-def parse_completion(body, served_model: str, vocab_size: int, n_positions: int) -> Completion:
+def parse_completion(body, served_model: str) -> Completion:
     """Check a /v1/completions body and build its engine requests (callbacks left for the caller).
+    Whether they fit the model (vocabulary, context) is the scheduler's check, at submission.
 
     Raises APIError: 400 naming the parameter, 404 for another model's name.
     """
@@ -111,7 +108,7 @@ def parse_completion(body, served_model: str, vocab_size: int, n_positions: int)
             raise APIError(400, f"'{name}' is not supported by this server", name)
     if body.get("logprobs") is not None:
         raise APIError(400, "'logprobs' is not provided by this engine yet", "logprobs")
-    prompts, texts = _prompts(body.get("prompt"), vocab_size)
+    prompts, texts = _prompts(body.get("prompt"))
     max_tokens = _typed(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS, "an integer >= 1")
     if max_tokens < 1:
         raise APIError(400, f"'max_tokens' must be an integer >= 1, got {max_tokens}", "max_tokens")
@@ -121,10 +118,6 @@ def parse_completion(body, served_model: str, vocab_size: int, n_positions: int)
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:
         raise APIError(400, "'best_of' is not supported (other than equal to n)", "best_of")
-    longest = max(len(p) for p in prompts)
-    if longest + max_tokens > n_positions:
-        raise APIError(400, f"the prompt's {longest} tokens plus max_tokens {max_tokens} exceed the model's context "
-                            f"of {n_positions} tokens", "max_tokens", "context_length_exceeded")
     number = (int, float)
     top_k = _typed(body, "top_k", (int,), 0, "an integer >= 0 (0 or -1: off)")
     try:

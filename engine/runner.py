@@ -154,11 +154,13 @@ class Runner:
         self._lens[:rows] = [0] * rows
 
     def _capture_missing(self, buckets: list[int], modes: list[bool]) -> float:
+        """Capture the graphs of ``buckets`` x ``modes`` not yet recorded; seconds spent (0.0: none was missing)."""
+        missing = [(rows, penalized) for rows in buckets for penalized in modes if (rows, penalized) not in self.graphs]
+        if not missing:
+            return 0.0
         start = time.perf_counter()
-        for rows in buckets:
-            for penalized in modes:
-                if (rows, penalized) not in self.graphs:
-                    self._capture(rows, penalized)
+        for rows, penalized in missing:
+            self._capture(rows, penalized)
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ["benchmarks.bench_decode_layer", "--smoke"],
     ["benchmarks.bench_attention", "--smoke"],
     ["benchmarks.bench_sampling", "--smoke"],
+    ["benchmarks.bench_cross_entropy", "--smoke"],
     ["benchmarks.sweep_decode_gemv", "--smoke"],
     ["benchmarks.serve_load", "--smoke"],
     ["benchmarks.e2e", "--models", "gpt2", "--batch", "1", "2", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "1"],

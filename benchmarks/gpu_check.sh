@@ -23,7 +23,7 @@
 #   bash benchmarks/gpu_check.sh sweep_decode_gemv
 #   bash benchmarks/gpu_check.sh e2e_gpt2
 #   bash benchmarks/gpu_check.sh serve_load
-#   bash benchmarks/gpu_check.sh bench_cross_entropy
+#   bash benchmarks/gpu_check.sh pytest_scoring bench_cross_entropy eval_gpt2
 # A first look inside a short lease (15 device minutes: set-up ~45 s on a fresh machine, GPU tests ~70 s,
 # gpt2 fp16 end to end without the compile peers ~55 s, the decode layer's kernels, the GEMV sweep ~100 s):
 #   bash benchmarks/gpu_check.sh pytest_gpu e2e_gpt2_fp16 bench_decode_layer_fp16 sweep_decode_gemv
@@ -50,6 +50,8 @@ export XDIST
 # name -> "timeout_seconds gpu_only command"
 declare -A STEPS=(
   [pytest_gpu]="180 0 $PY -m pytest -q -rs -p no:cacheprovider -m gpu \$XDIST"
+  [pytest_scoring]="150 0 $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/kernels/test_loss.py tests/engine/test_scoring.py tests/engine/test_runner.py \$XDIST"
+  [eval_gpt2]="120 1 cat README.md kernels/README.md | $PY -m engine.eval --model random:gpt2 --batch-size 8 --json && cat README.md kernels/README.md | $PY -m engine.eval --model random:gpt2 --batch-size 8 --json --backend eager"
   [pytest_rest]="300 0 $PY -m pytest -q -rs -p no:cacheprovider -m 'not gpu'"
   [aot]="120 0 mkdir -p benchmarks/results/aot && $PY -m kernels.aot | tee benchmarks/results/aot/triton-\$($PY -c 'import triton; print(triton.__version__)').txt"
   [bench_layernorm]="60 1 $PY -m benchmarks.bench_layernorm"
@@ -62,7 +64,7 @@ declare -A STEPS=(
   [bench_cross_entropy]="240 1 $PY -m benchmarks.bench_cross_entropy"
   [sweep_decode_gemv]="150 1 $PY -m benchmarks.sweep_decode_gemv"
   [step_trace]="90 1 $PY -m benchmarks.step_trace --model gpt2 gpt2-xl --backend triton --batch 1 8 --dtype float16"
-  [serve_load]="240 1 $PY -m benchmarks.serve_load --clients 64 --requests 2 --device cuda"
+  [serve_load]="150 1 $PY -m benchmarks.serve_load --clients 64 --requests 2 --device cuda"
   [e2e_gpt2_fp16]="180 1 $PY -m benchmarks.e2e --models gpt2 --dtypes fp16 --impls triton+graph triton eager+graph hf --name e2e_gpt2_fp16"
   [e2e_gpt2]="360 1 $PY -m benchmarks.e2e --models gpt2 --name e2e_gpt2"
   [e2e_medium]="360 1 $PY -m benchmarks.e2e --models gpt2-medium --name e2e_medium"
@@ -71,8 +73,8 @@ declare -A STEPS=(
   [e2e_xl_fp16]="360 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes fp16 --name e2e_xl_fp16"
   [e2e_xl_bf16]="300 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes bf16 --impls triton+graph triton eager+graph hf --name e2e_xl_bf16"
 )
-ORDER=(pytest_gpu aot pytest_rest bench_layernorm bench_sampling bench_attention bench_linear_fp16 bench_linear_bf16
-       bench_decode_layer_fp16 bench_decode_layer_bf16 bench_cross_entropy sweep_decode_gemv step_trace serve_load e2e_gpt2_fp16 e2e_gpt2 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
+ORDER=(pytest_gpu pytest_scoring aot pytest_rest bench_layernorm bench_sampling bench_attention bench_linear_fp16 bench_linear_bf16
+       bench_decode_layer_fp16 bench_decode_layer_bf16 bench_cross_entropy sweep_decode_gemv step_trace eval_gpt2 serve_load e2e_gpt2_fp16 e2e_gpt2 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
 SETUP_TIMEOUT=180  # pip install plus the nvcc build of the sampler, ~70 s of it on 2 cores
 
 pack_results() { tar czf "$OUT/results.tgz" benchmarks/results; }

@@ -30,9 +30,10 @@ def print_row(row: dict) -> None:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
 
-def interpreted(device: torch.device) -> bool:
-    """True (after saying so) when the kernels ran in the interpreter and timings must not be written."""
+def interpreted(device: torch.device, quiet: bool = False) -> bool:
+    """True (after saying so, unless ``quiet``) when the kernels ran in the interpreter and timings must not be written."""
     if device.type == "cpu":
-        print("CPU run: kernels ran in the Triton interpreter; timings are not performance figures, nothing written")
+        if not quiet:
+            print("CPU run: kernels ran in the Triton interpreter; timings are not performance figures, nothing written")
         return True
     return False

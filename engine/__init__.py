@@ -7,10 +7,11 @@ from .loader import load_model
 from .model import GPT2
 from .request import Request, SamplingParams
 from .scheduler import Scheduler
+from .scoring import Perplexity, Score, perplexity, score
 from .tokenizer import EOT_ID, decode, encode
 
 __all__ = [
     "CONFIGS", "EOT_ID", "GPT2", "CheckpointError", "ConfigError", "ContextLengthError", "EngineError",
-    "GPT2Config", "GenerationOutput", "ParameterError", "QueueFullError", "Request", "SamplingParams", "Scheduler",
-    "decode", "encode", "generate", "load_model",
+    "GPT2Config", "GenerationOutput", "ParameterError", "Perplexity", "QueueFullError", "Request", "SamplingParams",
+    "Scheduler", "Score", "decode", "encode", "generate", "load_model", "perplexity", "score",
 ]

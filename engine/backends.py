@@ -53,6 +53,17 @@ def eager_decode_attention(q, k_cache, v_cache, cache_lens):
     return kernels.decode_attention_ref(q, k_cache, v_cache, cache_lens)
 
 
+def _lm_head_logprobs(impl, hidden, weight, targets):
+    return -impl(hidden, weight, targets, reduction="none")
+
+
+def eager_target_logprobs(hidden, weight, targets):
+    """log p(target) per row through ``kernels.linear_cross_entropy_ref``; fp16 on CPU computed in fp32."""
+    if _cpu_fp16(hidden):
+        hidden, weight = hidden.float(), weight.float()
+    return _lm_head_logprobs(kernels.linear_cross_entropy_ref, hidden, weight, targets)
+
+
 def eager_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None):
     h = eager_linear(x, fc_weight, fc_bias, activation="gelu_tanh")
     return eager_linear(h, proj_weight, proj_bias, residual=residual)
@@ -72,6 +83,8 @@ class Ops:
     decode_attention: Callable  # (q, k_cache, v_cache, cache_lens) -> o
     # before the sampler, in steps whose batch has penalties
     apply_penalties: Callable   # (logits, counts, prompt_mask, last_tokens, rep, pres, freq) -> fp32 logits
+    # scoring: the lm_head and log-softmax fused, never (N, vocab) at once
+    target_logprobs: Callable   # (hidden (N, C), lm_head (V, C), targets (N,)) -> fp32 (N,) log p, 0 at -100
 
 
 EAGER = Ops(
@@ -85,6 +98,7 @@ EAGER = Ops(
     ln_linear=eager_ln_linear,
     decode_attention=eager_decode_attention,
     apply_penalties=kernels.apply_penalties_ref,
+    target_logprobs=eager_target_logprobs,
 )
 
 TRITON = Ops(
@@ -99,6 +113,7 @@ TRITON = Ops(
     # The cache guarantees q_len <= cache_lens <= max_len: skip the check's host sync.
     decode_attention=functools.partial(kernels.decode_attention, check_lens=False),
     apply_penalties=kernels.apply_penalties,
+    target_logprobs=functools.partial(_lm_head_logprobs, kernels.linear_cross_entropy),
 )
 
 BACKENDS: dict[str, Ops] = {"eager": EAGER, "triton": TRITON}

@@ -136,6 +136,18 @@ class GPT2(nn.Module):
         h = self._layers(input_ids, positions, lambda i, q, k, v: self.ops.attention(q, k, v, causal=True))
         return self._lm_head(h)
 
+    @torch.inference_mode()
+    def target_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets[b, t] | input_ids[b, :t + 1]) at every position, no cache; the lm_head and the
+        log-softmax run fused (``ops.target_logprobs``), never holding (B, T, vocab) logits.
+
+        input_ids, targets: (B, T) int64; a target of -100 is not scored. Returns fp32 (B, T), 0 there.
+        """
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device)
+        h = self._layers(input_ids, positions, lambda i, q, k, v: self.ops.attention(q, k, v, causal=True))
+        return self.ops.target_logprobs(h.reshape(b * t, -1), self._lm_head_weight(), targets.reshape(-1)).view(b, t)
+
     @torch.no_grad()  # not inference_mode: its tensors cannot be mutated by a torch.compile'd step
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor | None = None) -> torch.Tensor:

@@ -320,7 +320,8 @@ torch.library.register_autograd(f"{NS}::linear_cross_entropy_fwd", _linear_cross
 
 def _check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     check_tensor("hidden", hidden, ndim=2, dtypes=DTYPES)
-    check_tensor("weight", weight, ndim=2, dtypes=DTYPES, dtype=hidden.dtype, device=hidden.device)
+    check_tensor("weight", weight, ndim=2, dtypes=DTYPES, dtype=hidden.dtype, device=hidden.device,
+                 last_dim_contiguous=False)  # only cuBLAS reads it, in any layout
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight has shape {list(weight.shape)}: its second dim must be hidden's width "
                          f"{hidden.shape[1]} (weight is [vocab, width], as nn.Linear's)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import Callable
 
 from .backends import BACKENDS
 from .loader import DTYPES
@@ -149,10 +150,12 @@ def run(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_cli(build: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int],
+            argv: list[str] | None) -> int:
+    """Parse ``argv`` with ``build()``'s parser and ``run`` the command: a usage mistake is one
+    ``error:`` line and exit status 2, Ctrl-C exit status 130, a closed stdout (``| head``) 0."""
     try:
-        args = build_parser().parse_args(argv)
-        return run(args)
+        return run(build().parse_args(argv))
     except _UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -161,3 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser, run, argv)

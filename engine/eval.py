@@ -10,7 +10,7 @@ import json
 import sys
 
 from .backends import BACKENDS
-from .cli import EXIT_USER_ERROR, _int_at_least, _Parser, _UsageError
+from .cli import EXIT_USER_ERROR, _int_at_least, _Parser, _UsageError, run_cli
 from .loader import DTYPES
 
 EXAMPLES = """examples:
@@ -107,16 +107,7 @@ def _progress_bar(total: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(build_parser().parse_args(argv))
-    except _UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    return run_cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

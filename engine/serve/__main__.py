@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..backends import BACKENDS
-from ..cli import EXIT_USER_ERROR, _int_at_least, _Parser, _UsageError
+from ..cli import _int_at_least, _Parser, _UsageError, run_cli
 from ..loader import DTYPES
 
 
@@ -89,13 +89,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(build_parser().parse_args(argv))
-    except _UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

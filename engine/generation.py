@@ -13,7 +13,7 @@ from kernels.sampling import as_int64, row_seeds
 
 from .errors import ContextLengthError, EngineError
 from .model import GPT2
-from .request import Request, check_max_time, sampling_params, stop_strings
+from .request import Request, check_logprobs, check_max_time, sampling_params, stop_strings
 from .runner import Runner, TokenReader
 from .tokenizer import EOT_ID, encode
 
@@ -30,6 +30,8 @@ class GenerationOutput:
     decode_steps: int
     capture_seconds: float = 0.0     # CUDA-graph capture before the prefill (0 when reused or off)
     finish_reasons: list[str] | None = None  # per row: "stop" (EOS or a stop string), "length" or "time"
+    logprobs: list[list[float]] | None = None  # with logprobs=True: per row, each new token's log p
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None  # per row, per token: (id, log p), likeliest first
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -96,7 +98,7 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
              on_text: Callable[[int, str], None] | None = None, allow_special: bool = False,
              cuda_graph: bool | None = None, min_p: float = 0.0, repetition_penalty: float = 1.0,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, stop: str | Sequence[str] | None = None,
-             max_time: float | None = None) -> GenerationOutput:
+             max_time: float | None = None, logprobs: bool = False, top_logprobs: int = 0) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
     prompts: a string, a list of strings, or token ids (a list of lists, or an int tensor (B, T));
@@ -111,6 +113,10 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     streamed text as it is generated; the pieces of a row concatenate to its final text.
     ``<|endoftext|>`` inside a text prompt is plain text unless ``allow_special``.
     cuda_graph: replay the decode step as a CUDA graph (None: on for a CUDA model).
+    logprobs: also return each new token's log-probability under the distribution it was drawn
+    from (log-softmax of the penalised logits over the temperature, 1 when greedy; top-k/top-p/
+    min-p do not renormalise it), and with ``top_logprobs`` = n in [1, 20] the n likeliest tokens'
+    at each step: computed on the device in the step, read with its tokens.
     Bad parameters raise ``ParameterError`` (an ``EngineError``) naming them.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -119,6 +125,7 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
                                frequency_penalty)
     stops = stop_strings(stop)
     check_max_time(max_time)
+    want_logprobs = check_logprobs(logprobs, top_logprobs)
     cfg = model.config
     rows, is_text = _prompt_ids(prompts, allow_special, cfg.vocab_size)
     check_context(max(len(ids) for ids in rows), max_new_tokens, cfg.n_positions)
@@ -130,34 +137,44 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
         return None if on_text is None else lambda piece: on_text(r, piece)
 
     seqs = [Request(ids, max_new_tokens, replace(sampling, seed=s), stop_at_eos, on_text=streamer(r), stop=stops,
-                    max_time=max_time, keep_text=is_text) for r, (ids, s) in enumerate(zip(rows, seeds))]
+                    max_time=max_time, keep_text=is_text, logprobs=want_logprobs)
+            for r, (ids, s) in enumerate(zip(rows, seeds))]
     runner = runner_for(model)
     capture_seconds = runner.prepare(seqs, cuda_graph)
     reader = TokenReader(len(seqs), model.device)
+    lp_reader = None if want_logprobs is None else \
+        TokenReader(len(seqs), model.device, runner.logprob_out.shape[1], torch.float32)
 
-    def accept(tokens: list[int]) -> None:
-        for seq, tok in zip(seqs, tokens):
-            seq.accept(tok)
+    def submit(tokens: torch.Tensor) -> tuple:
+        return reader.submit(tokens), lp_reader and lp_reader.submit(runner.logprob_out[:len(seqs)])
+
+    def accept(ticket: tuple) -> None:
+        tokens = reader.read(ticket[0])
+        rows_lp = lp_reader.read(ticket[1]) if lp_reader else [None] * len(seqs)
+        for seq, tok, lp in zip(seqs, tokens, rows_lp):
+            seq.accept(tok, lp)
 
     start = time.perf_counter()
-    accept(reader.read(reader.submit(runner.start(seqs))))
+    accept(submit(runner.start(seqs)))
     prefill_done = time.perf_counter()
     # On CUDA the host reads step n while the device runs step n + 1 (so it never idles on Python);
     # a batch that finished at step n then runs one step more, whose tokens are ignored.
     lookahead = model.device.type == "cuda"
     pending, steps = None, 0
     while steps < max_new_tokens - 1 and not all(s.finished for s in seqs):
-        ticket = reader.submit(runner.step())
+        ticket = submit(runner.step())
         steps += 1
         if lookahead:
             ticket, pending = pending, ticket
         if ticket is not None:
-            accept(reader.read(ticket))
+            accept(ticket)
     if pending is not None:
-        accept(reader.read(pending))
+        accept(pending)
     end = time.perf_counter()
 
     return GenerationOutput(tokens=[s.tokens for s in seqs], texts=[s.text for s in seqs] if is_text else None,
                             prompt_tokens=rows, prefill_seconds=prefill_done - start,
                             decode_seconds=end - prefill_done, decode_steps=steps, capture_seconds=capture_seconds,
-                            finish_reasons=[s.finish_reason for s in seqs])
+                            finish_reasons=[s.finish_reason for s in seqs],
+                            logprobs=None if want_logprobs is None else [s.token_logprobs for s in seqs],
+                            top_logprobs=None if not want_logprobs else [s.top_logprobs for s in seqs])

@@ -62,6 +62,16 @@ def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def check_logprobs(logprobs: bool, top_logprobs: int) -> int | None:
+    """A ``Request.logprobs`` value (None: off) from ``generate``'s two options; ParameterError unless
+    ``top_logprobs`` is an integer in [0, 20] and, when > 0, ``logprobs`` is on (as OpenAI's API)."""
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
+        raise ParameterError("top_logprobs", f"top_logprobs must be an integer in [0, 20], got {top_logprobs!r}")
+    if top_logprobs and not logprobs:
+        raise ParameterError("top_logprobs", "top_logprobs needs logprobs=True")
+    return top_logprobs if logprobs else None
+
+
 def check_max_time(max_time: float | None) -> None:
     """ParameterError unless ``max_time`` is None or a finite number of seconds > 0."""
     if max_time is None:
@@ -96,6 +106,10 @@ class Request:
     output so far as text, without the EOS and without a stop string and what followed it; text
     that might be the start of a stop string is held back until it cannot be. ``on_text`` receives
     each new piece of ``text``.
+
+    With ``logprobs`` (None: off; n in [0, 20]: the chosen token's and the n likeliest tokens'),
+    ``token_logprobs`` holds each output token's log-probability and ``top_logprobs`` the n
+    (token, log-probability) pairs, likeliest first, of each step (see ``Runner._logprobs``).
     """
     prompt: list[int]
     max_new_tokens: int
@@ -106,7 +120,10 @@ class Request:
     stop: tuple[str, ...] = ()
     max_time: float | None = None
     keep_text: bool = True  # False: tokens only (ids a tokenizer may not know are never decoded)
+    logprobs: int | None = None
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None
@@ -122,13 +139,19 @@ class Request:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def accept(self, token: int) -> None:
-        """Take the next sampled token; stream its text; finish when a limit is reached."""
+    def accept(self, token: int, logprobs: Sequence[float] | None = None) -> None:
+        """Take the next sampled token (and its row of ``Runner.logprob_out`` when the request
+        asked for ``logprobs``); stream its text; finish when a limit is reached."""
         if self.finished:
             return
         if token < 0:
             raise RuntimeError("the model produced NaN or all -inf logits")
         self.tokens.append(token)
+        if self.logprobs is not None and logprobs is not None:
+            k = (len(logprobs) - 1) // 2  # [log p(token), k top log p, their k ids]
+            self.token_logprobs.append(logprobs[0])
+            self.top_logprobs.append([(int(i), lp) for lp, i in zip(logprobs[1:1 + self.logprobs],
+                                                                      logprobs[1 + k:1 + k + self.logprobs])])
         if self.stop_at_eos and token == EOT_ID:
             self.finish("stop")
             return

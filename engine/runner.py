@@ -20,11 +20,14 @@ from .errors import EngineError
 from .model import GPT2
 from .request import Request, SamplingParams
 
-__all__ = ["CACHE_LEN_STEP", "GRAPH_BUCKETS", "Request", "Runner", "SamplingParams", "TokenReader", "graph_bucket"]
+__all__ = ["CACHE_LEN_STEP", "GRAPH_BUCKETS", "TOP_LOGPROBS", "Request", "Runner", "SamplingParams", "TokenReader",
+           "graph_bucket"]
 
 # Batch sizes a CUDA graph is captured for; a batch runs in the smallest bucket that holds it, with
 # padding rows. Powers of two: at most 2x wasted rows, and seven captures cover 1..64.
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Alternatives a step with log-probabilities records per row (OpenAI's API allows up to 20).
+TOP_LOGPROBS = 20
 # Cache lengths round up to a multiple of this (capped at the model's positions): at most four
 # cache shapes for GPT-2's 1024 positions (each a separate capture), and at most 255 idle slots a row.
 CACHE_LEN_STEP = 256
@@ -57,12 +60,13 @@ class Runner:
         self.model = model
         self.device = model.device
         self.cache: KVCache | None = None
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (rows, penalized) -> graph
+        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}  # (rows, penalized, logprobs)
         self._pool = None
         self.rows = 0          # rows the decode step runs (the batch, padded to a bucket with graphs)
         self.batch = 0         # real rows
         self.use_graph = False
         self.penalized = False  # the step applies penalties (some row has them) and counts tokens
+        self.logprobs = False   # the step records log-probabilities into ``logprob_out``
         self._lens: list[int] = []  # each slot's cache length, as the host knows it
         self.decode_step = self._decode_step  # benchmarks may swap in torch.compile(self._decode_step)
 
@@ -92,6 +96,10 @@ class Runner:
         self.frequency = torch.zeros(slots, dtype=torch.float32, device=dev)
         self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=dev)  # output tokens, per slot
         self.prompt_mask = torch.zeros(slots, vocab, dtype=torch.bool, device=dev)
+        # Per slot, after a step with logprobs: [log p(token), the top k log p, their ids (as floats:
+        # exact below 2^24)], k = min(TOP_LOGPROBS, vocab); one buffer, so the host reads it in one copy.
+        self.top_k_logprobs = min(TOP_LOGPROBS, vocab)
+        self.logprob_out = torch.zeros(slots, 1 + 2 * self.top_k_logprobs, dtype=torch.float32, device=dev)
 
     def drop_graphs(self) -> None:
         """Forget every captured graph and their memory pool. A pool whose graphs are all gone is
@@ -101,10 +109,10 @@ class Runner:
         self.graphs.clear()
         self._pool = None
 
-    def _decode_step(self, rows: int, penalized: bool = False) -> None:
+    def _decode_step(self, rows: int, penalized: bool = False, logprobs: bool = False) -> None:
         """The static step over slots [0, rows): only device buffers in, only device buffers out."""
         logits = self.model.decode(self.tokens[:rows], self.cache, self._kv_len(rows))
-        self._sample(logits, slice(0, rows), penalized, last=self.tokens[:rows])
+        self._sample(logits, slice(0, rows), penalized, last=self.tokens[:rows], logprobs=logprobs)
 
     def _kv_len(self, rows: int) -> int | None:
         """How much of the cache the step's attention reads: all of it on GPUs (the kernels stop at
@@ -115,7 +123,7 @@ class Runner:
         return min(self.cache.max_len, -(-(max(self._lens[:rows]) + 1) // 64) * 64)
 
     def _sample(self, logits: torch.Tensor, rows: slice | torch.Tensor, penalized: bool,
-                last: torch.Tensor | None = None) -> None:
+                last: torch.Tensor | None = None, logprobs: bool = False) -> None:
         """Draw the tokens of ``rows`` (a slice, or int64 slot ids) into ``tokens``, advancing their
         offsets: one kernel. With ``penalized``, one more before it: count each row's ``last``
         token (the step's input; None: nothing to count, as after a prefill) and penalise."""
@@ -129,10 +137,22 @@ class Runner:
                                                     self.repetition[rows], self.presence[rows], self.frequency[rows])
         sample_next_(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], self.seed[rows],
                      offset, tokens, self.min_p[rows])
+        if logprobs:
+            self.logprob_out[rows] = self._logprobs(logits, self.temperature[rows], tokens)
         if gathered:
             self.offset[rows], self.tokens[rows] = offset, tokens
 
-    def _capture(self, rows: int, penalized: bool) -> None:
+    def _logprobs(self, logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows of ``logprob_out`` for sampled ``tokens``: log-probabilities under the distribution
+        the sampler drew from before its filters, i.e. log_softmax(logits / temperature) after the
+        penalties (temperature 1 for greedy rows); top-k, top-p and min-p do not renormalise them.
+        Device ops only (a log-softmax, a gather, a top-k): no host sync, capturable."""
+        scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
+        lp = torch.log_softmax(scaled, dim=-1)
+        top_lp, top_ids = lp.topk(self.top_k_logprobs, dim=-1)
+        return torch.cat([lp.gather(1, tokens[:, None]), top_lp, top_ids.float()], dim=1)
+
+    def _capture(self, rows: int, penalized: bool, logprobs: bool = False) -> None:
         """Record the decode step of ``rows`` rows as a CUDA graph. Only while no request is running:
         the warm-up steps write into those rows' cache (the caller's prefill resets them after)."""
         self.cache.lens[:rows] = 0
@@ -142,25 +162,26 @@ class Runner:
         side.wait_stream(stream)
         with torch.cuda.stream(side):  # warm-up: every kernel variant compiles and autotunes here
             for _ in range(2):
-                self._decode_step(rows, penalized)
+                self._decode_step(rows, penalized, logprobs)
         stream.wait_stream(side)
         self._pool = self._pool or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._decode_step(rows, penalized)
-        self.graphs[rows, penalized] = graph
+            self._decode_step(rows, penalized, logprobs)
+        self.graphs[rows, penalized, logprobs] = graph
         self.cache.lens[:rows] = 0
         self.counts[:rows] = 0
         self._lens[:rows] = [0] * rows
 
-    def _capture_missing(self, buckets: list[int], modes: list[bool]) -> float:
-        """Capture the graphs of ``buckets`` x ``modes`` not yet recorded; seconds spent (0.0: none was missing)."""
-        missing = [(rows, penalized) for rows in buckets for penalized in modes if (rows, penalized) not in self.graphs]
+    def _capture_missing(self, buckets: list[int], modes: list[tuple[bool, bool]]) -> float:
+        """Capture the graphs of ``buckets`` x ``modes`` ((penalized, logprobs) pairs) not yet
+        recorded; seconds spent (0.0: none was missing)."""
+        missing = [(rows, *mode) for rows in buckets for mode in modes if (rows, *mode) not in self.graphs]
         if not missing:
             return 0.0
         start = time.perf_counter()
-        for rows, penalized in missing:
-            self._capture(rows, penalized)
+        for rows, penalized, logprobs in missing:
+            self._capture(rows, penalized, logprobs)
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
@@ -177,12 +198,13 @@ class Runner:
         batch = len(requests)
         self.use_graph = cuda_graph
         self.penalized = any(r.sampling.penalized for r in requests)
+        self.logprobs = any(r.logprobs is not None for r in requests)
         self.batch, self.rows = batch, graph_bucket(batch) if cuda_graph else batch
         needed = max(len(s.prompt) + s.max_new_tokens for s in requests)
         self._allocate(self.rows, _rounded_len(needed, self.model.config.n_positions))
         if not cuda_graph:
             return 0.0
-        return self._capture_missing([self.rows], [self.penalized])
+        return self._capture_missing([self.rows], [(self.penalized, self.logprobs)])
 
     def start(self, requests: list[Request]) -> torch.Tensor:
         """Prefill ``requests`` (as prepared) into slots [0, B) and sample each one's first token.
@@ -203,10 +225,10 @@ class Runner:
         if overflowing:  # only free rows get here (a request's length is checked at admission)
             self.release(overflowing)
         if self.use_graph:
-            self.graphs[rows, self.penalized].replay()
+            self.graphs[rows, self.penalized, self.logprobs].replay()
         else:
-            if self.penalized:
-                self.decode_step(rows, True)
+            if self.penalized or self.logprobs:
+                self.decode_step(rows, self.penalized, self.logprobs)
             else:  # as benchmarks call it (a torch.compile'd step is traced for this call)
                 self.decode_step(rows)
         for s in range(rows):
@@ -224,7 +246,7 @@ class Runner:
         self.release(range(self.cache.slots))
         if not cuda_graph:
             return 0.0
-        return self._capture_missing(sorted({graph_bucket(b) for b in range(1, slots + 1)}), [False, True])
+        return self._capture_missing(sorted({graph_bucket(b) for b in range(1, slots + 1)}), [(False, False), (True, False)])
 
     def admit(self, requests: list[Request], slots: list[int]) -> None:
         """Prefill ``requests`` into ``slots`` (free, distinct), set their sampling state and sample
@@ -270,7 +292,8 @@ class Runner:
         for r, slot in zip(requests, slots):
             self._lens[slot] = len(r.prompt)
             r.begin()
-        self._sample(logits[source], slot_ids, any(p.penalized for p in params))
+        self._sample(logits[source], slot_ids, any(p.penalized for p in params),
+                     logprobs=any(r.logprobs is not None for r in requests))
 
     def release(self, slots) -> None:
         """Reset ``slots`` to free rows: empty, greedy, no penalties (their later tokens are ignored)."""
@@ -294,15 +317,17 @@ class TokenReader:
     step n while the device runs step n + 1. Elsewhere: a plain copy.
     """
 
-    def __init__(self, rows: int, device: torch.device):
+    def __init__(self, rows: int, device: torch.device, columns: int = 0, dtype: torch.dtype = torch.int64):
+        """Reads (rows,) tensors, or (rows, columns) with ``columns`` (e.g. ``logprob_out``), of ``dtype``."""
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self._buffers = [torch.empty(rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            shape = (rows, columns) if columns else (rows,)
+            self._buffers = [torch.empty(shape, dtype=dtype, pin_memory=True) for _ in range(2)]
             self._events = [torch.cuda.Event() for _ in range(2)]
         self._next = 0
 
-    def submit(self, tokens: torch.Tensor) -> int | list[int]:
-        """Start copying ``tokens`` (int64 (B,)); returns a ticket for ``read``."""
+    def submit(self, tokens: torch.Tensor) -> int | list:
+        """Start copying ``tokens`` (as constructed: int64 (B,) by default); returns a ticket for ``read``."""
         if not self.cuda:
             return tokens.tolist()
         i, self._next = self._next, 1 - self._next
@@ -310,8 +335,8 @@ class TokenReader:
         self._events[i].record()
         return i
 
-    def read(self, ticket: int | list[int]) -> list[int]:
-        """The tokens of a submitted copy, waiting for it if needed."""
+    def read(self, ticket: int | list) -> list:
+        """The tokens (a list of the rows' values) of a submitted copy, waiting for it if needed."""
         if not self.cuda:
             return ticket
         self._events[ticket].synchronize()

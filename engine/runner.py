@@ -238,7 +238,7 @@ class Runner:
     # --- continuous batching: reserve, admit, release ------------------------------------------------
     def reserve(self, slots: int, max_len: int, cuda_graph: bool) -> float:
         """Size the cache for ``slots`` rows of ``max_len`` positions and, with ``cuda_graph``,
-        capture every bucket up to ``slots`` with and without penalties, all before any request is
+        capture every bucket up to ``slots`` with and without penalties and log-probabilities, all before any request is
         admitted (a capture mid-flight would disturb running rows). Returns seconds spent capturing."""
         self._check_device(cuda_graph)
         self.use_graph = cuda_graph
@@ -246,7 +246,8 @@ class Runner:
         self.release(range(self.cache.slots))
         if not cuda_graph:
             return 0.0
-        return self._capture_missing(sorted({graph_bucket(b) for b in range(1, slots + 1)}), [(False, False), (True, False)])
+        modes = [(penalized, logprobs) for penalized in (False, True) for logprobs in (False, True)]
+        return self._capture_missing(sorted({graph_bucket(b) for b in range(1, slots + 1)}), modes)
 
     def admit(self, requests: list[Request], slots: list[int]) -> None:
         """Prefill ``requests`` into ``slots`` (free, distinct), set their sampling state and sample

@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from collections import deque
 
+import torch
+
 from .errors import EngineError, QueueFullError
 from .generation import check_context
 from .model import GPT2
@@ -82,9 +84,11 @@ class Scheduler:
         if self.cuda_graph:
             rows = graph_bucket(rows)
         self.runner.penalized = any(r.sampling.penalized for r in self.active.values())
+        self.runner.logprobs = any(r.logprobs is not None for r in self.active.values())
         tokens = self.runner.step(rows).tolist()
+        logprobs = self.runner.logprob_out[:rows].tolist() if self.runner.logprobs else None
         self.steps += 1
-        self._hand_out({slot: tokens[slot] for slot in self.active})
+        self._hand_out(list(self.active), tokens, logprobs)
 
     def _admit(self) -> None:
         free = [s for s in range(self.max_batch) if s not in self.active]
@@ -101,14 +105,19 @@ class Scheduler:
         slots = [s for s, _ in admitted]
         self.runner.admit([r for _, r in admitted], slots)
         self.active.update(admitted)
-        first = self.runner.tokens[slots].tolist()
-        self._hand_out(dict(zip(slots, first)))
+        index = torch.tensor(slots, device=self.runner.device)
+        tokens = dict(zip(slots, self.runner.tokens[index].tolist()))
+        with_logprobs = any(r.logprobs is not None for _, r in admitted)
+        logprobs = dict(zip(slots, self.runner.logprob_out[index].tolist())) if with_logprobs else None
+        self._hand_out(slots, tokens, logprobs)
 
-    def _hand_out(self, tokens: dict[int, int]) -> None:
-        for slot, token in tokens.items():
+    def _hand_out(self, slots: list[int], tokens, logprobs) -> None:
+        """Give each of ``slots`` its token (and its row of log-probabilities): ``tokens`` and
+        ``logprobs`` (or None) are indexed by slot."""
+        for slot in slots:
             r = self.active[slot]
             try:
-                r.accept(token)
+                r.accept(tokens[slot], None if logprobs is None else logprobs[slot])
             except RuntimeError:  # NaN logits: this request fails, the others go on
                 r.finish("error")
             if r.finished:

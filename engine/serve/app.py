@@ -17,7 +17,7 @@ from starlette.routing import Route
 from ..errors import ContextLengthError, EngineError, QueueFullError
 from ..scheduler import Scheduler
 from .loop import EngineLoop, attach
-from .protocol import APIError, Completion, finish_reason, parse_completion
+from .protocol import APIError, Completion, choice_logprobs, finish_reason, parse_completion
 
 DISCONNECT_POLL_SECONDS = 0.05  # a non-streamed request checks its client this often while it waits
 
@@ -92,7 +92,8 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         if any(r.finish_reason == "error" for r in job.requests):
             return _error(APIError(500, "the model produced NaN or infinite logits", None, "model_error",
                                    "server_error"))
-        choices = [{"index": i, "text": _echo(job, i) + r.text, "logprobs": None, "finish_reason": finish_reason(r)}
+        choices = [{"index": i, "text": _echo(job, i) + r.text, "finish_reason": finish_reason(r),
+                    "logprobs": None if job.logprobs is None else choice_logprobs(r, 0, len(r.tokens))}
                    for i, r in enumerate(job.requests)]
         return JSONResponse(job.chunk(choices, job.usage()))
 
@@ -107,17 +108,30 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
                 yield sse(job.chunk([{"index": i, "text": _echo(job, i), "logprobs": None, "finish_reason": None}
                                      for i in range(len(job.requests))]))
             left = len(job.requests)
+            sent = [0] * len(job.requests)  # tokens whose logprobs a chunk carried, per choice
+            offset = [0] * len(job.requests)  # their text's length
+
+            def logprobs(i: int, end: int):
+                if job.logprobs is None:
+                    return None
+                out = choice_logprobs(job.requests[i], sent[i], end, offset[i])
+                sent[i], offset[i] = end, offset[i] + sum(len(t) for t in out["tokens"])
+                return out
+
             while left:
                 kind, i, item = await events.get()
                 if kind == "text":
-                    yield sse(job.chunk([{"index": i, "text": item, "logprobs": None, "finish_reason": None}]))
+                    piece, tokens = item
+                    yield sse(job.chunk([{"index": i, "text": piece, "logprobs": logprobs(i, tokens),
+                                          "finish_reason": None}]))
                     continue
                 left -= 1
                 if item.finish_reason == "error":
                     yield sse(APIError(500, "the model produced NaN or infinite logits", None, "model_error",
                                        "server_error").body())
                     continue
-                yield sse(job.chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": finish_reason(item)}]))
+                yield sse(job.chunk([{"index": i, "text": "", "logprobs": logprobs(i, len(item.tokens)),
+                                      "finish_reason": finish_reason(item)}]))
             if job.include_usage:
                 yield sse(job.chunk([], job.usage()))
             yield "data: [DONE]\n\n"

@@ -51,7 +51,8 @@ class EngineLoop:
 
 def attach(requests: list[Request], loop: asyncio.AbstractEventLoop, stream: bool) -> asyncio.Queue:
     """Route each request's events to one asyncio queue, from the engine thread: ``("text", i,
-    piece)`` (when ``stream``) and ``("end", i, request)``, i the request's index."""
+    (piece, tokens))`` (when ``stream``; ``tokens``: how many the request had when that text came)
+    and ``("end", i, request)``, i the request's index."""
     events: asyncio.Queue = asyncio.Queue()
 
     def put(item):
@@ -62,6 +63,6 @@ def attach(requests: list[Request], loop: asyncio.AbstractEventLoop, stream: boo
 
     for i, r in enumerate(requests):
         if stream:
-            r.on_text = lambda piece, i=i: put(("text", i, piece))
+            r.on_text = lambda piece, i=i, r=r: put(("text", i, (piece, len(r.tokens))))
         r.on_finish = lambda req, i=i: put(("end", i, req))
     return events

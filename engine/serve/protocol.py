@@ -16,6 +16,7 @@ from ..tokenizer import EOT_ID, VOCAB_SIZE, decode, encode
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 128
+MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 class APIError(Exception):
     """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -43,6 +44,7 @@ class Completion:
     stream: bool
     include_usage: bool
     echo: bool
+    logprobs: int | None = None  # alternatives a token, as asked; None: no logprobs in the answer
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)
@@ -55,6 +57,20 @@ class Completion:
         if usage is not None:
             out["usage"] = usage
         return out
+
+
+def choice_logprobs(request: Request, start: int, end: int, offset: int = 0) -> dict:
+    """OpenAI's completions ``logprobs`` object for tokens [start, end) of ``request``: each token's
+    text, its log-probability, the top alternatives ({text: log p}) and its offset in the choice's
+    text (counted from ``offset``, the length of the text before token ``start``)."""
+    texts = [decode([t]) for t in request.tokens[start:end]]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": texts, "token_logprobs": request.token_logprobs[start:end],
+            "top_logprobs": [{decode([i]): lp for i, lp in top} for top in request.top_logprobs[start:end]],
+            "text_offset": offsets}
 
 
 def finish_reason(request: Request) -> str:
@@ -106,8 +122,6 @@ def parse_completion(body, served_model: str) -> Completion:
     for name in ("suffix", "logit_bias"):
         if body.get(name):  # None, "" and {} are their defaults
             raise APIError(400, f"'{name}' is not supported by this server", name)
-    if body.get("logprobs") is not None:
-        raise APIError(400, "'logprobs' is not provided by this engine yet", "logprobs")
     prompts, texts = _prompts(body.get("prompt"))
     max_tokens = _typed(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS, "an integer >= 1")
     if max_tokens < 1:
@@ -139,9 +153,16 @@ def parse_completion(body, served_model: str) -> Completion:
     echo = _typed(body, "echo", (bool,), False, "a boolean")
     options = _typed(body, "stream_options", (dict,), {}, "an object")
     ignore_eos = _typed(body, "ignore_eos", (bool,), False, "a boolean")  # vLLM's extension, for benchmarks
+    logprobs = _typed(body, "logprobs", (int,), None, f"an integer in [0, {MAX_LOGPROBS}]")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    if logprobs is not None and echo:
+        raise APIError(400, "'logprobs' together with 'echo' (the prompt's log-probabilities) is not supported",
+                       "logprobs")
     first = secrets.randbits(63) if seed is None else seed
     requests = [Request(p, max_tokens, replace(sampling, seed=as_int64(first + k)), stop_at_eos=not ignore_eos,
-                        stop=stop, max_time=max_time) for k, p in enumerate(p for p in prompts for _ in range(n))]
+                        stop=stop, max_time=max_time, logprobs=logprobs)
+                for k, p in enumerate(p for p in prompts for _ in range(n))]
     return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served_model, prompts=prompts,
                       prompt_texts=texts, n=n, max_tokens=max_tokens, requests=requests, stream=stream,
-                      include_usage=bool(options.get("include_usage")) and stream, echo=echo)
+                      include_usage=bool(options.get("include_usage")) and stream, echo=echo, logprobs=logprobs)

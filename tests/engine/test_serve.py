@@ -105,6 +105,22 @@ def test_streaming_pieces_concatenate_to_the_completion(client):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+def test_logprobs_equal_generate_plain_and_streamed(client, model):
+    kw = dict(model=NAME, prompt="The cat sat", max_tokens=10, temperature=0.8, seed=9, logprobs=3)
+    want = engine.generate(model, "The cat sat", 10, temperature=0.8, seed=9, logprobs=True, top_logprobs=3)
+    got = client.completions.create(**kw).choices[0].logprobs
+    assert got.tokens == [engine.decode([t]) for t in want.tokens[0]]
+    assert got.token_logprobs == pytest.approx(want.logprobs[0], abs=1e-6)
+    assert [list(top.values()) for top in got.top_logprobs] == \
+        [pytest.approx([lp for _, lp in top], abs=1e-6) for top in want.top_logprobs[0]]
+    assert got.text_offset[0] == 0 and got.text_offset[1] == len(got.tokens[0])
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    streamed = [lp for c in chunks if c.logprobs for lp in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(got.token_logprobs, abs=1e-6)
+    plain = client.completions.create(model=NAME, prompt="x", max_tokens=2).choices[0]
+    assert plain.logprobs is None
+
+
 def test_raw_stream_ends_with_done(served):
     r = _http(served[0].url, "POST", "/v1/completions",
               {"prompt": "hi", "max_tokens": 3, "stream": True, "temperature": 0})
@@ -201,7 +217,9 @@ def test_queue_limit_answers_503(served, model):
     ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ({"prompt": "x", "n": 0}, 400, "n"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
-    ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": "2"}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 1, "echo": True}, 400, "logprobs"),
     ({"prompt": [1, 2, 60000]}, 400, "prompt"),
     ({"prompt": 5}, 400, "prompt"),
     ({}, 400, "prompt"),

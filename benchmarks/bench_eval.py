@@ -74,7 +74,8 @@ def main(argv=None):
         print(r)
     ratio = rows[0]["seconds"] / rows[1]["seconds"]
     print(f"ours / hf time: {ratio:.3f}")
-    out = write_results("eval", args.device, rows, ["impl", "model", "dtype", "tokens", "seconds", "tokens_per_s", "loss"],
+    cols = ["impl", "model", "dtype", "tokens", "seconds", "tokens_per_s", "loss"]
+    out = write_results("eval", args.device, rows, cols,
                         {"window": window, "stride": stride, "threads": torch.get_num_threads(), "ours_over_hf": ratio},
                         notes="engine.perplexity vs HF's labels= loss over the same windows (round-robin, medians).")
     print(f"results written to {out}")

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens between window starts, at most --window (default: half the window, 512)")
     p.add_argument("--max-tokens", type=_int_at_least("--max-tokens", 2), default=None,
                    help="score only the text's first N tokens")
-    p.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=1, help="windows a forward (default: 1)")
+    p.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=1,
+                   help="windows a forward (default: 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: float32 on CPU (as HF evaluates), float16 on a GPU")

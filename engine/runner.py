@@ -238,8 +238,9 @@ class Runner:
     # --- continuous batching: reserve, admit, release ------------------------------------------------
     def reserve(self, slots: int, max_len: int, cuda_graph: bool) -> float:
         """Size the cache for ``slots`` rows of ``max_len`` positions and, with ``cuda_graph``,
-        capture every bucket up to ``slots`` with and without penalties and log-probabilities, all before any request is
-        admitted (a capture mid-flight would disturb running rows). Returns seconds spent capturing."""
+        capture every bucket up to ``slots`` with and without penalties and log-probabilities (four
+        graphs a bucket), all before any request is admitted (a capture mid-flight would disturb
+        running rows). Returns seconds spent capturing."""
         self._check_device(cuda_graph)
         self.use_graph = cuda_graph
         self._allocate(slots, max_len)

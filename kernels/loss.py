@@ -63,7 +63,8 @@ def _cross_entropy_kernel(
         x = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(x, 0))
         finite = m_new != -float("inf")
-        s = tl.where(finite, s * tl.exp(m - m_new), 0.0) + tl.sum(tl.where(x == -float("inf"), 0.0, tl.exp(x - m_new)), 0)
+        p = tl.where(x == -float("inf"), 0.0, tl.exp(x - m_new))
+        s = tl.where(finite, s * tl.exp(m - m_new), 0.0) + tl.sum(p, 0)
         m = m_new
     log_s = tl.log(s)  # log-sum-exp = m + log_s; kept apart, so that m - x, exact, comes first
     x_target = tl.load(row_ptr + tl.where(valid, target, 0)).to(ACC)
@@ -192,7 +193,8 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, red
 
 def cross_entropy_ref(logits: Tensor, targets: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
     """``cross_entropy`` in plain PyTorch: ``F.cross_entropy`` on fp32 logits."""
-    return torch.nn.functional.cross_entropy(logits.to(acc_dtype(logits.dtype)), targets.long(), ignore_index=ignore_index,
+    return torch.nn.functional.cross_entropy(logits.to(acc_dtype(logits.dtype)), targets.long(),
+                                             ignore_index=ignore_index,
                                              reduction=reduction)
 
 
@@ -302,7 +304,8 @@ def _linear_cross_entropy_bwd(hidden: Tensor, weight: Tensor, targets: Tensor, b
                               ignore_index: int, row_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum(row_loss * row_scale) for hidden, weight and bias (empty without bias): the
     chunks again, for reduction "none"."""
-    _, grad_h, grad_w, grad_b = _chunked(hidden, weight, targets, bias, ignore_index, row_scale.to(acc_dtype(hidden.dtype)).contiguous())
+    scale = row_scale.to(acc_dtype(hidden.dtype)).contiguous()
+    _, grad_h, grad_w, grad_b = _chunked(hidden, weight, targets, bias, ignore_index, scale)
     return grad_h, grad_w, grad_b
 
 
@@ -381,11 +384,15 @@ def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, targets: Tensor, bi
     _check_reduction(reduction)
     targets = targets.long()
     rows = chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype)
-    row_loss = torch.cat([
-        torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden[s:s + rows], weight, bias)
-                                          .to(acc_dtype(hidden.dtype)),
-                                          targets[s:s + rows], ignore_index=ignore_index, reduction="none")
-        for s in range(0, hidden.shape[0], rows)]) if hidden.shape[0] else hidden.new_zeros(0, dtype=acc_dtype(hidden.dtype))
+    acc = acc_dtype(hidden.dtype)
+
+    def chunk_loss(start: int) -> Tensor:
+        logits = torch.nn.functional.linear(hidden[start:start + rows], weight, bias).to(acc)
+        return torch.nn.functional.cross_entropy(logits, targets[start:start + rows], ignore_index=ignore_index,
+                                                 reduction="none")
+
+    n = hidden.shape[0]
+    row_loss = torch.cat([chunk_loss(s) for s in range(0, n, rows)]) if n else hidden.new_zeros(0, dtype=acc)
     loss = _reduce(row_loss, _mean_scale(targets, ignore_index, reduction, row_loss.dtype), reduction)
     return (loss, -row_loss.detach()) if return_logprobs else loss
 

@@ -79,8 +79,8 @@ def test_score_equals_hf_log_softmax(tiny_checkpoint, hf_model):
             with torch.no_grad():
                 logits = hf_model(torch.tensor([ids[w.begin:p]])).logits[0, -1].double()
             want.append(torch.log_softmax(logits, -1)[ids[p]].item())
-        torch.testing.assert_close(torch.tensor(s.token_logprobs, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
-                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(s.token_logprobs, dtype=torch.float64),
+                                   torch.tensor(want, dtype=torch.float64), atol=2e-5, rtol=1e-5)
         assert s.total_logprob == pytest.approx(sum(want), rel=1e-5, abs=1e-4)
     assert got[2].token_logprobs == [] and got[2].total_logprob == 0.0  # one token: nothing to score
 

@@ -48,7 +48,7 @@ def test_cross_entropy_equals_torch_in_float64(impl, dtype, reduction, v, device
     x = logits.to(device).requires_grad_()
     loss = CE[impl](x, targets.to(device), reduction=reduction)
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    want, (want_grad,) = _grads64(lambda l: F.cross_entropy(l, targets, reduction=reduction), logits)
+    want, (want_grad,) = _grads64(lambda x: F.cross_entropy(x, targets, reduction=reduction), logits)
     atol, rtol, gatol = CE_TOL[dtype]
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     torch.testing.assert_close(loss.detach().cpu().double(), want, atol=atol * max(1, n if reduction == "sum" else 1),
@@ -66,7 +66,7 @@ def test_cross_entropy_bf16(impl, device):
     x = logits.to(device).requires_grad_()
     loss = CE[impl](x, targets.to(device))
     (grad,) = torch.autograd.grad(loss, x)
-    want, (want_grad,) = _grads64(lambda l: F.cross_entropy(l, targets), logits)
+    want, (want_grad,) = _grads64(lambda x: F.cross_entropy(x, targets), logits)
     torch.testing.assert_close(loss.detach().cpu().double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad.cpu().double(), want_grad, atol=8e-3 / 62, rtol=0)
 
@@ -85,7 +85,7 @@ def test_cross_entropy_gpt2_vocab_and_extreme_logits(impl, device):
     x = logits.to(device).requires_grad_()
     loss = CE[impl](x, targets.to(device), reduction="none")
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    want, (want_grad,) = _grads64(lambda l: F.cross_entropy(l, targets, reduction="none"), logits)
+    want, (want_grad,) = _grads64(lambda x: F.cross_entropy(x, targets, reduction="none"), logits)
     torch.testing.assert_close(loss.detach().cpu().double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad.cpu().double(), want_grad, atol=1e-6, rtol=0)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()

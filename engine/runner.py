@@ -126,7 +126,8 @@ class Runner:
                 last: torch.Tensor | None = None, logprobs: bool = False) -> None:
         """Draw the tokens of ``rows`` (a slice, or int64 slot ids) into ``tokens``, advancing their
         offsets: one kernel. With ``penalized``, one more before it: count each row's ``last``
-        token (the step's input; None: nothing to count, as after a prefill) and penalise."""
+        token (the step's input; None: nothing to count, as after a prefill) and penalise. With
+        ``logprobs``, also write the rows of ``logprob_out`` (``_logprobs``)."""
         gathered = isinstance(rows, torch.Tensor)  # indexing by a tensor copies: write the results back
         offset, tokens = self.offset[rows], self.tokens[rows]
         if penalized:

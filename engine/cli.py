@@ -53,6 +53,14 @@ def _int_at_least(name, low):
     return parse
 
 
+def add_placement_options(p: argparse.ArgumentParser, dtype_help: str,
+                          backend_help: str = "default: triton on a CUDA device, eager on CPU") -> None:
+    """--device, --dtype and --backend, as every command takes them (each command says its defaults)."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=dtype_help)
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=None, help=backend_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m engine.generate", description="Generate text with GPT-2.")
     p.add_argument("--model", default="gpt2",
@@ -81,11 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--num-samples", type=_int_at_least("--num-samples", 1), default=1,
                    help="samples of the same prompt, generated as one batch")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default: float16 (the fastest on CPU here too, with greedy tokens matching fp32)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default=None,
-                   help="default: triton on a CUDA device, eager on CPU")
+    add_placement_options(p, "default: float16 (the fastest on CPU here too, with greedy tokens matching fp32)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                    help="on CUDA, run every decode step op by op instead of replaying it as a CUDA graph")
     p.add_argument("--allow-special", action="store_true", help="treat <|endoftext|> in the prompt as the special token")

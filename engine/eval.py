@@ -9,9 +9,7 @@ import argparse
 import json
 import sys
 
-from .backends import BACKENDS
-from .cli import EXIT_USER_ERROR, _int_at_least, _Parser, _UsageError, run_cli
-from .loader import DTYPES
+from .cli import EXIT_USER_ERROR, _int_at_least, _Parser, _UsageError, add_placement_options, run_cli
 
 EXAMPLES = """examples:
   python -m engine.eval --model gpt2 --text-file wiki.test.raw
@@ -34,11 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only the text's first N tokens")
     p.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=1,
                    help="windows a forward (default: 1)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default: float32 on CPU (as HF evaluates), float16 on a GPU")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default=None,
-                   help="default: triton on a CUDA device (the fused lm_head + cross-entropy kernel), eager on CPU")
+    add_placement_options(p, "default: float32 on CPU (as HF evaluates), float16 on a GPU",
+                          "default: triton on a CUDA device (the fused lm_head + cross-entropy kernel), eager on CPU")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object, the last line of stdout")
     return p
 

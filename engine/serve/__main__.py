@@ -10,9 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..backends import BACKENDS
-from ..cli import _int_at_least, _Parser, _UsageError, run_cli
-from ..loader import DTYPES
+from ..cli import _int_at_least, _Parser, _UsageError, add_placement_options, run_cli
 
 
 def server_dtype(device: str | None) -> str | None:
@@ -43,11 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=_int_at_least("--port", 0), default=8000)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default: float16 on CUDA; on CPU bfloat16 where the processor has native bf16, else float32")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default=None,
-                   help="default: triton on a CUDA device, eager on CPU")
+    add_placement_options(p, "default: float16 on CUDA; on CPU bfloat16 where the processor has native bf16, "
+                             "else float32")
     p.add_argument("--max-batch", type=_int_at_least("--max-batch", 1), default=None,
                    help="requests decoded together (default: 64 on CUDA, 16 on CPU)")
     p.add_argument("--max-waiting", type=_int_at_least("--max-waiting", 0), default=256,

@@ -51,11 +51,11 @@ def measure(fn, device) -> dict:
     return {"ms": bench(fn, device)["ms"], "peak_mb": peak_mb(fn, device)}
 
 
-def linear_rows(n, c, dtype, device, compile_n) -> list[dict]:
+def linear_rows(n, c, vocab, dtype, device, compile_n) -> list[dict]:
     g = torch.Generator().manual_seed(n + c)
     h = torch.randn(n, c, generator=g).to(device, dtype).requires_grad_()
-    w = (torch.randn(VOCAB, c, generator=g) / c**0.5).to(device, dtype).requires_grad_()
-    t = torch.randint(0, VOCAB, (n,), generator=g).to(device)
+    w = (torch.randn(vocab, c, generator=g) / c**0.5).to(device, dtype).requires_grad_()
+    t = torch.randint(0, vocab, (n,), generator=g).to(device)
     impls = {"ours": kernels.linear_cross_entropy, "eager": unfused}
     if n == compile_n and c == WIDTHS[-1]:  # one shape: each compile takes a minute
         impls["compile"] = torch.compile(unfused)
@@ -81,10 +81,10 @@ def linear_rows(n, c, dtype, device, compile_n) -> list[dict]:
     return rows
 
 
-def plain_rows(n, dtype, device) -> list[dict]:
+def plain_rows(n, vocab, dtype, device) -> list[dict]:
     g = torch.Generator().manual_seed(n)
-    logits = (torch.randn(n, VOCAB, generator=g) * 3).to(device, dtype).requires_grad_()
-    t = torch.randint(0, VOCAB, (n,), generator=g).to(device)
+    logits = (torch.randn(n, vocab, generator=g) * 3).to(device, dtype).requires_grad_()
+    t = torch.randint(0, vocab, (n,), generator=g).to(device)
     rows = []
     for name, f in {"ours": kernels.cross_entropy, "eager": F.cross_entropy}.items():
         def forward():
@@ -97,7 +97,7 @@ def plain_rows(n, dtype, device) -> list[dict]:
 
         fwd, both = measure(forward, device), measure(forward_backward, device)
         nbytes = logits.numel() * logits.element_size()
-        rows.append({"op": "cross_entropy", "impl": name, "tokens": n, "width": VOCAB,
+        rows.append({"op": "cross_entropy", "impl": name, "tokens": n, "width": vocab,
                      "fwd_ms": fwd["ms"], "fwd_peak_mb": fwd["peak_mb"],
                      "fwd_bwd_ms": both["ms"], "fwd_bwd_peak_mb": both["peak_mb"],
                      "fwd_gbps": nbytes / fwd["ms"] / 1e6})
@@ -132,14 +132,13 @@ def main(argv=None):
         p.add_argument("--compile-n", type=int, default=8192, help="tokens at which torch.compile is timed (0: never)")
 
     args, device, smoke = parse(__doc__, argv, add_arguments)
-    global VOCAB
-    tokens, widths, dtype = TOKENS, WIDTHS, torch.bfloat16
+    vocab, tokens, widths, dtype = VOCAB, TOKENS, WIDTHS, torch.bfloat16
     if smoke:
-        VOCAB, tokens, widths, dtype, args.compile_n = 1000, [64], [48], torch.float32, 0
-    extra = {} if interpreted(device) else {"dtype": "bf16", "vocab": VOCAB, **roofline(device)}
+        vocab, tokens, widths, dtype, args.compile_n = 1000, [64], [48], torch.float32, 0
+    extra = {} if interpreted(device) else {"dtype": "bf16", "vocab": vocab, **roofline(device)}
     results = []
-    cases = [(linear_rows, (n, c, dtype, device, args.compile_n)) for c in widths for n in tokens]
-    cases += [(plain_rows, (n, dtype, device)) for n in tokens]
+    cases = [(linear_rows, (n, c, vocab, dtype, device, args.compile_n)) for c in widths for n in tokens]
+    cases += [(plain_rows, (n, vocab, dtype, device)) for n in tokens]
     for fn, case_args in cases:
         for row in fn(*case_args):
             results.append(row)

@@ -55,7 +55,7 @@ def run(args) -> int:
 
     from .errors import EngineError
     from .loader import default_device, load_model
-    from .scoring import check_window, perplexity
+    from .scoring import check_window, perplexity, windows
     from .tokenizer import encode
 
     text = _read_text(args.text_file)
@@ -68,11 +68,10 @@ def run(args) -> int:
     try:
         model = load_model(args.model, device=device, dtype=args.dtype or ("float32" if device.type == "cpu" else None),
                            backend=args.backend)
-        check_window(model, args.window, args.stride)
+        window, stride = check_window(model, args.window, args.stride)
         ids = encode(text)[:args.max_tokens]
-        bar = _progress_bar(len(ids))
-        result = perplexity(model, ids, args.window, args.stride, args.batch_size,
-                            progress=bar.update if bar else None)
+        bar = _progress_bar(sum(w.end - w.first for w in windows(len(ids), window, stride)))
+        result = perplexity(model, ids, window, stride, args.batch_size, progress=bar.update if bar else None)
         if bar:
             bar.close()
     except (EngineError, torch.cuda.OutOfMemoryError) as e:
@@ -80,8 +79,7 @@ def run(args) -> int:
         return EXIT_USER_ERROR
     summary = {"tokens": result.tokens, "loss": result.loss, "perplexity": result.perplexity,
                "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-               "model": args.model, "window": args.window or model.config.n_positions,
-               "stride": args.stride or (args.window or model.config.n_positions) // 2,
+               "model": args.model, "window": window, "stride": stride,
                "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device), "backend": model.backend}
     if args.json:
         print(json.dumps(summary))
@@ -94,12 +92,13 @@ def run(args) -> int:
 
 
 def _progress_bar(total: int):
-    """A tqdm bar on stderr counting scored tokens (itself off when stderr is no terminal); None without tqdm."""
+    """A tqdm bar on stderr counting ``total`` scored tokens (itself off when stderr is no terminal);
+    None without tqdm."""
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=max(0, total - 1), unit="tok", desc="scoring", file=sys.stderr, disable=None, leave=False)
+    return tqdm(total=total, unit="tok", desc="scoring", file=sys.stderr, disable=None, leave=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,9 +132,12 @@ class GPT2(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of every position, no cache. input_ids (B, T) int64 -> (B, T, vocab) in the model dtype."""
+        return self._lm_head(self._hidden_states(input_ids))
+
+    def _hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Every position's hidden state after ln_f, no cache. (B, T) int64 -> (B, T, C)."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        h = self._layers(input_ids, positions, lambda i, q, k, v: self.ops.attention(q, k, v, causal=True))
-        return self._lm_head(h)
+        return self._layers(input_ids, positions, lambda i, q, k, v: self.ops.attention(q, k, v, causal=True))
 
     @torch.inference_mode()
     def target_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -144,9 +147,8 @@ class GPT2(nn.Module):
         input_ids, targets: (B, T) int64; a target of -100 is not scored. Returns fp32 (B, T), 0 there.
         """
         b, t = input_ids.shape
-        positions = torch.arange(t, device=input_ids.device)
-        h = self._layers(input_ids, positions, lambda i, q, k, v: self.ops.attention(q, k, v, causal=True))
-        return self.ops.target_logprobs(h.reshape(b * t, -1), self._lm_head_weight(), targets.reshape(-1)).view(b, t)
+        h = self._hidden_states(input_ids).reshape(b * t, -1)
+        return self.ops.target_logprobs(h, self._lm_head_weight(), targets.reshape(-1)).view(b, t)
 
     @torch.no_grad()  # not inference_mode: its tensors cannot be mutated by a torch.compile'd step
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,

@@ -57,6 +57,11 @@ def check_window(model: GPT2, window: int | None, stride: int | None) -> tuple[i
     return window, stride
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EngineError(f"batch_size must be an integer >= 1, got {batch_size}")
+
+
 def _window_logprobs(model: GPT2, spans: list[tuple[Sequence[int], Window]], batch_size: int
                      ) -> Iterator[torch.Tensor]:
     """For each (text's ids, window), log p(token | the window's tokens before it) of the window's
@@ -113,13 +118,12 @@ def score(model: GPT2, texts: str | Sequence[int] | Sequence[str | Sequence[int]
     window, stride = check_window(model, window, stride)
     if stride >= window:
         raise EngineError(f"stride must be < window ({window}) to score every token, got {stride}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EngineError(f"batch_size must be an integer >= 1, got {batch_size}")
+    _check_batch_size(batch_size)
     all_ids = [_token_ids(model, t, f"texts[{i}]") for i, t in enumerate(texts)]
-    owners = [i for i, ids in enumerate(all_ids) for _ in windows(len(ids), window, stride)]
-    spans = [(ids, w) for ids in all_ids for w in windows(len(ids), window, stride)]
+    owned = [(i, (ids, w)) for i, ids in enumerate(all_ids) for w in windows(len(ids), window, stride)]
     parts: list[list[torch.Tensor]] = [[] for _ in texts]
-    for owner, lp in zip(owners, _window_logprobs(model, spans, batch_size)):
+    logprobs = _window_logprobs(model, [span for _, span in owned], batch_size)
+    for (owner, _), lp in zip(owned, logprobs):
         parts[owner].append(lp)
     out = []
     for ids, mine in zip(all_ids, parts):
@@ -146,8 +150,7 @@ def perplexity(model: GPT2, text: str | Sequence[int], window: int | None = None
     the model's positions, stride to half of it. ``progress(n)`` is called as each batch of
     windows finishes, with the tokens it scored."""
     window, stride = check_window(model, window, stride)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EngineError(f"batch_size must be an integer >= 1, got {batch_size}")
+    _check_batch_size(batch_size)
     ids = _token_ids(model, text, "text")
     if len(ids) < 2:
         raise EngineError(f"the text has {len(ids)} token(s): perplexity needs at least 2 (the first is not scored)")

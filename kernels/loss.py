@@ -194,8 +194,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, red
 def cross_entropy_ref(logits: Tensor, targets: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
     """``cross_entropy`` in plain PyTorch: ``F.cross_entropy`` on fp32 logits."""
     return torch.nn.functional.cross_entropy(logits.to(acc_dtype(logits.dtype)), targets.long(),
-                                             ignore_index=ignore_index,
-                                             reduction=reduction)
+                                             ignore_index=ignore_index, reduction=reduction)
 
 
 # --- linear_cross_entropy ----------------------------------------------------------------------------
@@ -206,8 +205,9 @@ def chunk_rows(n: int, v: int, dtype: torch.dtype) -> int:
 
 
 def _padded(v: int) -> int:
-    # Each chunk's logits are written with a row stride rounded up to 64 elements: an odd stride
-    # (GPT-2's 50257) sends cuBLAS to an unaligned, several times slower kernel.
+    # Each chunk's logits are written with a row stride rounded up to 64 elements, so that every
+    # row (and each part of ``_vocab_parts``) starts aligned for cuBLAS. Alone it did not make the
+    # GEMMs fast on the H200 (32.8 ms, against 10.4 with the split as well).
     return -(-v // 64) * 64
 
 

@@ -44,7 +44,9 @@ int64_t sample_row(const float* x, int64_t stride, int64_t vocab, const RowParam
     }
   }
   if (argmax < 0) return -1;  // every logit is -inf
-  if (prm.temperature == 0.0f || prm.top_k == 1) return argmax;
+  // Greedy, also where the top scaled logit is not finite: a +inf logit, or a temperature so small
+  // that the division overflows (its limit is the argmax).
+  if (prm.temperature == 0.0f || prm.top_k == 1 || !std::isfinite(best / prm.temperature)) return argmax;
 
   for (int64_t j = 0; j < vocab; ++j) scaled[j] = x[j * stride] / prm.temperature;
   const double top = static_cast<double>(best / prm.temperature);

@@ -184,7 +184,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
   const int64_t k = top_k[r];
   const double p = top_p[r];
   const double mp = min_p[r];
-  if (sh.bad || temp == 0.0f || k == 1) {
+  // Greedy also where the top scaled logit is not finite (a +inf logit, or a temperature so small
+  // that the division overflows), as in the reference.
+  if (sh.bad || temp == 0.0f || k == 1 || !isfinite(sh.best / temp)) {
     if (threadIdx.x == 0) finish_row(out, offset, r, sh.bad ? -1 : sh.argmax, advance);
     return;
   }

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import importlib.machinery
+import logging
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -26,15 +29,6 @@ def sources(cuda: bool) -> list[str]:
 
 def _cuda_build_possible() -> bool:
     return torch.version.cuda is not None and (shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME"))
-
-
-def _cached(cpp_extension) -> bool:
-    """Whether an earlier process already built the extension (cpp_extension still rebuilds it if
-    the sources changed; that rebuild goes unannounced)."""
-    try:
-        return (Path(cpp_extension._get_build_directory(LIB, verbose=False)) / f"{LIB}.so").exists()
-    except Exception:  # a private helper: if it moves, announce every load rather than fail
-        return False
 
 
 def _register_fake() -> None:
@@ -56,7 +50,8 @@ SAMPLE_NEXT_OP = None
 
 @functools.cache
 def load() -> bool:
-    """Register torch.ops.gpt2engine_C.sample and sample_next_. False (with one warning) when it cannot be built."""
+    """Register torch.ops.gpt2engine_C.sample and sample_next_. False (with one line on stderr) when
+    it can be neither loaded nor built: ``sample`` then uses the PyTorch reference."""
     global SAMPLE_OP, SAMPLE_NEXT_OP
     if not _load_library():
         return False
@@ -66,9 +61,10 @@ def load() -> bool:
     return True
 
 
-def built_library(directory: Path = PACKAGE) -> Path | None:
+def built_library(directory: Path | None = None) -> Path | None:
     """The extension ``setup.py`` built into kernels/ for this very interpreter (its ABI tag, e.g.
     ``_C.cpython-312-x86_64-linux-gnu.so``), or None: a build for another Python cannot be loaded."""
+    directory = directory or PACKAGE
     return next((directory / f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES
                  if (directory / f"_C{suffix}").exists()), None)
 
@@ -89,27 +85,95 @@ def check_device(device: torch.device) -> None:
         "`pip install -e . --no-build-isolation`, or remove that build to have it compiled again on first use")
 
 
+def _note(message: str) -> None:
+    """One line on stderr: the sampler still works (or is being built), so this is not an error."""
+    print(f"gpt2engine: {message}", file=sys.stderr, flush=True)
+
+
 def _load_library() -> bool:
     built = built_library()
     if built:
-        torch.ops.load_library(str(built))
-        return True
+        try:
+            torch.ops.load_library(str(built))
+            return True
+        except (OSError, RuntimeError) as e:  # a stale build against another torch, a truncated file
+            _note(f"cannot load {built.name} ({_first_line(e)}); compiling the sampler instead")
     if not (CSRC / "sampling_cpu.cpp").exists():
-        warnings.warn("gpt2engine: the sampling extension was not built and csrc/ is not here; "
-                      "using the PyTorch reference sampler", stacklevel=3)
+        _note("the sampling extension was not built and csrc/ is not here; using the PyTorch reference sampler")
+        return False
+    compiler = shutil.which(os.environ.get("CXX") or "c++")
+    if compiler is None:
+        _note(f"no C++ compiler found ({os.environ.get('CXX') or 'c++'}); using the PyTorch reference sampler "
+              "(install g++ to compile the faster one)")
         return False
     from torch.utils import cpp_extension
 
     cuda = _cuda_build_possible()
-    if not _cached(cpp_extension):  # later processes load the cached build silently
-        print(f"gpt2engine: compiling the {'CPU+CUDA' if cuda else 'CPU'} sampling extension once "
-              "(cached by torch.utils.cpp_extension)...", file=sys.stderr, flush=True)
     try:
-        cpp_extension.load(
-            name=LIB, sources=sources(cuda), is_python_module=False, verbose=False,
-            extra_cflags=["-O3"], extra_cuda_cflags=["-O3"] if cuda else None)
-    except Exception as e:  # no compiler, no headers: the reference still samples correctly
-        warnings.warn(f"gpt2engine: could not compile the sampling extension ({str(e).splitlines()[0]}); "
-                      "using the PyTorch reference sampler", stacklevel=3)
+        build_dir = Path(cpp_extension._get_build_directory(LIB, verbose=False))
+    except Exception as e:  # a private helper, or an unwritable cache directory
+        _note(f"cannot use torch.utils.cpp_extension's cache ({_first_line(e)}); using the PyTorch reference sampler")
         return False
+    failure = build_dir / "build_failed.txt"
+    key = _build_key(cuda, compiler)
+    if failure.is_file() and failure.read_text(errors="replace").startswith(key):
+        _note(f"the sampling extension failed to compile before (log: {failure}; delete it to retry); "
+              "using the PyTorch reference sampler")
+        return False
+    with _build_lock(build_dir):
+        if not (build_dir / f"{LIB}.so").exists():  # later processes load the cached build silently
+            _note(f"compiling the {'CPU+CUDA' if cuda else 'CPU'} sampling extension once "
+                  "(cached by torch.utils.cpp_extension)...")
+        # torch logs a multi-line banner about compiler names on its way; the outcome is all we report
+        torch_log = logging.getLogger("torch.utils.cpp_extension")
+        level = torch_log.level
+        torch_log.setLevel(logging.ERROR)
+        try:
+            cpp_extension.load(
+                name=LIB, sources=sources(cuda), is_python_module=False, verbose=False,
+                extra_cflags=["-O3"], extra_cuda_cflags=["-O3"] if cuda else None)
+        except Exception as e:  # missing headers, a broken toolchain: the reference still samples correctly
+            failure.write_text(f"{key}\n{e}\n")
+            _note(f"could not compile the sampling extension ({_first_line(e)}; log: {failure}); "
+                  "using the PyTorch reference sampler")
+            return False
+        finally:
+            torch_log.setLevel(level)
     return True
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _build_key(cuda: bool, compiler: str) -> str:
+    """What a remembered failure is valid for: these sources, this compiler, this torch, CUDA or not."""
+    h = hashlib.sha256(f"{torch.__version__} {compiler} {cuda}".encode())
+    for f in sources(cuda):
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Hold an OS lock (``flock``, released by the kernel when its holder dies) while building.
+
+    cpp_extension's own ``lock`` file stays behind when a build is killed, and every later process
+    then waits on it forever. Under our lock, a ``lock`` file can only belong to a dead build, so it
+    is removed; a live build makes us wait for it instead.
+    """
+    with open(build_dir / "gpt2engine.build.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _note(f"waiting for another process compiling the sampling extension in {build_dir}...")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            _note(f"removing {stale}, left by a compile that was killed")
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

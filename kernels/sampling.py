@@ -6,7 +6,9 @@ Semantics (HF's ``generate``, written once here and matched by every implementat
   negative ones of every token seen in the prompt or the output; OpenAI's ``frequency_penalty``
   and ``presence_penalty`` subtract ``frequency * count + presence`` from each token generated
   ``count > 0`` times so far.
-- ``temperature == 0`` or ``top_k == 1``: argmax, the first index winning ties.
+- ``temperature == 0`` or ``top_k == 1``: argmax, the first index winning ties. So is a row whose
+  largest scaled logit (fp32 ``max / temperature``) is not finite: a +inf logit (the first one
+  wins), or a temperature so small that the division overflows (its limit is greedy).
 - logits are divided by the temperature; ``top_k > 0`` keeps the tokens whose scaled logit is
   >= the k-th largest (ties at the boundary are kept); ``top_k = 0`` disables it.
 - ``top_p < 1`` sorts the survivors by probability (descending, stable) and keeps a token when the
@@ -34,6 +36,8 @@ import torch
 from . import _extension
 
 Param = float | int | torch.Tensor
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+INT64_MAX = 2**63 - 1
 
 
 def check_sampling_params(temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0, min_p: Param = 0.0) -> None:
@@ -47,11 +51,11 @@ def check_sampling_params(temperature: Param = 1.0, top_k: Param = 0, top_p: Par
         return [float(v)]
 
     for t in values("temperature", temperature):
-        if not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be finite and >= 0, got {t}")
+        if not math.isfinite(t) or t < 0 or t > FLOAT32_MAX:  # the samplers divide in fp32
+            raise ValueError(f"temperature must be finite and >= 0 (at most {FLOAT32_MAX:.4g}), got {t}")
     for k in values("top_k", top_k):
-        if k < 0 or k != int(k):
-            raise ValueError(f"top_k must be an integer >= 0, got {k}")
+        if not 0 <= k <= INT64_MAX or k != int(k):  # also rejects NaN and inf
+            raise ValueError(f"top_k must be an integer in [0, 2^63), got {k}")
     for p in values("top_p", top_p):
         if not 0 < p <= 1:  # also rejects NaN
             raise ValueError(f"top_p must be in (0, 1], got {p}")
@@ -172,11 +176,12 @@ def sample_ref(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0,
     temp = _row_tensor(temperature, rows, torch.float32, dev)
     k = _row_tensor(top_k, rows, torch.int64, dev)
     p = _row_tensor(top_p, rows, torch.float64, dev)
-    greedy = (temp == 0) | (k == 1)
+    scaled = x / torch.where(temp == 0, 1.0, temp)[:, None]
+    greedy = (temp == 0) | (k == 1) | ~torch.isfinite(scaled.max(-1).values)
     if bool(greedy.all()):
         return torch.where(bad, -1, greedy_tokens)
 
-    scaled = x / torch.where(greedy, 1.0, temp)[:, None]
+    scaled = torch.where(greedy[:, None], 0.0, scaled)  # greedy rows take argmax; keep inf out of the sums
     k_eff = torch.where(k > 0, k.clamp(max=vocab), vocab)
     binds = k_eff < vocab
     vals, order = _sorted_candidates(scaled, k_eff, p, binds)

@@ -1,8 +1,11 @@
 """Loading the compiled sampler: only a build for this interpreter, and never a silent CPU-only build on a GPU."""
 
 import importlib.machinery
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,50 @@ def test_setup_refuses_a_cpu_only_build_under_a_cuda_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "no CUDA toolkit" in r.stderr and "GPT2ENGINE_NO_EXTENSION=1" in r.stderr
+
+
+def _load_in_subprocess(env, prelude="pass", timeout=240):
+    """``kernels.sampling.load_extension()`` in a fresh interpreter: (returncode, printed result, stderr)."""
+    code = f"import sys; from kernels import _extension; {prelude}; print(_extension.load())"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **env})
+    return r.returncode, r.stdout.strip(), r.stderr
+
+
+def test_a_compile_killed_midway_does_not_hang_the_next_run(tmp_path):
+    """The issue's repro: kill the first compile while cpp_extension holds its ``lock`` file."""
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    first = subprocess.Popen([sys.executable, "-c", "from kernels import _extension; _extension.load()"],
+                             cwd=ROOT, env={**os.environ, **env}, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/lock")) and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert first.poll() is None, "the compile ended before it could be killed"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert list(tmp_path.glob("*/lock")), "the killed compile should have left cpp_extension's lock behind"
+    rc, loaded, err = _load_in_subprocess(env)
+    assert rc == 0 and loaded == "True", err
+    assert "removing" in err and "killed" in err
+
+
+def test_a_missing_compiler_is_one_line_and_a_failed_compile_is_remembered(tmp_path):
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    no_prebuilt = f"_extension.PACKAGE = __import__('pathlib').Path({str(tmp_path)!r})"
+    rc, loaded, err = _load_in_subprocess({**env, "CXX": str(tmp_path / "no-such-c++")}, no_prebuilt)
+    assert (rc, loaded) == (0, "False") and err.strip().count("\n") == 0, err
+    assert "no C++ compiler found" in err and "reference sampler" in err
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    for attempt in ("could not compile", "failed to compile before"):
+        rc, loaded, err = _load_in_subprocess({**env, "CXX": str(broken)}, no_prebuilt)
+        assert (rc, loaded) == (0, "False"), err
+        assert attempt in err and "Traceback" not in err and "WARNING" not in err, err
+
+
+def test_an_unloadable_prebuilt_library_falls_back_to_compiling(tmp_path):
+    (tmp_path / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a shared library")
+    rc, loaded, err = _load_in_subprocess({}, f"_extension.PACKAGE = __import__('pathlib').Path({str(tmp_path)!r})")
+    assert (rc, loaded) == (0, "True"), err
+    assert "cannot load" in err and "Traceback" not in err

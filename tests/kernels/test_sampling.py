@@ -142,6 +142,33 @@ def test_determinism_row_independence_and_flagged_rows(name, device):
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
+def test_overflowing_rows_are_greedy(name, device):
+    """A +inf logit wins (the first of several), and a temperature so small that logit / T
+    overflows to +-inf samples its limit, the argmax, under every filter; other rows draw as before."""
+    sample_ref = SAMPLERS[name]  # noqa: F811
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 300, generator=g)
+    x[1, 7] = x[1, 200] = math.inf
+    x[2] -= 100.0  # every logit negative: / 1e-40 overflows to -inf
+    x[3, 50] = math.inf
+    x[3, 60] = -math.inf
+    x = x.to(device)
+    temp = torch.tensor([1.0, 1.0, 1e-40, 0.7, 1e-40, 1e-38])
+    for kw in (dict(), dict(top_k=5), dict(top_p=0.5), dict(min_p=0.1)):
+        tok = sample_ref(x, temperature=temp, seed=3, **kw).cpu()
+        assert tok[1:].tolist() == [7, x[2].argmax().item(), 50, x[4].argmax().item(), x[5].argmax().item()], kw
+        alone = sample_ref(x[:1], temperature=1.0, seed=3, **kw).cpu()
+        assert tok[0] == alone[0]
+    assert sample_ref(torch.tensor([[0.0, math.inf, 1.0]], device=device), 1.0).tolist() == [1]
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1e300), dict(top_k=2**70), dict(top_k=float("inf"))])
+def test_parameters_that_overflow_are_refused(kw):
+    with pytest.raises(ValueError, match="temperature|top_k"):
+        sample(torch.randn(2, 10), **kw)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_per_row_parameters(name, device):
     sample_ref = SAMPLERS[name]  # noqa: F811
     x = torch.randn(3, 50, generator=torch.Generator().manual_seed(2)).to(device)

@@ -1,7 +1,8 @@
 """A minimal GPT-2 inference runtime: checkpoints, tokenizer, static KV cache, generation, CLI."""
 
 from .config import CONFIGS, GPT2Config
-from .errors import CheckpointError, ConfigError, ContextLengthError, EngineError, ParameterError, QueueFullError
+from .errors import (CheckpointError, ConfigError, ContextLengthError, EngineError, NumericalError, ParameterError,
+                     QueueFullError)
 from .generation import GenerationOutput, generate
 from .loader import load_model
 from .model import GPT2
@@ -12,6 +13,6 @@ from .tokenizer import EOT_ID, decode, encode
 
 __all__ = [
     "CONFIGS", "EOT_ID", "GPT2", "CheckpointError", "ConfigError", "ContextLengthError", "EngineError",
-    "GPT2Config", "GenerationOutput", "ParameterError", "Perplexity", "QueueFullError", "Request", "SamplingParams",
+    "GPT2Config", "GenerationOutput", "NumericalError", "ParameterError", "Perplexity", "QueueFullError", "Request", "SamplingParams",
     "Scheduler", "Score", "decode", "encode", "generate", "load_model", "perplexity", "score",
 ]

@@ -27,10 +27,19 @@ class GPT2Config:
         return self.n_inner or 4 * self.n_embd
 
     def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "layer_norm_epsilon":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            else:
+                ok = (isinstance(v, int) and not isinstance(v, bool)) or (f.name == "n_inner" and v is None)
+            if not ok:
+                kind = "a number > 0" if f.name == "layer_norm_epsilon" else "an integer"
+                raise ConfigError(f"{f.name} must be {kind}, got {v!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        for f in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
-            if getattr(self, f) <= 0:
+        for f in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "n_inner"):
+            if getattr(self, f) is not None and getattr(self, f) <= 0:
                 raise ConfigError(f"{f} must be positive, got {getattr(self, f)}")
 
     @property
@@ -40,6 +49,8 @@ class GPT2Config:
     @classmethod
     def from_hf(cls, hf: dict) -> "GPT2Config":
         """Build from the dict of an HF ``config.json``; refuses ``model_type`` other than gpt2."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got a {type(hf).__name__}")
         if hf.get("model_type", "gpt2") != "gpt2":
             raise ConfigError(f"model_type is {hf.get('model_type')!r}, only 'gpt2' is supported")
         # HF GPT-2 configs may omit fields and use `n_ctx` as an alias of `n_positions`.
@@ -62,8 +73,10 @@ class GPT2Config:
         try:
             with open(path, encoding="utf-8") as f:
                 return cls.from_hf(json.load(f))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 CONFIGS: dict[str, GPT2Config] = {

@@ -25,5 +25,9 @@ class ParameterError(EngineError):
         self.param = param
 
 
+class NumericalError(EngineError):
+    """The model produced NaN or only -inf logits for a request (weights out of range for the dtype)."""
+
+
 class QueueFullError(EngineError):
     """The scheduler's waiting queue is full: try again later."""

@@ -11,7 +11,7 @@ import torch
 
 from kernels.sampling import as_int64, row_seeds
 
-from .errors import ContextLengthError, EngineError
+from .errors import ContextLengthError, ParameterError
 from .model import GPT2
 from .request import Request, check_logprobs, check_max_time, sampling_params, stop_strings
 from .runner import Runner, TokenReader
@@ -40,37 +40,62 @@ class GenerationOutput:
         return self.decode_steps * rows / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _prompt_ids(prompts: Prompts, allow_special: bool, vocab_size: int) -> tuple[list[list[int]], bool]:
-    """Token ids per row, and whether the prompts were text."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
+    """Token ids per row, and whether the prompts were text; ParameterError("prompts") for anything
+    else: other types, bools or floats as ids, a mix of text and ids, ids outside the vocabulary."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
             prompts = prompts[None]
         if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32):
-            raise EngineError(f"token prompts must be an integer tensor (B, T), got {prompts.dtype} {list(prompts.shape)}")
+            raise ParameterError("prompts", f"token prompts must be an integer tensor (B, T), "
+                                            f"got {prompts.dtype} {list(prompts.shape)}")
         prompts = prompts.tolist()
-    prompts = list(prompts)
-    if not prompts:
-        raise EngineError("no prompts given")
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and all(map(_is_id, prompts))):
+        prompts = [prompts]  # one prompt: a string, or a flat list of ids
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ParameterError("prompts", "prompts must be a string, a list of strings, a list of token-id lists "
+                                        f"or an integer tensor, got {_describe(prompts)}")
     is_text = all(isinstance(p, str) for p in prompts)
     if is_text:
         rows = [encode(p, allow_special=allow_special) for p in prompts]
     else:
+        for r, p in enumerate(prompts):
+            if not isinstance(p, (list, tuple)) or not all(map(_is_id, p)):
+                raise ParameterError("prompts", f"prompt {r} must be a string or a list of int token ids like the "
+                                                f"others, got {_describe(p)}")
         rows = [list(p) for p in prompts]
-        for r, ids in enumerate(rows):
-            if any(isinstance(i, str) for i in ids) or any(not 0 <= int(i) < vocab_size for i in ids):
-                raise EngineError(f"prompt row {r} holds ids outside [0, {vocab_size}) or mixes text and ids")
-        rows = [[int(i) for i in ids] for ids in rows]
-    return [ids or [EOT_ID] for ids in rows], is_text  # an empty prompt starts from <|endoftext|>
+    rows = [ids or [EOT_ID] for ids in rows]  # an empty prompt starts from <|endoftext|>
+    for r, ids in enumerate(rows):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            start = " (an empty prompt starts from it)" if bad == EOT_ID else ""
+            raise ParameterError("prompts", f"prompt {r} holds token id {bad}{start}, outside the model's vocabulary "
+                                            f"of {vocab_size} tokens")
+    return rows, is_text
+
+
+def _describe(v) -> str:
+    """A short description of a value of the wrong kind, for an error message."""
+    if isinstance(v, (list, tuple)):
+        inner = sorted({type(x).__name__ for x in v})
+        return f"a {type(v).__name__} of {', '.join(inner) or 'nothing'}"
+    return f"{type(v).__name__} {v!r}"[:80]
 
 
 def check_context(prompt_len: int, max_new_tokens: int, n_positions: int) -> None:
-    """Raise ContextLengthError when a prompt plus the new tokens exceed the model's positions."""
-    if prompt_len + max_new_tokens > n_positions:
+    """Raise ContextLengthError unless the prompt and the new tokens fit the model's positions.
+
+    The last new token is sampled, never fed back, so it needs no position: as in HF, a prompt of
+    ``n_positions`` tokens may still get one new token.
+    """
+    if prompt_len + max_new_tokens - 1 > n_positions:
         raise ContextLengthError(
-            f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens = {prompt_len + max_new_tokens} "
-            f"exceeds the model's context of {n_positions} positions")
+            f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens needs {prompt_len + max_new_tokens - 1} "
+            f"positions (the last new token needs none), more than the model's context of {n_positions}")
 
 
 def _seeds(seed: int | Sequence[int] | None, rows: int) -> list[int]:
@@ -78,11 +103,11 @@ def _seeds(seed: int | Sequence[int] | None, rows: int) -> list[int]:
     if seed is None:
         seed = secrets.randbits(63)
     if isinstance(seed, bool) or not isinstance(seed, (int, list, tuple)):
-        raise EngineError(f"seed must be an int or a list of ints, got {type(seed).__name__}")
+        raise ParameterError("seed", f"seed must be an int or a list of ints, got {type(seed).__name__}")
     if isinstance(seed, int):
         return row_seeds(seed, rows, torch.device("cpu")).tolist()
     if len(seed) != rows or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
-        raise EngineError(f"seed must be an int or a list of {rows} ints (one per prompt), got {seed!r}")
+        raise ParameterError("seed", f"seed must be an int or a list of {rows} ints (one per prompt), got {seed!r}")
     return [as_int64(s) for s in seed]
 
 
@@ -120,7 +145,7 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     Bad parameters raise ``ParameterError`` (an ``EngineError``) naming them.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise EngineError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise ParameterError("max_new_tokens", f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     sampling = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                                frequency_penalty)
     stops = stop_strings(stop)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import torch
 
@@ -12,7 +13,8 @@ import kernels
 from .backends import get_backend
 from .errors import EngineError
 from .model import GPT2
-from .weights import load_state_dict
+from .tokenizer import VOCAB_SIZE
+from .weights import LM_HEAD, load_state_dict
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -53,6 +55,8 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
         device = torch.device(device) if device is not None else default_device()
     except RuntimeError as e:
         raise EngineError(f"invalid device {device!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise EngineError(f"device {device} is not supported: use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError("device cuda was requested but this PyTorch sees no CUDA GPU")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -63,14 +67,20 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise EngineError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU)")
     config, state = load_state_dict(source, seed=seed)
+    if config.vocab_size > VOCAB_SIZE:
+        warnings.warn(f"the model's vocabulary has {config.vocab_size} ids, GPT-2's tokenizer {VOCAB_SIZE}: "
+                      f"sampled ids >= {VOCAB_SIZE} have no text and decode to nothing", stacklevel=2)
     with torch.device("meta"):
         model = GPT2(config, ops)
     input_major = device.type == "cpu" and dtype == torch.float32
+    lm_head = state.pop(LM_HEAD, None)  # present only when untied
     state = {name: _place(t, device, dtype, input_major) for name, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
-    if input_major:
-        model.lm_head_weight = _place(model.wte.weight.t(), device, dtype, input_major=False).t()
+    if lm_head is not None or input_major:
+        head = model.wte.weight if lm_head is None else lm_head
+        model.lm_head_weight = _place(head.t(), device, dtype, input_major=False).t() if input_major \
+            else _place(head, device, dtype, input_major=False)
     kernels.sampling.load_extension()  # a first run compiles it: count that as loading, not as prefill
     model.backend = backend
     model.load_seconds = time.perf_counter() - start

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from kernels import check_penalties, check_sampling_params
 
-from .errors import ParameterError
+from .errors import NumericalError, ParameterError
 from .tokenizer import EOT_ID, StreamDecoder
 
 
@@ -145,7 +145,8 @@ class Request:
         if self.finished:
             return
         if token < 0:
-            raise RuntimeError("the model produced NaN or all -inf logits")
+            raise NumericalError("the model produced NaN or all -inf logits: its activations overflow in this "
+                                 "dtype (try float32) or the weights are broken")
         self.tokens.append(token)
         if self.logprobs is not None and logprobs is not None:
             k = (len(logprobs) - 1) // 2  # [log p(token), k top log p, their k ids]

@@ -12,7 +12,7 @@ from collections import deque
 
 import torch
 
-from .errors import EngineError, QueueFullError
+from .errors import EngineError, NumericalError, QueueFullError
 from .generation import check_context
 from .model import GPT2
 from .request import Request
@@ -118,7 +118,7 @@ class Scheduler:
             r = self.active[slot]
             try:
                 r.accept(tokens[slot], None if logprobs is None else logprobs[slot])
-            except RuntimeError:  # NaN logits: this request fails, the others go on
+            except NumericalError:  # NaN logits: this request fails, the others go on
                 r.finish("error")
             if r.finished:
                 self._free(slot)

@@ -67,8 +67,10 @@ def encode(text: str, allow_special: bool = False) -> list[int]:
 
 
 def decode(tokens: list[int]) -> str:
-    """Text of ``tokens``; invalid UTF-8 becomes U+FFFD, as in tiktoken."""
-    return get_encoding().decode(tokens)
+    """Text of ``tokens``; invalid UTF-8 becomes U+FFFD, as in tiktoken. Ids GPT-2's BPE does not
+    have (>= 50257: the padding rows of a 50304 vocabulary, a fine-tune's added pad token) have no
+    text and decode to nothing."""
+    return get_encoding().decode([t for t in tokens if 0 <= t < VOCAB_SIZE])
 
 
 class StreamDecoder:
@@ -82,6 +84,9 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
+        """The text ``token`` completes (ids without text, see ``decode``, give "")."""
+        if not 0 <= token < VOCAB_SIZE:
+            return ""
         return self._utf8.decode(self._enc.decode_single_token_bytes(token))
 
     def flush(self) -> str:

@@ -4,7 +4,7 @@ Sources: a local HF directory (``model.safetensors``, a sharded ``model.safetens
 or ``pytorch_model.bin``), a hub name resolved through ``huggingface_hub``, or ``random:<size>``.
 The result is always a state dict in the engine's layout: HF names without the ``transformer.``
 prefix, the four Conv1D weights seen in the ``nn.Linear`` layout [out, in] (as transposed views,
-so the loader decides once whether to copy them), and no ``lm_head.weight`` (tied to ``wte``).
+so the loader decides once whether to copy them), and ``lm_head.weight`` only when it is not tied to ``wte``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -126,8 +127,11 @@ def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path} is not a valid safetensors index: {e}") from None
         tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(_read_safetensors(directory / shard))
+        for shard in sorted(set(map(str, weight_map.values()))):
+            shard_path = (directory / shard).resolve()
+            if not shard_path.is_relative_to(directory.resolve()):  # an index must not reach outside its model
+                raise CheckpointError(f"{path} names shard {shard!r}, outside the model directory")
+            tensors.update(_read_safetensors(shard_path))
         return tensors
     if name.endswith(".safetensors"):
         return _read_safetensors(path)
@@ -149,17 +153,41 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and unpickler errors all mean an unreadable file
-        raise CheckpointError(f"{path} is corrupt or not a weights-only PyTorch checkpoint: {e}") from None
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e).lower() and "weights only" not in str(e).lower():
+            raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint: {_first_line(e)}") from None
+        raise CheckpointError(f"{path} holds Python objects besides tensors and was not unpickled (unpickling can "
+                              "run code; convert it to safetensors, or re-save its state dict alone)") from None
+    except Exception as e:  # zip and storage errors all mean an unreadable file
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint: {_first_line(e)}") from None
+    # Training scripts often save {"state_dict": ...} or {"model": ...}; the weights are inside.
+    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model"):
+        state = next(iter(state.values()))
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict")
+        raise CheckpointError(f"{path} does not hold a state dict (it holds a {type(state).__name__})")
+    odd = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise CheckpointError(f"{path} is not a state dict of tensors: entry {odd!r} holds a "
+                              f"{type(state[odd]).__name__}")
     return state
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+LM_HEAD = "lm_head.weight"
+MAX_LISTED_PROBLEMS = 5  # a gpt2-xl checkpoint against the gpt2 config has ~600; the summary says why
 
 
 def to_engine_layout(hf_state: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
     """Validate an HF state dict against ``config`` and convert it to the engine's layout.
 
-    Raises CheckpointError listing every missing, unexpected or mis-shaped tensor.
+    Raises CheckpointError naming how the checkpoint's sizes differ from the config's, then the
+    first few missing, unexpected or mis-shaped tensors. An ``lm_head.weight`` equal to ``wte``
+    (tied, as GPT-2's) is dropped; a different one (a fine-tune with ``tie_word_embeddings=False``)
+    is kept under ``LM_HEAD``.
     """
     state = {}
     for name, t in hf_state.items():
@@ -167,22 +195,43 @@ def to_engine_layout(hf_state: dict[str, torch.Tensor], config: GPT2Config) -> d
         if name.endswith(IGNORED_SUFFIXES):
             continue
         state[name] = t
-    lm_head = state.pop("lm_head.weight", None)
+    lm_head = state.pop(LM_HEAD, None)
     expected = expected_shapes(config)
+    if lm_head is not None:
+        expected[LM_HEAD] = expected["wte.weight"]
+        state[LM_HEAD] = lm_head
     problems = [f"missing tensor {n} (expected shape {list(s)})" for n, s in expected.items() if n not in state]
     problems += [f"unexpected tensor {n} with shape {list(t.shape)}" for n, t in state.items() if n not in expected]
     problems += [f"tensor {n} has shape {list(state[n].shape)}, expected {list(s)}"
                  for n, s in expected.items() if n in state and tuple(state[n].shape) != s]
     if problems:
-        raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
-    if lm_head is not None and not torch.equal(lm_head, state["wte.weight"]):
-        raise CheckpointError("lm_head.weight differs from wte.weight; GPT-2 ties them and untied heads are not supported")
+        listed = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+        more = f"; and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+        raise CheckpointError(f"checkpoint does not match its config{_size_summary(state, config)}: {listed}{more}")
     for name in state:
         if not state[name].is_floating_point():
             raise CheckpointError(f"tensor {name} has non-float dtype {state[name].dtype}")
+        if not bool(torch.isfinite(state[name]).all()):  # ~0.1 s for gpt2; a NaN weight only shows as NaN logits
+            raise CheckpointError(f"tensor {name} holds NaN or infinite values")
         if name.endswith(CONV1D_WEIGHTS):
             state[name] = state[name].t()  # a view: the loader picks the memory layout
+    if lm_head is not None and torch.equal(lm_head, state["wte.weight"]):
+        del state[LM_HEAD]
     return state
+
+
+def _size_summary(state: dict[str, torch.Tensor], config: GPT2Config) -> str:
+    """" (config has 12 layers, checkpoint has 2; ...)": the sizes that differ, read off the tensors."""
+    layers = {int(n.split(".")[1]) for n in state if n.startswith("h.") and n.split(".")[1].isdigit()}
+    found = {"layers": max(layers) + 1 if layers else 0}
+    if "wte.weight" in state and state["wte.weight"].dim() == 2:
+        found["vocabulary"], found["width"] = state["wte.weight"].shape
+    if "wpe.weight" in state and state["wpe.weight"].dim() == 2:
+        found["positions"] = state["wpe.weight"].shape[0]
+    wanted = {"layers": config.n_layer, "vocabulary": config.vocab_size, "width": config.n_embd,
+              "positions": config.n_positions}
+    diffs = [f"config has {wanted[k]} {k}, checkpoint has {v}" for k, v in found.items() if v != wanted[k]]
+    return f" ({'; '.join(diffs)})" if diffs else ""
 
 
 def load_state_dict(source: str | os.PathLike, seed: int = 0) -> tuple[GPT2Config, dict[str, torch.Tensor]]:

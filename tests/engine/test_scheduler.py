@@ -96,7 +96,8 @@ def test_queue_bound_and_bad_requests(model):
     with pytest.raises(QueueFullError, match="waiting queue is full"):
         sched.submit([Request([3], 2)])
     with pytest.raises(ContextLengthError):
-        sched.check(Request([1] * 100, 29))
+        sched.check(Request([1] * 100, 30))  # needs 129 of 128 positions
+    sched.check(Request([1] * 100, 29))
     with pytest.raises(EngineError, match="outside the model's vocabulary"):
         sched.check(Request([50257], 2))
     with pytest.raises(EngineError, match="max_batch"):

@@ -85,8 +85,45 @@ def test_pytorch_bin_with_old_buffers(tmp_path, tiny_checkpoint, hf_tensors, ref
 def test_bin_with_pickled_code_is_refused(tmp_path, tiny_checkpoint):
     d = _copy_config(tiny_checkpoint, tmp_path / "evil")
     (d / "pytorch_model.bin").write_bytes(b"\x80\x02cos\nsystem\n.")  # a pickle that would import os.system
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError, match="holds Python objects besides tensors and was not unpickled") as e:
         load_state_dict(d)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+
+
+def test_bin_wrapped_in_a_state_dict_key_is_unwrapped(tmp_path, tiny_checkpoint, hf_tensors, reference):
+    d = _copy_config(tiny_checkpoint, tmp_path / "wrapped")
+    torch.save({"state_dict": dict(hf_tensors)}, d / "pytorch_model.bin")
+    state = load_state_dict(d)[1]
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+    torch.save({**hf_tensors, "step": torch.tensor(3), "note": [1, 2]}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="not a state dict of tensors: entry 'note' holds a list"):
+        load_state_dict(d)
+
+
+def test_an_index_cannot_name_shards_outside_its_directory(tmp_path, tiny_checkpoint):
+    d = _copy_config(tiny_checkpoint, tmp_path / "model")
+    shutil.copy(tiny_checkpoint / "model.safetensors", tmp_path / "outside.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"wte.weight": "../outside.safetensors"}}))
+    with pytest.raises(CheckpointError, match="outside the model directory"):
+        load_state_dict(d)
+
+
+def test_untied_lm_head_is_loaded(tmp_path, tiny_checkpoint, hf_model):
+    transformers = pytest.importorskip("transformers")
+    from tests.conftest import TINY
+    untied = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY, tie_word_embeddings=False)).eval()
+    untied.load_state_dict(hf_model.state_dict(), strict=False)
+    with torch.no_grad():
+        untied.lm_head.weight.copy_(torch.randn_like(untied.lm_head.weight) * 0.05)
+    assert not torch.equal(untied.lm_head.weight, untied.transformer.wte.weight)
+    untied.save_pretrained(tmp_path)
+    ids = torch.tensor([[5, 900, 31373, 7]])
+    with torch.no_grad():
+        expected = untied(ids).logits
+    for dtype in (torch.float32, torch.bfloat16):  # fp32 keeps an input-major copy; bf16 the (vocab, C) weight
+        m = engine.load_model(tmp_path, device="cpu", dtype=dtype)
+        torch.testing.assert_close(m(ids).float(), expected, **({} if dtype == torch.float32 else
+                                                                 dict(atol=0.05, rtol=0.05)))
 
 
 @pytest.mark.parametrize("mutate,match", [
@@ -94,7 +131,10 @@ def test_bin_with_pickled_code_is_refused(tmp_path, tiny_checkpoint):
     (lambda s: s.__setitem__("transformer.h.0.extra", torch.zeros(3)), r"unexpected tensor h\.0\.extra with shape \[3\]"),
     (lambda s: s.__setitem__("transformer.h.0.attn.c_attn.weight", torch.zeros(288, 96)),
      r"h\.0\.attn\.c_attn\.weight has shape \[288, 96\], expected \[96, 288\]"),
-    (lambda s: s.__setitem__("lm_head.weight", torch.zeros(50257, 96)), "lm_head.weight differs from wte.weight"),
+    (lambda s: s.__setitem__("lm_head.weight", torch.zeros(50257, 95)),
+     r"tensor lm_head\.weight has shape \[50257, 95\], expected \[50257, 96\]"),
+    (lambda s: [s.pop(k) for k in list(s) if ".h.1." in k],
+     r"\(config has 2 layers, checkpoint has 1\): missing tensor h\.1\.ln_1\.weight .*; and 7 more$"),
 ])
 def test_bad_tensors_are_named_with_shapes(tmp_path, tiny_checkpoint, hf_tensors, mutate, match):
     d = _copy_config(tiny_checkpoint, tmp_path / "bad")
@@ -133,6 +173,25 @@ def test_config_json_checks(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_state_dict(tmp_path)
+    for body, match in [([1, 2], "must hold a JSON object, got a list"), ({"n_layer": "12"}, "n_layer must be an integer, got '12'"),
+                        ({"n_embd": 76.8}, "n_embd must be an integer"), ({"layer_norm_epsilon": "x"}, "layer_norm_epsilon"),
+                        ({"n_inner": -1}, "n_inner must be positive"), ({"vocab_size": True}, "vocab_size must be an integer")]:
+        (tmp_path / "config.json").write_text(json.dumps(body))
+        with pytest.raises(ConfigError, match=match):
+            load_state_dict(tmp_path)
+
+
+def test_a_mismatch_is_summarised(tmp_path):
+    d = tmp_path / "xl"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"n_layer": 48, "n_head": 25, "n_embd": 1600}))
+    save_file({f"h.{i}.ln_1.weight": torch.zeros(768) for i in range(12)} | {"wte.weight": torch.zeros(50257, 768)},
+              d / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict(d)
+    msg = str(e.value)
+    assert "config has 48 layers, checkpoint has 12; config has 1600 width, checkpoint has 768" in msg
+    assert len(msg) < 1000 and msg.endswith("more")
 
 
 def test_named_configs_and_random_weights():

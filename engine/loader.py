@@ -66,7 +66,7 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     ops = get_backend(backend)
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise EngineError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU)")
-    config, state = load_state_dict(source, seed=seed)
+    config, state = load_state_dict(source, seed=seed, random_dtype=dtype)
     if config.vocab_size > VOCAB_SIZE:
         warnings.warn(f"the model's vocabulary has {config.vocab_size} ids, GPT-2's tokenizer {VOCAB_SIZE}: "
                       f"sampled ids >= {VOCAB_SIZE} have no text and decode to nothing", stacklevel=2)
@@ -74,7 +74,8 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
         model = GPT2(config, ops)
     input_major = device.type == "cpu" and dtype == torch.float32
     lm_head = state.pop(LM_HEAD, None)  # present only when untied
-    state = {name: _place(t, device, dtype, input_major) for name, t in state.items()}
+    # popped one by one, so that each source tensor is freed once placed: peak ~ one copy of the weights
+    state = {name: _place(state.pop(name), device, dtype, input_major) for name in list(state)}
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
     if lm_head is not None or input_major:

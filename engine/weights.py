@@ -45,8 +45,11 @@ def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_hf_state_dict(config: GPT2Config, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_hf_state_dict(config: GPT2Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Seeded random weights in HF layout, initialised as HF does (normal(0, 0.02), scaled c_proj).
+
+    Each tensor is drawn in fp32 and cast to ``dtype`` at once, so the values do not depend on
+    ``dtype`` beyond its rounding and the peak memory is the result plus one fp32 tensor.
 
     LayerNorm weights and biases are drawn near (1, 0) rather than set exactly, so that a test
     that swaps gamma and beta, or forgets one, still fails.
@@ -62,7 +65,7 @@ def random_hf_state_dict(config: GPT2Config, seed: int = 0) -> dict[str, torch.T
         else:
             std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
             t = std * torch.randn(shape, generator=g)
-        out[name] = t
+        out[name] = t.to(dtype)
     return out
 
 
@@ -234,8 +237,10 @@ def _size_summary(state: dict[str, torch.Tensor], config: GPT2Config) -> str:
     return f" ({'; '.join(diffs)})" if diffs else ""
 
 
-def load_state_dict(source: str | os.PathLike, seed: int = 0) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
-    """Resolve ``source`` and return (config, state dict in the engine layout, on CPU)."""
+def load_state_dict(source: str | os.PathLike, seed: int = 0,
+                    random_dtype: torch.dtype = torch.float32) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
+    """Resolve ``source`` and return (config, state dict in the engine layout, on CPU); ``random:``
+    weights are made in ``random_dtype``."""
     config, directory = resolve_source(source)
-    hf_state = random_hf_state_dict(config, seed) if directory is None else read_checkpoint(directory)
+    hf_state = random_hf_state_dict(config, seed, random_dtype) if directory is None else read_checkpoint(directory)
     return config, to_engine_layout(hf_state, config)

@@ -53,6 +53,7 @@ setup(
         "numpy",
         "tqdm",  # engine.eval's progress bar
     ],
+    entry_points={"console_scripts": ["gpt2engine = engine.cli:entry"]},  # = python -m engine
     extras_require={
         "hub": ["huggingface_hub>=0.23"],
         "serve": ["starlette>=0.40", "uvicorn>=0.30"],

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .cli import EXIT_USER_ERROR, _int_at_least, _Parser, _UsageError, add_placement_options, run_cli
+from .cli import EXIT_USER_ERROR, HelpFormatter, _int_at_least, _Parser, _UsageError, add_placement_options, run_cli
 
 EXAMPLES = """examples:
   python -m engine.eval --model gpt2 --text-file wiki.test.raw
@@ -17,7 +17,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m engine.eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = _Parser(prog="python -m engine.eval", formatter_class=HelpFormatter,
                 description="Perplexity of GPT-2 on a text: windows of --window tokens every --stride tokens, each "
                             "token scored once with the context its window gives (HF's perplexity guide's method; "
                             "the first token is not scored). Prints tokens scored, mean loss (nats), perplexity and "
@@ -101,8 +101,8 @@ def _progress_bar(total: int):
     return tqdm(total=total, unit="tok", desc="scoring", file=sys.stderr, disable=None, leave=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser, run, argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    return run_cli(build_parser, run, argv, prog)
 
 
 if __name__ == "__main__":

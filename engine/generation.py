@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
@@ -23,15 +24,16 @@ Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
 @dataclass
 class GenerationOutput:
     tokens: list[list[int]]          # new tokens per row; a row that stopped at EOS ends with it
-    texts: list[str] | None          # their text (EOS, a stop string and what followed left out) when the prompts were text
+    texts: list[str] | None          # with text prompts: their text (without EOS, a stop string and what follows)
     prompt_tokens: list[list[int]]
     prefill_seconds: float           # prompt forward plus the first token's sampling
     decode_seconds: float            # every later step
     decode_steps: int
     capture_seconds: float = 0.0     # CUDA-graph capture before the prefill (0 when reused or off)
-    finish_reasons: list[str] | None = None  # per row: "stop" (EOS or a stop string), "length" or "time"
+    finish_reasons: list[str] | None = None  # per row: "stop" (EOS or a stop string), "length", "time", "cancelled"
     logprobs: list[list[float]] | None = None  # with logprobs=True: per row, each new token's log p
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None  # per row, per token: (id, log p), likeliest first
+    seeds: list[int] | None = None   # each row's seed (int64): pass them back as ``seed`` to reproduce the run
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -123,7 +125,8 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
              on_text: Callable[[int, str], None] | None = None, allow_special: bool = False,
              cuda_graph: bool | None = None, min_p: float = 0.0, repetition_penalty: float = 1.0,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, stop: str | Sequence[str] | None = None,
-             max_time: float | None = None, logprobs: bool = False, top_logprobs: int = 0) -> GenerationOutput:
+             max_time: float | None = None, logprobs: bool = False, top_logprobs: int = 0,
+             cancel: threading.Event | None = None) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
     prompts: a string, a list of strings, or token ids (a list of lists, or an int tensor (B, T));
@@ -142,6 +145,9 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     from (log-softmax of the penalised logits over the temperature, 1 when greedy; top-k/top-p/
     min-p do not renormalise it), and with ``top_logprobs`` = n in [1, 20] the n likeliest tokens'
     at each step: computed on the device in the step, read with its tokens.
+    cancel: an event (anything with ``is_set()``), set from another thread or a signal handler:
+    every unfinished row then ends at the next step with finish reason "cancelled", keeping what it
+    produced. ``seeds`` in the output reproduce an unseeded run.
     Bad parameters raise ``ParameterError`` (an ``EngineError``) naming them.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -187,6 +193,10 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     lookahead = model.device.type == "cuda"
     pending, steps = None, 0
     while steps < max_new_tokens - 1 and not all(s.finished for s in seqs):
+        if cancel is not None and cancel.is_set():
+            for s in seqs:
+                s.finish("cancelled")
+            break
         ticket = submit(runner.step())
         steps += 1
         if lookahead:
@@ -202,4 +212,5 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
                             decode_seconds=end - prefill_done, decode_steps=steps, capture_seconds=capture_seconds,
                             finish_reasons=[s.finish_reason for s in seqs],
                             logprobs=None if want_logprobs is None else [s.token_logprobs for s in seqs],
-                            top_logprobs=None if not want_logprobs else [s.top_logprobs for s in seqs])
+                            top_logprobs=None if not want_logprobs else [s.top_logprobs for s in seqs],
+                            seeds=seeds)

@@ -45,7 +45,8 @@ def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_hf_state_dict(config: GPT2Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def random_hf_state_dict(config: GPT2Config, seed: int = 0,
+                         dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Seeded random weights in HF layout, initialised as HF does (normal(0, 0.02), scaled c_proj).
 
     Each tensor is drawn in fp32 and cast to ``dtype`` at once, so the values do not depend on

@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..cli import _int_at_least, _Parser, _UsageError, add_placement_options, run_cli
+from ..cli import HelpFormatter, _int_at_least, _Parser, _UsageError, add_placement_options, run_cli
 
 
 def server_dtype(device: str | None) -> str | None:
@@ -30,7 +30,7 @@ def server_dtype(device: str | None) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m engine.serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = _Parser(prog="python -m engine.serve", formatter_class=HelpFormatter,
                 description="Serve GPT-2 over HTTP: POST /v1/completions (OpenAI's format, streamed with "
                             "stream=true), GET /v1/models, GET /health. Requests join the running batch "
                             "between decode steps (continuous batching).",
@@ -83,8 +83,8 @@ def run(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser, run, argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    return run_cli(build_parser, run, argv, prog)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ def run_cli(build: Callable[[], argparse.ArgumentParser], run: Callable[[argpars
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+    previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
     try:
         parser = build()
@@ -99,6 +100,8 @@ def run_cli(build: Callable[[], argparse.ArgumentParser], run: Callable[[argpars
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
+    finally:
+        warnings.formatwarning = previous_format
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it

@@ -13,6 +13,8 @@ Semantics (HF's ``generate``, written once here and matched by every implementat
   >= the k-th largest (ties at the boundary are kept); ``top_k = 0`` disables it.
 - ``top_p < 1`` sorts the survivors by probability (descending, stable) and keeps a token when the
   mass strictly before it is < ``top_p``; the top token is always kept; ``top_p = 1`` disables it.
+  Among tokens of exactly equal probability straddling the boundary, the lower ids come first and
+  are kept; HF's ascending sort keeps the higher ids instead. Only exact ties differ.
 - ``min_p > 0`` then also drops every token whose probability is below ``min_p`` times the top
   token's, i.e. whose weight ``exp(scaled - max scaled)`` (float64) is ``< min_p`` (HF's order:
   temperature, top-k, top-p, min-p); ``min_p = 0`` disables it.

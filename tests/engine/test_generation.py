@@ -161,3 +161,25 @@ def test_streaming_pieces_equal_final_text(model):
 def test_stats(model):
     out = engine.generate(model, "timing", 10, temperature=0, stop_at_eos=False)
     assert out.decode_steps == 9 and out.prefill_seconds > 0 and out.decode_tokens_per_second > 0
+
+
+def test_an_unseeded_run_returns_seeds_that_reproduce_it(model):
+    kw = dict(temperature=1.0, top_p=0.9, stop_at_eos=False)
+    out = engine.generate(model, ["a", "b c"], 8, **kw)
+    assert len(out.seeds) == 2 and out.seeds[1] == out.seeds[0] + 1
+    assert engine.generate(model, ["a", "b c"], 8, seed=out.seeds, **kw).tokens == out.tokens
+
+
+def test_cancel_ends_every_row_at_the_next_step(model):
+    import threading
+    cancel = threading.Event()
+    seen = []
+
+    def on_text(row, piece):
+        seen.append(row)
+        if len(seen) == 5:
+            cancel.set()
+
+    out = engine.generate(model, ["a", "b"], 50, temperature=0, stop_at_eos=False, on_text=on_text, cancel=cancel)
+    assert out.finish_reasons == ["cancelled", "cancelled"]
+    assert all(3 <= len(t) < 50 for t in out.tokens)

@@ -125,6 +125,11 @@ else:
 EOF
 }
 
+# A misspelt step fails at once, before set-up spends device time.
+for step in "$@"; do
+  [ -n "${STEPS[$step]:-}" ] || { echo "unknown step $step (steps: ${ORDER[*]})"; exit 1; }
+done
+
 echo "== setup"
 if ! timeout "$SETUP_TIMEOUT" bash -c "$(declare -f setup); PY='$PY'; setup" > "$OUT/setup.log" 2>&1; then
   tail -n 20 "$OUT/setup.log"; gzip -f "$OUT/setup.log"; echo "   SETUP FAILED (see setup.log.gz)"; exit 1
@@ -134,9 +139,7 @@ GPU=$($PY -c 'import torch; print(int(torch.cuda.is_available()))')
 
 status=0
 for step in "${@:-${ORDER[@]}}"; do
-  spec=${STEPS[$step]:-}
-  [ -n "$spec" ] || { echo "unknown step $step (steps: ${ORDER[*]})"; status=1; continue; }
-  read -r limit gpu_only command <<< "$spec"
+  read -r limit gpu_only command <<< "${STEPS[$step]}"
   echo "== $step (timeout ${limit}s): $command"
   log="$OUT/$step.log"
   if [ "$gpu_only" = 1 ] && [ "$GPU" != 1 ]; then

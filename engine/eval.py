@@ -9,7 +9,8 @@ import argparse
 import json
 import sys
 
-from .cli import EXIT_USER_ERROR, HelpFormatter, _int_at_least, _Parser, _UsageError, add_placement_options, run_cli
+from .cli import (EXIT_USER_ERROR, HelpFormatter, _int_at_least, _Parser, _UsageError, add_placement_options,
+                  run_cli)
 
 EXAMPLES = """examples:
   python -m engine.eval --model gpt2 --text-file wiki.test.raw

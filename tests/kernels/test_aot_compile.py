@@ -95,11 +95,11 @@ def _jit_cache_keys() -> set[str]:
 def test_decode_steps_launch_identical_variants(small_vocab_checkpoint, device):
     """Lengths cross multiples of 16 and 64 here: nothing the kernels are specialised on may follow them."""
     model = engine.load_model(str(small_vocab_checkpoint), device=device, dtype="float32", backend="triton")
-    prompts = torch.randint(0, 1000, (2, 60), device=device)
+    prompts = torch.randint(0, 1000, (2, 62), device=device)
     cache = KVCache(model.config, 2, 128, model.dtype, model.device)
-    logits = model.prefill(prompts, torch.tensor([60, 45], dtype=torch.int32, device=device), cache)
+    logits = model.prefill(prompts, torch.tensor([62, 46], dtype=torch.int32, device=device), cache)
     steps = []
-    for _ in range(8):
+    for _ in range(4):  # lengths 62 -> 65 and 46 -> 49
         with record_launches() as step:
             logits = model.decode(logits.argmax(-1), cache)
         steps.append(step.launches)

@@ -4,8 +4,9 @@
 
 Row 0 holds the same prompt in every batch; the other rows hold different prompts of the same
 length (distinct, so no prefill is shared). For each dtype and batch size: the largest change of
-row 0's prefill logits against batch 1 (as a fraction of their range), and how many of row 0's
---new-tokens greedy tokens equal its tokens generated alone before the first difference. Random
+row 0's logits against batch 1, in the prefill and in the decode steps (row 0 fed the same tokens
+in every batch), also as a fraction of the logits' range; and how many of row 0's --new-tokens
+greedy tokens equal its tokens generated alone before the first difference. Random
 weights (no checkpoint needed); a reduction whose order depends on the row count (a GEMM kernel
 chosen by M, fp16 GEMVs upcast to an fp32 GEMM beyond 16 rows on CPU) shows here.
 """
@@ -17,24 +18,46 @@ import argparse
 import torch
 
 import engine
+from engine.cache import KVCache
 
 from .report import write_results
 
+NOTES = ("Row 0's logits (prefill and decode steps, fed the same tokens) and greedy tokens in a batch of "
+         "distinct prompts, against the same prompt alone.")
+
+
+def _row0_logits(model, prompts: torch.Tensor, steps: int, fed: list[int] | None) -> torch.Tensor:
+    """Row 0's fp32 logits after the prefill and after each of ``steps`` decode steps, (steps + 1, vocab).
+    Row 0 is fed ``fed`` (its tokens alone) so that every batch size sees the same inputs; the other
+    rows their own argmax."""
+    b, t = prompts.shape
+    cache = KVCache(model.config, b, t + steps + 1, model.dtype, model.device)
+    with torch.inference_mode():
+        logits = model.prefill(prompts, torch.full((b,), t, dtype=torch.int32), cache)
+        out = [logits[0].float()]
+        for i in range(steps):
+            tokens = logits.argmax(-1)
+            if fed is not None:
+                tokens[0] = fed[i]
+            logits = model.decode(tokens, cache)
+            out.append(logits[0].float())
+    return torch.stack(out)
+
 
 def measure(model, prompts: torch.Tensor, batches: list[int], new_tokens: int) -> list[dict]:
-    """One row per batch size: row 0's logit change vs batch 1 and its greedy tokens' agreement."""
-    with torch.inference_mode():
-        alone_logits = model(prompts[:1])[0, -1].float()
+    """One row per batch size: row 0's logit change vs batch 1 (prefill and decode steps, which run
+    with as many rows as the batch) and its greedy tokens' agreement with the prompt alone."""
     alone = engine.generate(model, prompts[:1], new_tokens, temperature=0, stop_at_eos=False).tokens[0]
-    scale = float(alone_logits.max() - alone_logits.min())
+    alone_logits = _row0_logits(model, prompts[:1], new_tokens - 1, alone)
+    scale = float(alone_logits[0].max() - alone_logits[0].min())
     rows = []
     for b in batches:
-        with torch.inference_mode():
-            logits = model(prompts[:b])[0, -1].float()
+        change = (_row0_logits(model, prompts[:b], new_tokens - 1, alone) - alone_logits).abs()
         tokens = engine.generate(model, prompts[:b], new_tokens, temperature=0, stop_at_eos=False).tokens[0]
         same = next((i for i, (x, y) in enumerate(zip(tokens, alone)) if x != y), len(alone))
-        rows.append({"batch": b, "max_abs_logit_change": float((logits - alone_logits).abs().max()),
-                     "relative_to_logit_range": float((logits - alone_logits).abs().max()) / scale,
+        rows.append({"batch": b, "prefill_max_abs_logit_change": float(change[0].max()),
+                     "decode_max_abs_logit_change": float(change[1:].max()) if len(change) > 1 else 0.0,
+                     "relative_to_logit_range": float(change.max()) / scale,
                      "greedy_tokens_equal_before_first_difference": same, "of": len(alone)})
     return rows
 
@@ -58,13 +81,12 @@ def main(argv=None):
         for r in measure(model, prompts, args.batches, args.new_tokens):
             rows.append({"dtype": dtype, **r})
             print(rows[-1], flush=True)
-    cols = ["dtype", "batch", "max_abs_logit_change", "relative_to_logit_range",
+    cols = ["dtype", "batch", "prefill_max_abs_logit_change", "decode_max_abs_logit_change", "relative_to_logit_range",
             "greedy_tokens_equal_before_first_difference", "of"]
     out = write_results("batch_invariance", args.device, rows, cols,
                         {"model": f"random:{args.model}", "threads": torch.get_num_threads(),
                          "prompt_len": args.prompt_len},
-                        notes="Row 0's prefill logits and greedy tokens in a batch of distinct prompts, "
-                              "against the same prompt alone.")
+                        notes=NOTES)
     print(f"results written to {out}")
 
 

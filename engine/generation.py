@@ -6,6 +6,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, replace
+from numbers import Integral
 from typing import Callable, Sequence
 
 import torch
@@ -43,7 +44,8 @@ class GenerationOutput:
 
 
 def _is_id(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer token id: int, numpy's integers, but not bool."""
+    return isinstance(v, Integral) and not isinstance(v, bool)
 
 
 def _prompt_ids(prompts: Prompts, allow_special: bool, vocab_size: int) -> tuple[list[list[int]], bool]:
@@ -69,7 +71,7 @@ def _prompt_ids(prompts: Prompts, allow_special: bool, vocab_size: int) -> tuple
             if not isinstance(p, (list, tuple)) or not all(map(_is_id, p)):
                 raise ParameterError("prompts", f"prompt {r} must be a string or a list of int token ids like the "
                                                 f"others, got {_describe(p)}")
-        rows = [list(p) for p in prompts]
+        rows = [[int(t) for t in p] for p in prompts]
     rows = [ids or [EOT_ID] for ids in rows]  # an empty prompt starts from <|endoftext|>
     for r, ids in enumerate(rows):
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
@@ -135,7 +137,8 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     the prompt's and the output's tokens), presence_penalty and frequency_penalty (OpenAI's, in
     [-2, 2], over the output's tokens) act on the logits first; 1, 0 and 0 disable them.
     seed: per prompt, a list of ints; an int s seeds prompt r with s + r; None draws one. A prompt's
-    tokens depend only on its own seed, never on its row or the other prompts of the batch.
+    random draws depend only on its own seed, never on its row or the other prompts of the batch
+    (its logits, up to the matmuls' rounding, which depends on the batch size: see the README).
     stop: a string or list of strings; a row ends where one appears in its text, which leaves it
     out. max_time: seconds after which every row ends ("time"). on_text(row, piece) receives
     streamed text as it is generated; the pieces of a row concatenate to its final text.

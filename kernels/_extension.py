@@ -101,6 +101,12 @@ def _load_library() -> bool:
     if not (CSRC / "sampling_cpu.cpp").exists():
         _note("the sampling extension was not built and csrc/ is not here; using the PyTorch reference sampler")
         return False
+    return _compile()
+
+
+def _compile() -> bool:
+    """Build csrc/ with torch.utils.cpp_extension (once: later processes load its cached build), or
+    say in one line why not. A failure is remembered, so that later runs do not pay for it again."""
     compiler = shutil.which(os.environ.get("CXX") or "c++")
     if compiler is None:
         _note(f"no C++ compiler found ({os.environ.get('CXX') or 'c++'}); using the PyTorch reference sampler "

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ["benchmarks.bench_cross_entropy", "--smoke"],
     ["benchmarks.sweep_decode_gemv", "--smoke"],
     ["benchmarks.serve_load", "--smoke"],
-    ["benchmarks.e2e", "--models", "gpt2", "--dtypes", "fp32", "--batch", "1", "2", "--prompt-len", "5", "--new-tokens", "4",
-     "--repeats", "1"],
+    ["benchmarks.e2e", "--models", "gpt2", "--dtypes", "fp32", "--batch", "1", "2", "--prompt-len", "5",
+     "--new-tokens", "4", "--repeats", "1"],
 ])
 def test_benchmark_runs(args, tmp_path):
     env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path)}

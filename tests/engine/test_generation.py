@@ -72,8 +72,11 @@ def test_prompts_of_the_wrong_kind_are_refused(model, prompts):
 
 
 def test_a_flat_list_of_ids_is_one_prompt(model):
+    import numpy as np
     kw = dict(temperature=0, stop_at_eos=False)
-    assert engine.generate(model, [1, 2, 3], 3, **kw).tokens == engine.generate(model, [[1, 2, 3]], 3, **kw).tokens
+    want = engine.generate(model, [[1, 2, 3]], 3, **kw).tokens
+    assert engine.generate(model, [1, 2, 3], 3, **kw).tokens == want
+    assert engine.generate(model, [list(np.array([1, 2, 3]))], 3, **kw).tokens == want  # numpy's integers
 
 
 def test_text_prompts_are_checked_against_a_small_vocabulary(small_vocab_checkpoint):

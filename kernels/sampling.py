@@ -53,8 +53,10 @@ def check_sampling_params(temperature: Param = 1.0, top_k: Param = 0, top_p: Par
         return [float(v)]
 
     for t in values("temperature", temperature):
-        if not math.isfinite(t) or t < 0 or t > FLOAT32_MAX:  # the samplers divide in fp32
-            raise ValueError(f"temperature must be finite and >= 0 (at most {FLOAT32_MAX:.4g}), got {t}")
+        if not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {t}")
+        if t > FLOAT32_MAX:  # the samplers divide in fp32
+            raise ValueError(f"temperature must be at most {FLOAT32_MAX:.4g} (fp32's largest), got {t}")
     for k in values("top_k", top_k):
         if not 0 <= k <= INT64_MAX or k != int(k):  # also rejects NaN and inf
             raise ValueError(f"top_k must be an integer in [0, 2^63), got {k}")

@@ -142,3 +142,13 @@ def test_graphed_scheduler_equals_generate_alone(tiny_checkpoint, backend):
     sched.run_until_idle()
     for r, (p, n, s) in zip(requests, specs):
         assert r.tokens == _alone(model, p, n, s)
+
+
+def test_sampling_params_built_directly_are_checked():
+    from engine.errors import ParameterError
+    from engine.request import SamplingParams
+    for kw, name in [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                     (dict(frequency_penalty=3.0), "frequency_penalty"), (dict(seed=1.5), "seed")]:
+        with pytest.raises(ParameterError) as e:
+            SamplingParams(**kw)
+        assert e.value.param == name

@@ -34,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Serve GPT-2 over HTTP: POST /v1/completions (OpenAI's format, streamed with "
                             "stream=true), GET /v1/models, GET /health. Requests join the running batch "
                             "between decode steps (continuous batching).",
-                epilog="example: python -m engine.serve --model gpt2 --port 8000, then "
+                epilog="example: python -m engine.serve --model gpt2 --port 8000, then\n  "
                        "curl localhost:8000/v1/completions -H 'Content-Type: application/json' "
                        "-d '{\"prompt\": \"Hello\", \"max_tokens\": 20}'")
     p.add_argument("--model", default="gpt2", help="hub name, local HF directory, or random:<size>")
     p.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=_int_at_least("--port", 0), default=8000)
+    p.add_argument("--port", type=_int_at_least("--port", 0), default=8000, help="TCP port (0: any free one)")
     add_placement_options(p, "default: float16 on CUDA; on CPU bfloat16 where the processor has native bf16, "
                              "else float32")
     p.add_argument("--max-batch", type=_int_at_least("--max-batch", 1), default=None,
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                    help="on CUDA, run every decode step op by op instead of replaying CUDA graphs")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     return p
 
 

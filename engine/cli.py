@@ -17,6 +17,7 @@ from .backends import BACKENDS
 from .loader import DTYPES
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,7 +105,6 @@ def run_cli(build: Callable[[], argparse.ArgumentParser], run: Callable[[argpars
         warnings.formatwarning = previous_format
 
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 COMMANDS = {"generate": "engine.generate", "eval": "engine.eval", "serve": "engine.serve.__main__"}
 
 

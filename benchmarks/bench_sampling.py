@@ -37,7 +37,7 @@ def torch_sort_sampler(logits, temperature, top_k, top_p):
 
 
 def main(argv=None):
-    args, device, _ = parse(__doc__, argv, interpreted=False)  # the C++ sampler's CPU timings are real
+    args, device, _ = parse(__doc__, argv, real_cpu_timings=True)  # the C++ sampler's
     batches = [1, 8] if args.smoke else [1, 8, 64, 256]  # the C++ path on CPU gives real figures
     kernels.sample(torch.randn(1, 10, device=device))  # build / load the extension outside the timings
     rows = []

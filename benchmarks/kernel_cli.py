@@ -18,17 +18,17 @@ if not torch.cuda.is_available():
 
 
 def parse(doc: str, argv=None, add_arguments=None,
-          interpreted: bool = True) -> tuple[argparse.Namespace, torch.device, bool]:
+          real_cpu_timings: bool = False) -> tuple[argparse.Namespace, torch.device, bool]:
     """(args, device, smoke): smoke is forced on CPU, where the kernels run in the interpreter. On
-    CPU ``timing.bench`` then runs each function once, unless the benchmark times real CPU code
-    (``interpreted=False``: the C++ sampler)."""
+    CPU ``timing.bench`` then runs each function once (see ``interpreted``), unless the benchmark
+    times real CPU code (``real_cpu_timings``: the C++ sampler)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="small shapes only (what runs on CPU)")
     if add_arguments:
         add_arguments(p)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    timing.RUN_ONCE = interpreted and device.type == "cpu"
+    timing.RUN_ONCE = not real_cpu_timings and device.type == "cpu"
     return args, device, args.smoke or device.type == "cpu"
 
 

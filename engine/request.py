@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from numbers import Number
 from typing import Callable, Sequence
 
@@ -30,10 +30,19 @@ class SamplingParams:
 
     def __post_init__(self):
         """ParameterError naming the first parameter out of its range (also when built directly,
-        e.g. for a ``Request`` given to the scheduler)."""
-        _check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                        repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                        frequency_penalty=self.frequency_penalty)
+        e.g. for a ``Request`` given to the scheduler); then each value as a plain float or int."""
+        for f in fields(self):
+            if f.name == "seed":
+                continue
+            value = getattr(self, f.name)
+            try:
+                if f.name.endswith("penalty"):
+                    check_penalties(**{f.name: value})
+                else:
+                    check_sampling_params(**{f.name: value})
+            except ValueError as e:
+                raise ParameterError(f.name, str(e)) from None
+            object.__setattr__(self, f.name, int(value) if f.name == "top_k" else float(value))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ParameterError("seed", f"seed must be an int, got {self.seed!r}")
 
@@ -42,29 +51,14 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-def _check_sampling(**params) -> None:
-    """ParameterError naming the first of ``params`` (sampling parameters and penalties, by name)
-    out of its range."""
-    for name, value in params.items():
-        try:
-            if name.endswith("penalty"):
-                check_penalties(**{name: value})
-            else:
-                check_sampling_params(**{name: value})
-        except ValueError as e:
-            raise ParameterError(name, str(e)) from None
-
-
 def sampling_params(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                     repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                     seed: int = 0) -> SamplingParams:
-    """Checked ``SamplingParams`` of plain floats and ints: ParameterError naming the first parameter
-    out of its range."""
-    _check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                    frequency_penalty=frequency_penalty)
-    return SamplingParams(float(temperature), int(top_k), float(top_p), seed, float(min_p), float(repetition_penalty),
-                          float(presence_penalty), float(frequency_penalty))
+    """Checked ``SamplingParams`` of plain floats and ints (what the dataclass itself does, by the
+    parameters' names in ``generate``'s order): ParameterError naming the first one out of its range."""
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, min_p=min_p,
+                          repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                          frequency_penalty=frequency_penalty)
 
 
 def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:

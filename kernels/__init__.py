@@ -19,5 +19,6 @@ __all__ = [
     "decode_embed", "decode_embed_ref",
     "flash_attention", "flash_attention_ref", "layer_norm",
     "gelu_mlp", "gelu_mlp_ref", "layer_norm_ref", "linear", "linear_ref", "ln_linear", "ln_linear_ref",
-    "linear_cross_entropy", "linear_cross_entropy_ref", "ln_qkv_append", "ln_qkv_append_ref", "prepare_device", "sample", "sample_ref",
+    "linear_cross_entropy", "linear_cross_entropy_ref", "ln_qkv_append", "ln_qkv_append_ref", "prepare_device",
+    "sample", "sample_ref",
 ]

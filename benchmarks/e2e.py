@@ -8,12 +8,17 @@ Implementations (``--impls``; those that apply to the device by default):
 - ``triton``: our kernels, op by op from Python; ``eager+graph``: plain PyTorch ops in our runner, graphed;
 - ``eager+compile``: our eager decode step under ``torch.compile(mode="reduce-overhead")``;
 - ``hf``: HF transformers ``generate``; ``hf static+compile``: with a static cache and a compiled forward;
-- on CPU: ``eager`` and ``hf``.
+- on CPU: ``eager``, ``hf`` and ``ct2`` (CTranslate2, when installed: ``pip install -e .[bench]``).
 
-All load the same random weights from one safetensors directory. Per (model, dtype, batch, impl):
-prefill ms (prompt forward + first token), decode tok/s (summed over the batch, min new tokens
-forced), and roofline_frac: the bytes a decode step must read (every weight once, plus the KV cache
-at the mean length) per second, over the copy bandwidth measured in the same run.
+Dtypes (``--dtypes``): fp32, fp16, bf16, and our weight-only ``int8`` / ``int8-all`` (with the
+lm_head), whose activations are fp16 on a GPU and fp32 on CPU (``engine.load_model(quantize=...)``);
+CTranslate2 runs int8 (its ``int8`` compute type) and fp32; HF only the float dtypes.
+All load the same random weights from one safetensors directory, and every (impl, dtype) of a
+model runs round-robin in one group, so ratios between dtypes are as fair as between peers. Per
+(model, dtype, batch, impl): prefill ms (prompt forward + first token), decode tok/s (summed over
+the batch, min new tokens forced), and roofline_frac: the bytes a decode step must read (every
+weight once, plus the KV cache at the mean length) per second, over the copy bandwidth measured in
+the same run.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ from .roofline import roofline
 from .timing import wall
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# name -> (dtype, quantize): None lets the engine choose (fp16 on a GPU, fp32 on CPU for int8)
+DTYPES = {"fp32": (torch.float32, None), "fp16": (torch.float16, None), "bf16": (torch.bfloat16, None),
+          "int8": (None, "int8"), "int8-all": (None, "int8-all")}
 
 
 def save_random_checkpoint(name: str, directory: Path) -> Path:
@@ -57,14 +65,18 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def step_bytes(config, dtype: torch.dtype, batch: int, kv_len: float) -> float:
+def step_bytes(config, dtype: torch.dtype, batch: int, kv_len: float, quantize: str | None = None) -> float:
     """Bytes one decode step reads at least: every weight once (wte as the lm_head; wpe not: one row)
-    and each row's keys and values for ``kv_len`` positions."""
-    c, layers = config.n_embd, config.n_layer
-    per_layer = 4 * c + 3 * c * c + 3 * c + c * c + c + 2 * c * config.mlp_width + config.mlp_width + c
-    weights = config.vocab_size * c + layers * per_layer + 2 * c
-    kv = batch * layers * 2 * c * kv_len
-    return (weights + kv) * _dtype_bytes(dtype)
+    and each row's keys and values for ``kv_len`` positions; int8 weights (and their fp32 scales)
+    for the block linears with ``quantize``, and for the lm_head too with ``int8-all``."""
+    c, layers, f, v = config.n_embd, config.n_layer, config.mlp_width, config.vocab_size
+    size = _dtype_bytes(dtype)
+    matmul = 3 * c * c + c * c + 2 * c * f  # per layer
+    small = 4 * c + 3 * c + c + f + c       # LayerNorms and biases, per layer
+    linear_bytes = (1 if quantize else size) * matmul + (4 * (3 * c + c + f + c) if quantize else 0)
+    head_bytes = (v * c + 4 * v) if quantize == "int8-all" else v * c * size
+    kv = batch * layers * 2 * c * kv_len * size
+    return layers * (linear_bytes + small * size) + head_bytes + 2 * c * size + kv
 
 
 class Ours:
@@ -72,12 +84,14 @@ class Ours:
 
     _models: dict = {}
 
-    def __init__(self, ckpt, device, dtype, impl):
+    def __init__(self, ckpt, device, dtype_name, impl):
         backend, _, mode = impl.partition("+")
-        self.impl, self.dtype, self.graph = impl, DTYPE_NAMES[dtype], mode == "graph"
-        key = (str(ckpt), backend, dtype)
+        self.impl, self.dtype, self.graph = impl, dtype_name, mode == "graph"
+        dtype, quantize = DTYPES[dtype_name]
+        key = (str(ckpt), backend, dtype_name)
         if key not in Ours._models:
-            Ours._models[key] = wall(lambda: engine.load_model(ckpt, device=device, dtype=dtype, backend=backend), device)
+            Ours._models[key] = wall(lambda: engine.load_model(ckpt, device=device, dtype=dtype, backend=backend,
+                                                               quantize=quantize), device)
         self.model, self.load_s = Ours._models[key]
         self.runner = runner_for(self.model)
         self.step = self.runner._decode_step
@@ -98,10 +112,11 @@ class Ours:
 class HF:
     """HF transformers ``generate``: prefill = a 1-token generate, decode = the rest of a full one."""
 
-    def __init__(self, ckpt, device, dtype, impl):
+    def __init__(self, ckpt, device, dtype_name, impl):
         from transformers import GPT2LMHeadModel
 
-        self.impl, self.dtype, self.device = impl, DTYPE_NAMES[dtype], device
+        dtype = DTYPES[dtype_name][0]
+        self.impl, self.dtype, self.device = impl, dtype_name, device
         self.model, self.load_s = wall(lambda: GPT2LMHeadModel.from_pretrained(ckpt, dtype=dtype).to(device).eval(), device)
         self.kwargs = {}
         if impl == "hf static+compile":  # HF's documented recipe for a static cache with a compiled forward
@@ -120,20 +135,76 @@ class HF:
         return first * 1e3, ids.shape[0] * (new_tokens - 1) / (full - first), out[0, ids.shape[1]:].tolist()
 
 
-def kernel_counts(runners, batches) -> dict[tuple[str, int], int]:
-    """(impl, batch) -> kernels in one decode step, for our op-by-op and graphed runners."""
+class CTranslate2:
+    """CTranslate2's ``Generator`` (CPU peer), converted from the same checkpoint: greedy, the prompt
+    as token strings, 2 threads unless ``torch.get_num_threads()`` says otherwise."""
+
+    COMPUTE_TYPES = {"int8": "int8", "fp32": "float32"}
+
+    def __init__(self, ckpt, device, dtype_name, impl):
+        import ctranslate2
+        from ctranslate2.converters import TransformersConverter
+
+        self.impl, self.dtype, self.device = impl, dtype_name, device
+        out = Path(ckpt).parent / f"{Path(ckpt).name}-ct2"
+        if not (out / "model.bin").exists():
+            _save_gpt2_tokenizer(ckpt)
+            TransformersConverter(str(ckpt)).convert(str(out), force=True)
+        self.model, self.load_s = wall(lambda: ctranslate2.Generator(
+            str(out), device="cpu", compute_type=self.COMPUTE_TYPES[dtype_name],
+            intra_threads=torch.get_num_threads()), device)
+        from transformers import GPT2Tokenizer
+
+        self.tokenizer = GPT2Tokenizer.from_pretrained(ckpt)
+
+    def _generate(self, prompts, n):
+        return self.model.generate_batch(prompts, max_length=n, min_length=n, sampling_topk=1,
+                                         include_prompt_in_result=False, end_token=[])
+
+    def measure(self, ids, new_tokens):
+        prompts = [self.tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
+        _, first = wall(lambda: self._generate(prompts, 1), self.device)
+        out, full = wall(lambda: self._generate(prompts, new_tokens), self.device)
+        return first * 1e3, ids.shape[0] * (new_tokens - 1) / (full - first), out[0].sequences_ids[0]
+
+
+def _save_gpt2_tokenizer(ckpt) -> None:
+    """GPT-2's tokenizer files beside the checkpoint (CTranslate2's converter reads its vocabulary),
+    from the encoder.json / vocab.bpe that the engine's offline tokenizer uses."""
+    from transformers import GPT2Tokenizer
+
+    from engine.tokenizer import bpe_files
+
+    files = bpe_files()
+    vocab = json.loads(files["encoder.json"])
+    merges = [tuple(line.split()) for line in files["vocab.bpe"].decode().splitlines()[1:] if line]  # after "#version"
+    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(ckpt)
+
+
+def kernel_counts(runners, batches) -> dict[tuple[str, str, int], int]:
+    """(impl, dtype, batch) -> kernels in one decode step, for our op-by-op and graphed runners."""
     from .step_trace import kernel_budget
 
     counts = {}
     for r in runners:
         if isinstance(r, Ours) and "compile" not in r.impl:
             for batch in batches:
-                counts[r.impl, batch] = kernel_budget(r.model, batch)["kernels"]
+                counts[r.impl, r.dtype, batch] = kernel_budget(r.model, batch)["kernels"]
     return counts
 
 
-def make(impl, ckpt, device, dtype):
-    return (HF if impl.startswith("hf") else Ours)(ckpt, device, dtype, impl)
+def applies(impl: str, dtype_name: str) -> bool:
+    """Whether ``impl`` runs ``dtype_name``: HF only the float dtypes, CTranslate2 int8 and fp32."""
+    if impl.startswith("hf"):
+        return DTYPES[dtype_name][1] is None
+    if impl == "ct2":
+        return dtype_name in CTranslate2.COMPUTE_TYPES
+    return True
+
+
+def make(impl, ckpt, device, dtype_name):
+    kind = HF if impl.startswith("hf") else CTranslate2 if impl == "ct2" else Ours
+    return kind(ckpt, device, dtype_name, impl)
 
 
 def measure_round_robin(runners, batch, prompt_len, new_tokens, repeats) -> tuple[list[dict], list[str]]:
@@ -161,15 +232,23 @@ def measure_round_robin(runners, batch, prompt_len, new_tokens, repeats) -> tupl
 
 
 CUDA_IMPLS = ["triton+graph", "triton", "eager+graph", "eager+compile", "hf", "hf static+compile"]
-CPU_IMPLS = ["eager", "hf"]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CPU_IMPLS = ["eager", "hf", "ct2"]
+
+
+def _has_ctranslate2() -> bool:
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(engine.CONFIGS) if cuda else ["gpt2"], choices=list(engine.CONFIGS))
-    p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"] if cuda else ["fp32", "fp16"], choices=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"] if cuda else ["fp32", "fp16", "bf16", "int8"],
+                   choices=list(DTYPES), help="the first is the reference of greedy_same_as_ref")
     p.add_argument("--impls", nargs="+", default=CUDA_IMPLS if cuda else CPU_IMPLS, choices=CUDA_IMPLS + CPU_IMPLS)
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 64] if cuda else [1, 8])
     p.add_argument("--compile-batch", nargs="+", type=int, default=[1],
@@ -184,48 +263,63 @@ def main(argv=None):
     bandwidth = roofline(device)
     copy_bps = bandwidth["copy_gbps"] * 1e9
 
-    rows, failures = [], []
+    impls = list(args.impls)
+    if "ct2" in impls and not _has_ctranslate2():
+        impls.remove("ct2")
+        failures_note = ["ct2: CTranslate2 is not installed (pip install -e .[bench]); its rows are left out"]
+        print(failures_note[0], flush=True)
+    else:
+        failures_note = []
+    rows, failures = [], failures_note
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             ckpt = save_random_checkpoint(name, Path(tmp) / name)
-            for dtype_name in args.dtypes:
-                dtype = DTYPES[dtype_name]
-                runners = [make(impl, ckpt, device, dtype) for impl in args.impls]
-                model_rows = []
-                for batch in args.batch:
-                    here = [r for r in runners if "compile" not in r.impl or batch in args.compile_batch]
-                    got, failed = measure_round_robin(here, batch, args.prompt_len, args.new_tokens, args.repeats)
-                    model_rows += got
-                    failures += failed
-                budgets = kernel_counts(runners, args.batch)
-                del runners
-                Ours._models.clear()
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                reference = {r["batch"]: r["tokens"] for r in model_rows if r["impl"].startswith("eager")}
-                kv_len = args.prompt_len + args.new_tokens / 2
-                for r in model_rows:
-                    r["model"] = name
-                    r["kernels_per_step"] = budgets.get((r["impl"], r["batch"]))
-                    tokens = r.pop("tokens")
-                    bytes_per_step = step_bytes(engine.CONFIGS[name], dtype, r["batch"], kv_len)
-                    r["roofline_frac"] = bytes_per_step * r["decode_tok_s"] / r["batch"] / copy_bps
-                    if r["batch"] in reference:
-                        ref = reference[r["batch"]]
-                        same = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(tokens))
-                        r["greedy_same_as_eager"] = f"{same}/{len(tokens)}"
-                    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-                rows += model_rows
+            runners = [make(impl, ckpt, device, d) for d in args.dtypes for impl in impls if applies(impl, d)]
+            model_rows = []
+            for batch in args.batch:
+                here = [r for r in runners if "compile" not in r.impl or batch in args.compile_batch]
+                got, failed = measure_round_robin(here, batch, args.prompt_len, args.new_tokens, args.repeats)
+                model_rows += got
+                failures += failed
+            budgets = kernel_counts(runners, args.batch)
+            activations = {r.dtype: r.model.dtype for r in runners if isinstance(r, Ours)}
+            del runners
+            Ours._models.clear()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            # The reference: our run in the first dtype, eager where it ran (the plain-PyTorch path).
+            first = [r for r in model_rows if r["dtype"] == args.dtypes[0] and r["impl"] in ("eager", *CUDA_IMPLS[:4])]
+            first.sort(key=lambda r: not r["impl"].startswith("eager"))
+            reference = {}
+            for r in first:
+                reference.setdefault(r["batch"], r["tokens"])
+            kv_len = args.prompt_len + args.new_tokens / 2
+            for r in model_rows:
+                r["model"] = name
+                r["kernels_per_step"] = budgets.get((r["impl"], r["dtype"], r["batch"]))
+                tokens = r.pop("tokens")
+                dtype, quantize = DTYPES[r["dtype"]]
+                dtype = dtype or activations.get(r["dtype"], torch.float32)
+                bytes_per_step = step_bytes(engine.CONFIGS[name], dtype, r["batch"], kv_len, quantize)
+                r["roofline_frac"] = bytes_per_step * r["decode_tok_s"] / r["batch"] / copy_bps
+                if r["batch"] in reference:
+                    ref = reference[r["batch"]]
+                    same = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(tokens))
+                    r["greedy_same_as_ref"] = f"{same}/{len(tokens)}"
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+            rows += model_rows
             shutil.rmtree(ckpt, ignore_errors=True)
 
     extra = {"roofline": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
              "weights": "random (seed 0), same safetensors for every implementation", "failures": failures}
     columns = ["model", "dtype", "batch", "impl", "load_s", "prefill_ms", "decode_tok_s", "roofline_frac",
-               "kernels_per_step", "greedy_same_as_eager"]
+               "kernels_per_step", "greedy_same_as_ref"]
     out = write_results(args.name, device, rows, columns, extra,
-                        notes="decode_tok_s sums over the batch; greedy_same_as_eager counts tokens of row 0 equal "
-                              "to our eager run (same dtype) before the first difference; roofline_frac = weight + "
+                        notes="decode_tok_s sums over the batch; greedy_same_as_ref counts tokens of row 0 equal "
+                              f"to our {args.dtypes[0]} run (eager where it ran) before the first difference; "
+                              "int8 rows are ours with weight-only int8 (fp16 activations on a GPU, fp32 on CPU), "
+                              "ct2 int8 is CTranslate2's int8 compute type; roofline_frac = weight + "
                               "KV bytes per step x steps/s / measured copy bandwidth; kernels_per_step: kernels one "
                               "decode step of our runner launches (benchmarks.step_trace), replayed as they are by "
                               "+graph (none for torch.compile and HF, whose kernels we do not count).")

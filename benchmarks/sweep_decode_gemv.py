@@ -3,10 +3,11 @@ per SM) streams GPT-2's weights fastest, and what the winners do to a whole deco
 
     python -m benchmarks.sweep_decode_gemv            # GPU: gpt2 and gpt2-xl layer shapes
     python -m benchmarks.sweep_decode_gemv --smoke    # CPU: two configs, one small shape, interpreter
+    python -m benchmarks.sweep_decode_gemv --int8     # int8 weights (fp16 activations): decode_gemv_sweep_int8
 
 Each (shape, config) is timed as a CUDA graph of launches that rotate over enough weight copies to
 exceed the L2 twice, so the time is device time, not Python launch overhead or cache hits. GB/s
-counts the weight bytes (the x, bias and output bytes are under 1 %). The step check then generates
+counts the weight bytes (int8 ones with --int8; the x, bias, scale and output bytes are under 1 %). The step check then generates
 with gemm_config patched to each shape's winner and compares decode tok/s with the default table.
 Compiles run first in parallel processes (Triton's on-disk cache), so the sweep fits a short lease.
 """
@@ -37,6 +38,8 @@ klinear = importlib.import_module("kernels.linear")  # the module: kernels.linea
 CONFIGS = [(64, 64, 4, 4, 2), (64, 128, 4, 4, 2), (32, 128, 4, 4, 2), (32, 256, 4, 3, 2), (16, 256, 4, 4, 2),
            (64, 128, 4, 3, 4), (32, 128, 4, 4, 4), (32, 256, 4, 3, 4), (16, 512, 4, 3, 4), (128, 64, 4, 4, 2),
            (64, 256, 8, 3, 2), (128, 128, 8, 3, 2)]
+# int8 weights: the same bytes per load take twice the K, so also K blocks of 512.
+INT8_CONFIGS = CONFIGS + [(32, 512, 4, 3, 2), (16, 512, 4, 4, 2), (64, 512, 8, 3, 2), (32, 512, 4, 3, 4)]
 MODELS = {"gpt2": 768, "gpt2-xl": 1600}
 
 
@@ -60,9 +63,9 @@ def decode_tiles(choose):
     the default table otherwise (and again on exit)."""
     default = klinear.gemm_config
 
-    def patched(m, n, k, dtype, sms):
+    def patched(m, n, k, dtype, sms, int8_weight=False):
         config = choose(m, n, k) if m <= klinear.DECODE_MAX_ROWS else None
-        return config if config is not None else default(m, n, k, dtype, sms)
+        return config if config is not None else default(m, n, k, dtype, sms, int8_weight)
 
     klinear.gemm_config = patched
     try:
@@ -71,9 +74,11 @@ def decode_tiles(choose):
         klinear.gemm_config = default
 
 
-def _inputs(m, n, k, act, res, dtype, device, copies):
+def _inputs(m, n, k, act, res, dtype, device, copies, int8=False):
+    """x, [(weight, scale)] * copies, bias, residual; scale is None for 16-bit weights."""
     g = torch.Generator(device=device).manual_seed(n * 7 + k)
     ws = [torch.randn(n, k, dtype=dtype, device=device, generator=g) * k**-0.5 for _ in range(copies)]
+    ws = [kernels.quantize_int8(w) if int8 else (w, None) for w in ws]
     x = torch.randn(m, k, dtype=dtype, device=device, generator=g)
     bias = None if n == 50257 else torch.randn(n, dtype=dtype, device=device, generator=g)  # the lm_head has none
     r = torch.randn(m, n, dtype=dtype, device=device, generator=g) if res else None
@@ -82,24 +87,28 @@ def _inputs(m, n, k, act, res, dtype, device, copies):
 
 def _compile_one(job):
     """Worker: run one (shape, config) once so its kernel variant lands in Triton's disk cache."""
-    m, n, k, act, res, dtype, config = job
-    x, ws, bias, r = _inputs(m, n, k, act, res, dtype, "cuda", 1)
+    m, n, k, act, res, dtype, config, int8 = job
+    x, ws, bias, r = _inputs(m, n, k, act, res, dtype, "cuda", 1, int8)
     with decode_tiles(lambda *_: config):
-        kernels.linear(x, ws[0], bias, act, r)
+        kernels.linear(x, ws[0][0], bias, act, r, weight_scale=ws[0][1])
     torch.cuda.synchronize()
     return True
 
 
-def time_gemv(m, n, k, act, res, dtype, device, config, l2_bytes) -> tuple[float, float]:
+def time_gemv(m, n, k, act, res, dtype, device, config, l2_bytes, int8=False) -> tuple[float, float]:
     """(µs per launch, max abs error vs linear_ref) with ``config``, from graph replays."""
-    copies = max(2, -(-2 * l2_bytes // (n * k * dtype.itemsize)))
-    x, ws, bias, r = _inputs(m, n, k, act, res, dtype, device, copies)
+    copies = max(2, -(-2 * l2_bytes // (n * k * (1 if int8 else dtype.itemsize))))
+    x, ws, bias, r = _inputs(m, n, k, act, res, dtype, device, copies, int8)
     with decode_tiles(lambda *_: config):
-        out = kernels.linear(x, ws[0], bias, act, r)
-        err = (out.float() - klinear.linear_ref(x, ws[0], bias, act, r).float()).abs().max().item()
+        out = kernels.linear(x, *ws[0][:1], bias, act, r, weight_scale=ws[0][1])
+        w0 = ws[0][0] if int8 else ws[0][0].float()
+        want = klinear.linear_ref(x.float(), w0, bias.float() if bias is not None else None, act,
+                                  r.float() if r is not None else None, weight_scale=ws[0][1])
+        err = (out.float() - want).abs().max().item()
         if device.type != "cuda":
             return float("nan"), err
-        ms = graph_bench(lambda: [kernels.linear(x, w, bias, act, r) for w in ws], device, replays=5)["ms"]
+        ms = graph_bench(lambda: [kernels.linear(x, w, bias, act, r, weight_scale=s) for w, s in ws], device,
+                         replays=5)["ms"]
     return ms * 1e3 / len(ws), err
 
 
@@ -121,15 +130,18 @@ def step_tok_s(model, batch: int, winners: dict | None) -> float:
 
 
 def main(argv=None):
-    args, device, smoke = parse(__doc__, argv)
-    dtype = torch.float16
+    args, device, smoke = parse(__doc__, argv, lambda p: p.add_argument(
+        "--int8", action="store_true", help="int8 weights with fp16 activations (results: decode_gemv_sweep_int8)"))
+    dtype, int8 = torch.float16, args.int8
+    name, weight_bytes = ("decode_gemv_sweep_int8", 1) if int8 else ("decode_gemv_sweep", dtype.itemsize)
     if smoke:
         configs, cases, rows_list = CONFIGS[:2], {"tiny": [("c_fc+gelu", 200, 96, "gelu_tanh", False)]}, [1]
     else:
-        configs, cases, rows_list = CONFIGS, {name: shapes(c) for name, c in MODELS.items()}, [1, 8]
+        configs = INT8_CONFIGS if int8 else CONFIGS
+        cases, rows_list = {name: shapes(c) for name, c in MODELS.items()}, [1, 8]
     sms = sm_count(device) if device.type == "cuda" else 132
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 1 << 20
-    jobs = [(m, n, k, act, res, dtype, config_for(cfg, n, k, sms))
+    jobs = [(m, n, k, act, res, dtype, config_for(cfg, n, k, sms), int8)
             for cases_ in cases.values() for (_, n, k, act, res) in cases_ for m in rows_list for cfg in configs]
     if device.type == "cuda":
         start = time.perf_counter()
@@ -144,8 +156,8 @@ def main(argv=None):
                 best = None
                 for cfg in configs:
                     config = config_for(cfg, n, k, sms)
-                    us, err = time_gemv(m, n, k, act, res, dtype, device, config, l2)
-                    gbps = n * k * dtype.itemsize / us / 1e3
+                    us, err = time_gemv(m, n, k, act, res, dtype, device, config, l2, int8)
+                    gbps = n * k * weight_bytes / us / 1e3
                     row = {"model": model, "layer": layer, "M": m, "N": n, "K": k, "BN": config.block_n,
                            "BK": config.block_k, "warps": config.num_warps, "stages": config.num_stages,
                            "split": config.split_k, "programs": -(-n // config.block_n) * config.split_k, "us": us,
@@ -160,18 +172,20 @@ def main(argv=None):
         return
     cols = ["model", "layer", "M", "N", "K", "BN", "BK", "warps", "stages", "split", "programs", "us", "gbps",
             "pct_copy", "max_err"]
-    write_results("decode_gemv_sweep", device, rows, cols, {"copy_gbps": bw, "dtype": "fp16"})  # before the step check
+    extra = {"copy_gbps": bw, "dtype": "fp16", "weights": "int8" if int8 else "fp16"}
+    write_results(name, device, rows, cols, extra)  # before the step check
     import engine
 
     steps = []
     for model in reversed(MODELS):  # gpt2-xl first: its step is the one a short lease must not miss
-        gpt2 = engine.load_model(f"random:{model}", device="cuda", dtype=dtype, backend="triton")
+        gpt2 = engine.load_model(f"random:{model}", device="cuda", dtype=dtype, backend="triton",
+                                 quantize="int8-all" if int8 else None)
         for batch in rows_list:
             base, tuned = step_tok_s(gpt2, batch, None), step_tok_s(gpt2, batch, winners)
             steps.append({"model": model, "batch": batch, "default_tok_s": base, "winners_tok_s": tuned,
                           "speedup": tuned / base})
             print_row(steps[-1])
-    write_results("decode_gemv_sweep", device, rows, cols, {"copy_gbps": bw, "dtype": "fp16", "step_check": steps})
+    write_results(name, device, rows, cols, {**extra, "step_check": steps})
 
 
 if __name__ == "__main__":

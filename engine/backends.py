@@ -14,24 +14,38 @@ import torch
 
 import kernels
 
+from .quantize import PackedInt8Linear
+
 
 # Below this many rows, CPU fp16 GEMV beats fp32; above it, fp16 GEMM is many times slower than
 # upcasting to fp32 (no native fp16 FMA on AVX-512 CPUs; 4x at 32 rows, 5x at 512, measured here).
 CPU_FP16_GEMV_MAX_ROWS = 16
 
 
-def eager_linear(x, weight, bias=None, activation=None, residual=None):
-    """``kernels.linear_ref``, upcast to fp32 for fp16 GEMMs on CPU, where that is faster."""
+def eager_linear(x, weight, bias=None, activation=None, residual=None, weight_scale=None):
+    """``kernels.linear_ref``, upcast to fp32 for fp16 GEMMs on CPU, where that is faster; a
+    ``PackedInt8Linear`` weight (int8 on CPU) runs on PyTorch's quantised engine."""
+    if isinstance(weight, PackedInt8Linear):
+        return weight(x, bias, activation, residual)
     if x.device.type == "cpu" and x.dtype == torch.float16 and x.numel() > CPU_FP16_GEMV_MAX_ROWS * x.shape[-1]:
         r = residual.float() if residual is not None else None
         b = bias.float() if bias is not None else None
-        return kernels.linear_ref(x.float(), weight.float(), b, activation, r).to(x.dtype)
-    return kernels.linear_ref(x, weight, bias, activation, residual)
+        w = weight.float() if weight.is_floating_point() else weight
+        return kernels.linear_ref(x.float(), w, b, activation, r, weight_scale).to(x.dtype)
+    return kernels.linear_ref(x, weight, bias, activation, residual, weight_scale)
 
 
-def eager_ln_linear(x, ln_weight, ln_bias, weight, bias=None, activation=None, eps=1e-5):
-    """``kernels.ln_linear_ref`` with ``eager_linear``'s CPU fp16 rule."""
-    return eager_linear(kernels.layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias, activation)
+def eager_ln_linear(x, ln_weight, ln_bias, weight, bias=None, activation=None, eps=1e-5, weight_scale=None):
+    """``kernels.ln_linear_ref`` with ``eager_linear``'s CPU rules."""
+    return eager_linear(kernels.layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias, activation,
+                        weight_scale=weight_scale)
+
+
+def eager_ln_qkv_append(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, cache_lens, eps=1e-5,
+                        weight_scale=None):
+    """``kernels.ln_qkv_append_ref`` with ``eager_linear``'s CPU rules."""
+    qkv = eager_ln_linear(x, ln_weight, ln_bias, weight, bias, None, eps, weight_scale)
+    return kernels.qkv_append_ref(qkv, k_cache, v_cache, cache_lens)
 
 
 def _cpu_fp16(x: torch.Tensor) -> bool:
@@ -64,22 +78,23 @@ def eager_target_logprobs(hidden, weight, targets):
     return _lm_head_logprobs(kernels.linear_cross_entropy_ref, hidden, weight, targets)
 
 
-def eager_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None):
-    h = eager_linear(x, fc_weight, fc_bias, activation="gelu_tanh")
-    return eager_linear(h, proj_weight, proj_bias, residual=residual)
+def eager_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None, fc_scale=None, proj_scale=None):
+    h = eager_linear(x, fc_weight, fc_bias, activation="gelu_tanh", weight_scale=fc_scale)
+    return eager_linear(h, proj_weight, proj_bias, residual=residual, weight_scale=proj_scale)
 
 
 @dataclass(frozen=True)
 class Ops:
     layer_norm: Callable        # (x, w, b, eps) -> y
     add_layer_norm: Callable    # (x, residual, w, b, eps) -> (y, x + residual)
-    linear: Callable            # (x, w, b, activation=None, residual=None) -> y
-    gelu_mlp: Callable          # (x, fc_w, fc_b, proj_w, proj_b, residual=None) -> y
+    # Every linear takes its weight's int8 scales (weight_scale, fc_scale, proj_scale: None for float weights).
+    linear: Callable            # (x, w, b, activation=None, residual=None, weight_scale=None) -> y
+    gelu_mlp: Callable          # (x, fc_w, fc_b, proj_w, proj_b, residual=None, fc_scale=None, proj_scale=None) -> y
     attention: Callable         # (q, k, v, causal=True) -> o, prefill
     # decode: one new token per row
     decode_embed: Callable      # (tokens, lens, wte, wpe) -> x, and lens += 1
-    ln_qkv_append: Callable     # (x, ln_w, ln_b, w, b, k_cache, v_cache, lens, eps) -> q; writes the new k, v
-    ln_linear: Callable         # (x, ln_w, ln_b, w, b, activation, eps) -> y
+    ln_qkv_append: Callable     # (x, ln_w, ln_b, w, b, k_cache, v_cache, lens, eps, weight_scale) -> q; writes k, v
+    ln_linear: Callable         # (x, ln_w, ln_b, w, b, activation, eps, weight_scale) -> y
     decode_attention: Callable  # (q, k_cache, v_cache, cache_lens) -> o
     # before the sampler, in steps whose batch has penalties
     apply_penalties: Callable   # (logits, counts, prompt_mask, last_tokens, rep, pres, freq) -> fp32 logits
@@ -94,7 +109,7 @@ EAGER = Ops(
     gelu_mlp=eager_gelu_mlp,
     attention=eager_attention,
     decode_embed=kernels.decode_embed_ref,
-    ln_qkv_append=kernels.ln_qkv_append_ref,
+    ln_qkv_append=eager_ln_qkv_append,
     ln_linear=eager_ln_linear,
     decode_attention=eager_decode_attention,
     apply_penalties=kernels.apply_penalties_ref,

@@ -11,26 +11,38 @@ import torch
 import kernels
 
 from .backends import get_backend
+from .cpu import default_cpu_dtype
 from .errors import EngineError
 from .model import GPT2
+from .quantize import check_quantize, quantize_model
 from .tokenizer import VOCAB_SIZE
 from .weights import LM_HEAD, load_state_dict
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-# On CPU, fp16 matmuls run ~5x faster than fp32 here (AVX-512 fp16 conversion, half the bytes) and
-# greedy tokens still match fp32 on the parity tests; see benchmarks/results/cpu.
-CPU_DEFAULT_DTYPE = torch.float16
 GPU_DEFAULT_DTYPE = torch.float16
+# On CPU the default is measured per machine (engine.cpu); int8 weights on CPU compute in fp32,
+# the quantised engine's only input dtype: any other would only add casts around every linear.
+CPU_INT8_DTYPE = torch.float32
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_dtype(device: torch.device, quantize: str | None = None, backend: str = "eager") -> tuple[torch.dtype, str]:
+    """(the dtype a load with no dtype uses, why: for the CLI's report)."""
+    if device.type == "cuda":
+        return GPU_DEFAULT_DTYPE, "the GPU default"
+    if quantize is not None and backend == "eager":
+        return CPU_INT8_DTYPE, "int8 on CPU computes in float32"
+    dtype, measured = default_cpu_dtype()
+    return dtype, "measured fastest on this CPU" if measured else "this CPU's measured fastest, cached"
+
+
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None:
-        return GPU_DEFAULT_DTYPE if device.type == "cuda" else CPU_DEFAULT_DTYPE
+        return default_dtype(device)[0]
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise EngineError(f"unknown dtype {dtype!r}; choose one of float32, float16, bfloat16")
@@ -41,14 +53,19 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 
 def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, backend: str | None = None, seed: int = 0) -> GPT2:
+               dtype: str | torch.dtype | None = None, backend: str | None = None, seed: int = 0,
+               quantize: str | None = None) -> GPT2:
     """Load GPT-2 weights and build the model, ready for inference.
 
     source: a local HF directory, a hub name (``gpt2``, ``openai-community/gpt2-xl``) or
     ``random:<size>`` (seeded random weights, no network). device: default cuda when available.
-    dtype: float32/float16/bfloat16, default float16 on both CPU and GPU. backend: ``eager`` or
-    ``triton``, default triton on CUDA and eager elsewhere. The model records its load time in
-    ``model.load_seconds`` and its backend's name in ``model.backend``.
+    dtype: float32/float16/bfloat16; default float16 on GPU, on CPU the dtype measured fastest on
+    this machine (``engine.cpu``; float32 with ``quantize``). backend: ``eager`` or ``triton``,
+    default triton on CUDA and eager elsewhere. quantize: None, ``"int8"`` (the four linears of
+    every block) or ``"int8-all"`` (and the lm_head): weight-only int8 with per-output-channel
+    scales computed here (``engine.quantize``). The model records its load time in
+    ``model.load_seconds``, its backend's name in ``model.backend``, its quantisation in
+    ``model.quantize`` and why it has its dtype in ``model.dtype_reason``.
     """
     start = time.perf_counter()
     try:
@@ -61,9 +78,11 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
         raise EngineError("device cuda was requested but this PyTorch sees no CUDA GPU")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise EngineError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    dtype = parse_dtype(dtype, device)
+    quantize = check_quantize(quantize)
     backend = backend or ("triton" if device.type == "cuda" else "eager")
     ops = get_backend(backend)
+    dtype, dtype_reason = (parse_dtype(dtype, device), "requested") if dtype is not None \
+        else default_dtype(device, quantize, backend)
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise EngineError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU)")
     config, state = load_state_dict(source, seed=seed, random_dtype=dtype)
@@ -82,8 +101,12 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
         head = model.wte.weight if lm_head is None else lm_head
         model.lm_head_weight = _place(head.t(), device, dtype, input_major=False).t() if input_major \
             else _place(head, device, dtype, input_major=False)
-    kernels.sampling.load_extension()  # a first run compiles it: count that as loading, not as prefill
     model.backend = backend
+    model.quantize = None
+    if quantize is not None:
+        quantize_model(model, quantize)
+    model.dtype_reason = dtype_reason
+    kernels.sampling.load_extension()  # a first run compiles it: count that as loading, not as prefill
     model.load_seconds = time.perf_counter() - start
     return model
 

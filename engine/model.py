@@ -18,6 +18,7 @@ from torch import nn
 from .backends import Ops
 from .cache import KVCache
 from .config import GPT2Config
+from .quantize import dequantize
 
 # attend(layer, q, k, v) -> o, all (B, H, T, D)
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -28,6 +29,7 @@ class Params(nn.Module):
 
     Nothing is initialised here: every value comes from a checkpoint through a strict
     ``load_state_dict`` (which also avoids torch's init kernels, slow to trace on the meta device).
+    ``scale`` is None, or after ``engine.quantize`` the (out,) fp32 scales of an int8 ``weight``.
     """
 
     def __init__(self, weight_shape: tuple[int, ...], bias_size: int | None = None):
@@ -35,6 +37,7 @@ class Params(nn.Module):
         self.weight = nn.Parameter(torch.empty(weight_shape), requires_grad=False)
         if bias_size is not None:
             self.bias = nn.Parameter(torch.empty(bias_size), requires_grad=False)
+        self.register_buffer("scale", None)
 
 
 def linear(in_features: int, out_features: int) -> Params:
@@ -77,12 +80,15 @@ def decode_layer(ops: Ops, blk: Block, x: torch.Tensor, k_cache: torch.Tensor, v
     Returns the residual stream after the block, (B, C).
     """
     b, c = x.shape
-    q = ops.ln_qkv_append(x, blk.ln_1.weight, blk.ln_1.bias, blk.attn.c_attn.weight, blk.attn.c_attn.bias,
-                          k_cache, v_cache, lens, eps)
+    attn, mlp = blk.attn, blk.mlp
+    q = ops.ln_qkv_append(x, blk.ln_1.weight, blk.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias,
+                          k_cache, v_cache, lens, eps, weight_scale=attn.c_attn.scale)
     o = ops.decode_attention(q.view(b, 1, n_head, c // n_head).transpose(1, 2), k_cache, v_cache, lens)
-    x = ops.linear(o.transpose(1, 2).reshape(b, c), blk.attn.c_proj.weight, blk.attn.c_proj.bias, residual=x)
-    h = ops.ln_linear(x, blk.ln_2.weight, blk.ln_2.bias, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, "gelu_tanh", eps)
-    return ops.linear(h, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias, residual=x)
+    x = ops.linear(o.transpose(1, 2).reshape(b, c), attn.c_proj.weight, attn.c_proj.bias, residual=x,
+                   weight_scale=attn.c_proj.scale)
+    h = ops.ln_linear(x, blk.ln_2.weight, blk.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, "gelu_tanh", eps,
+                      weight_scale=mlp.c_fc.scale)
+    return ops.linear(h, mlp.c_proj.weight, mlp.c_proj.bias, residual=x, weight_scale=mlp.c_proj.scale)
 
 
 class GPT2(nn.Module):
@@ -97,6 +103,7 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = layer_norm(config.n_embd)
         self.lm_head_weight: torch.Tensor | None = None  # (vocab, C); None means wte itself (tied)
+        self.lm_head_scale: torch.Tensor | None = None   # (vocab,) fp32 when lm_head_weight is int8
 
     @property
     def device(self) -> torch.device:
@@ -114,12 +121,14 @@ class GPT2(nn.Module):
         h = ops.layer_norm(resid, self.h[0].ln_1.weight, self.h[0].ln_1.bias, eps)
         next_norms = [blk.ln_1 for blk in self.h[1:]] + [self.ln_f]
         for i, (blk, next_norm) in enumerate(zip(self.h, next_norms)):
-            qkv = ops.linear(h, blk.attn.c_attn.weight, blk.attn.c_attn.bias)
+            attn, mlp = blk.attn, blk.mlp
+            qkv = ops.linear(h, attn.c_attn.weight, attn.c_attn.bias, weight_scale=attn.c_attn.scale)
             q, k, v = qkv.view(b, t, 3, cfg.n_head, cfg.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
             o = attend(i, q, k, v).transpose(1, 2).reshape(b, t, c)
-            a = ops.linear(o, blk.attn.c_proj.weight, blk.attn.c_proj.bias)
+            a = ops.linear(o, attn.c_proj.weight, attn.c_proj.bias, weight_scale=attn.c_proj.scale)
             h, resid = ops.add_layer_norm(a, resid, blk.ln_2.weight, blk.ln_2.bias, eps)
-            m = ops.gelu_mlp(h, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias)
+            m = ops.gelu_mlp(h, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
+                             fc_scale=mlp.c_fc.scale, proj_scale=mlp.c_proj.scale)
             h, resid = ops.add_layer_norm(m, resid, next_norm.weight, next_norm.bias, eps)
         return h
 
@@ -127,7 +136,7 @@ class GPT2(nn.Module):
         return self.wte.weight if self.lm_head_weight is None else self.lm_head_weight
 
     def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.ops.linear(h, self._lm_head_weight())
+        return self.ops.linear(h, self._lm_head_weight(), weight_scale=self.lm_head_scale)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -148,7 +157,13 @@ class GPT2(nn.Module):
         """
         b, t = input_ids.shape
         h = self._hidden_states(input_ids).reshape(b * t, -1)
-        return self.ops.target_logprobs(h, self._lm_head_weight(), targets.reshape(-1)).view(b, t)
+        return self.ops.target_logprobs(h, self._float_lm_head(), targets.reshape(-1)).view(b, t)
+
+    def _float_lm_head(self) -> torch.Tensor:
+        """The lm_head in the model dtype: a quantised one (``int8-all``) dequantised for this call."""
+        weight = self._lm_head_weight()
+        return weight if self.lm_head_scale is None and weight.is_floating_point() else \
+            dequantize(weight, self.lm_head_scale, self.dtype)
 
     @torch.no_grad()  # not inference_mode: its tensors cannot be mutated by a torch.compile'd step
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
@@ -190,4 +205,5 @@ class GPT2(nn.Module):
         x = ops.decode_embed(tokens, lens, self.wte.weight, self.wpe.weight)  # lens now count the new token
         for i, blk in enumerate(self.h):
             x = decode_layer(ops, blk, x, *cache.layer(i, b, kv_len), lens, cfg.n_head, eps)
-        return ops.ln_linear(x, self.ln_f.weight, self.ln_f.bias, self._lm_head_weight(), None, None, eps)
+        return ops.ln_linear(x, self.ln_f.weight, self.ln_f.bias, self._lm_head_weight(), None, None, eps,
+                             weight_scale=self.lm_head_scale)

@@ -37,6 +37,11 @@ def _read_verified(name: str) -> bytes:
     return data
 
 
+def bpe_files() -> dict[str, bytes]:
+    """GPT-2's ``encoder.json`` and ``vocab.bpe``, hash-checked: for tools that need the files themselves."""
+    return {name: _read_verified(name) for name in SHA256}
+
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's printable stand-in character for each byte (the 'data gym' byte map)."""
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]

@@ -8,7 +8,8 @@ from .embedding import decode_embed, decode_embed_ref
 from .attention import decode_attention, decode_attention_ref, flash_attention, flash_attention_ref
 from .layernorm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 from .linear import (gelu_mlp, gelu_mlp_ref, linear, linear_ref, ln_linear, ln_linear_ref, ln_qkv_append,
-                     ln_qkv_append_ref)
+                     ln_qkv_append_ref, qkv_append_ref)
+from .quantize import dequantize_int8, quantize_int8
 from ._ops import prepare_device
 from .penalties import apply_penalties, apply_penalties_ref, check_penalties
 from .sampling import check_sampling_params, sample, sample_ref
@@ -16,9 +17,9 @@ from .sampling import check_sampling_params, sample, sample_ref
 __all__ = [
     "add_layer_norm", "add_layer_norm_ref", "apply_penalties", "apply_penalties_ref", "check_penalties",
     "check_sampling_params", "cross_entropy", "cross_entropy_ref", "decode_attention", "decode_attention_ref",
-    "decode_embed", "decode_embed_ref",
+    "decode_embed", "decode_embed_ref", "dequantize_int8",
     "flash_attention", "flash_attention_ref", "layer_norm",
     "gelu_mlp", "gelu_mlp_ref", "layer_norm_ref", "linear", "linear_ref", "ln_linear", "ln_linear_ref",
     "linear_cross_entropy", "linear_cross_entropy_ref", "ln_qkv_append", "ln_qkv_append_ref", "prepare_device",
-    "sample", "sample_ref",
+    "qkv_append_ref", "quantize_int8", "sample", "sample_ref",
 ]

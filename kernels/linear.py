@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .layernorm import layer_norm_ref
+from .quantize import dequantize_int8
 from ._ops import NS, arrival_counters, check_tensor, dot_precision, sm_count
 
 ACTIVATIONS = (None, "gelu_tanh")
@@ -65,11 +66,14 @@ def _row_stats(x_ptr, rm, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
-              kc_ptr, vc_ptr, lens_ptr, stride_cb, stride_ch, stride_ct, head_dim,
+def _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
+              kc_ptr, vc_ptr, lens_ptr, stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT: tl.constexpr,
               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, KV_CACHE: tl.constexpr):
-    """bias, activation, residual in fp32, then one rounding and masked stores of the tile: into y,
-    or with KV_CACHE, columns [0, C) (the query) into y and [C, 3C) (key, value) into the caches."""
+    """int8 weights' column scales, bias, activation, residual in fp32, then one rounding and masked
+    stores of the tile: into y, or with KV_CACHE, columns [0, C) (the query) into y and [C, 3C)
+    (key, value) into the caches."""
+    if INT8_WEIGHT:
+        acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == 1:
@@ -100,7 +104,8 @@ def _linear_fwd_kernel(
     x_ptr,      # (M, K) input
     ln_w_ptr,   # (K,) LayerNorm weight (read when NORM)
     ln_b_ptr,   # (K,) LayerNorm bias (read when NORM)
-    w_ptr,      # (N, K) weight, any strides
+    w_ptr,      # (N, K) weight, any strides: x's dtype, or int8 (INT8_WEIGHT)
+    s_ptr,      # (N,) fp32 per-column scales of an int8 weight (read when INT8_WEIGHT)
     b_ptr,      # (N,) bias (read when HAS_BIAS)
     r_ptr,      # (M, N) residual, last dim contiguous (read when HAS_RESIDUAL)
     y_ptr,      # (M, N) output, contiguous rows; with KV_CACHE (M, N / 3), the query only
@@ -112,7 +117,7 @@ def _linear_fwd_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_ym, stride_cb, stride_ch, stride_ct,
     head_dim, eps,
-    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    NORM: tl.constexpr, INT8_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     KV_CACHE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, STATS_K: tl.constexpr,
 ):
@@ -144,7 +149,9 @@ def _linear_fwd_kernel(
             g = tl.load(ln_w_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
             beta = tl.load(ln_b_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
             a = ((a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]).to(a.dtype)
-        b = tl.load(w_ptrs, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        b = tl.load(w_ptrs, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0)
+        if INT8_WEIGHT:  # widened in registers: int8 is exact in fp16, bf16 and fp32; the scale comes after the dot
+            b = b.to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -161,12 +168,12 @@ def _linear_fwd_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(SPLIT_K):  # .cg: from L2, where the other programs' partials are
                 acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
-                      stride_cb, stride_ch, stride_ct, head_dim, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, KV_CACHE)
+            _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
+                      stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, KV_CACHE)
             tl.atomic_xchg(count_ptr + pid, 0)
     else:
-        _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
-                  stride_cb, stride_ch, stride_ct, head_dim, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, KV_CACHE)
+        _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
+                  stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, KV_CACHE)
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,8 @@ DECODE_TUNED = {  # (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages, split_k)
     (3 * 768, 768): (32, 256, 4, 3, 1), (768, 768): (16, 256, 4, 4, 1), (4 * 768, 768): (32, 256, 4, 3, 1),
     (768, 4 * 768): (32, 128, 4, 4, 8), (50257, 768): (64, 128, 4, 4, 1),
 }
+# int8 weights at gpt2's shapes: the 16-bit tiles until a sweep with int8 weights measures better ones.
+DECODE_TUNED_INT8 = dict(DECODE_TUNED)
 
 
 # The LayerNorm prologue's statistics loop is a chain of dependent steps, one per block of K, before
@@ -226,20 +235,22 @@ def decode_split_k(n: int, k: int, block_n: int, block_k: int, target: int) -> i
     return split
 
 
-def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmConfig:
+def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, int8_weight: bool = False) -> GemmConfig:
     """Tile sizes for an (m, k) x (k, n) product, and split-K for decode-sized m on ``sms`` SMs.
 
     Decode (m <= 16): 16-row tiles (``tl.dot``'s minimum), BLOCK_K = 64 (one 128-byte line of an
-    fp16 weight row per column), and the widest column block (64, 32, then 16) that, with K split
+    fp16 weight row per column; 128 for int8 weights, the same line), and the widest column block (64, 32, then 16) that, with K split
     into powers of two, reaches ``DECODE_PROGRAMS_PER_SM`` programs per SM (gpt2-xl's c_fc: 100 x 4
-    splits = 400 programs, its lm_head 786 x 1); shapes in ``DECODE_TUNED`` take the measured tiles.
+    splits = 400 programs, its lm_head 786 x 1); shapes in ``DECODE_TUNED`` (``DECODE_TUNED_INT8``
+    for int8 weights) take the measured tiles.
     """
     wide = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
-    if m <= DECODE_MAX_ROWS and not wide and (n, k) in DECODE_TUNED:
-        block_n, block_k, warps, stages, split = DECODE_TUNED[n, k]
+    tuned = DECODE_TUNED_INT8 if int8_weight else DECODE_TUNED
+    if m <= DECODE_MAX_ROWS and not wide and (n, k) in tuned:
+        block_n, block_k, warps, stages, split = tuned[n, k]
         return GemmConfig(16, block_n, block_k, warps, stages, split)
     if m <= DECODE_MAX_ROWS:
-        block_k, target = 64, DECODE_PROGRAMS_PER_SM * sms
+        block_k, target = 128 if int8_weight else 64, DECODE_PROGRAMS_PER_SM * sms
         # fp32 (the correctness path) at BLOCK_N = 64 and M = 1 spilled on sm_90 (kernels.aot, Triton 3.9).
         for block_n in (32, 16) if wide else (64, 32, 16):
             split = decode_split_k(n, k, block_n, block_k, target)
@@ -255,12 +266,21 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmCon
     return GemmConfig(128, 128, 64, 8, 3)
 
 
-def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> None:
+def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+                  weight_scale: Tensor | None = None) -> None:
     check_tensor("x", x, last_dim_contiguous=False)
     if x.dim() < 1:
         raise ValueError("x must have at least one dim (..., K)")
-    check_tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device, last_dim_contiguous=False)
+    int8_weight = isinstance(weight, Tensor) and weight.dtype == torch.int8
+    check_tensor("weight", weight, ndim=2, dtypes=None, dtype=None if int8_weight else x.dtype, device=x.device,
+                 last_dim_contiguous=False)
     n, k = weight.shape
+    if int8_weight:
+        if weight_scale is None:
+            raise ValueError("weight is int8 but weight_scale is None: an int8 weight needs its (N,) fp32 scales")
+        check_tensor("weight_scale", weight_scale, shape=(n,), dtypes=(torch.float32,), device=x.device)
+    elif weight_scale is not None:
+        raise ValueError(f"weight_scale was given but weight has dtype {weight.dtype}: scales go with int8 weights")
     if x.shape[-1] != k:
         raise ValueError(f"x has shape {list(x.shape)} but weight has shape {list(weight.shape)}: "
                          f"x's last dim must equal weight's K = {k}")
@@ -295,14 +315,14 @@ def _check_kv_cache(x: Tensor, weight: Tensor, k_cache: Tensor, v_cache: Tensor,
 
 def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
                    residual: Tensor | None, norm: tuple[Tensor, Tensor, float] | None = None,
-                   kv_cache: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                   kv_cache: tuple[Tensor, Tensor, Tensor] | None = None, weight_scale: Tensor | None = None) -> Tensor:
     """The one launcher behind every linear op: checks, allocates, picks the tiles and launches.
 
     norm: (ln_weight, ln_bias, eps) to LayerNorm x's rows in the prologue. kv_cache: (k_cache,
     v_cache, cache_lens) to store columns [C, 3C) of a fused QKV projection into the caches; the
-    output is then the query, (M, C).
+    output is then the query, (M, C). weight_scale: (N,) fp32 scales of an int8 weight.
     """
-    _check_linear(x, weight, bias, activation)
+    _check_linear(x, weight, bias, activation, weight_scale)
     n, k = weight.shape
     out_shape = (*x.shape[:-1], n)
     if residual is not None:
@@ -320,13 +340,15 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
     if k == 0:
         if norm is not None or kv_cache is not None:
             raise ValueError("x has no columns (K = 0): there is nothing to normalise")
-        return linear_ref(x, weight, bias, activation, residual)  # no product to compute
+        return linear_ref(x, weight, bias, activation, residual, weight_scale)  # no product to compute
     y2 = y.view(m, -1)
     r2 = residual.reshape(m, n) if residual is not None else y2
     b = bias if bias is not None else y2
     ln_w, ln_b, eps = norm if norm is not None else (y2, y2, 0.0)
     kc, vc, lens = kv_cache if kv_cache is not None else (y2, y2, y2)
-    cfg = gemm_config(m, n, k, x.dtype, sm_count(x.device))
+    int8_weight = weight.dtype == torch.int8
+    cfg = gemm_config(m, n, k, x.dtype, sm_count(x.device), int8_weight)
+    scale = weight_scale if int8_weight else y2
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.split_k > 1:
         ws = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
@@ -335,9 +357,9 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         ws = counts = y2
     cache_strides = (kc.stride(0), kc.stride(1), kc.stride(2), kc.shape[3]) if kv_cache is not None else (0, 0, 0, 1)
     _linear_fwd_kernel[(tiles, cfg.split_k)](
-        x2, ln_w, ln_b, weight, b, r2, y2, kc, vc, lens, ws, counts, m, n, k,
+        x2, ln_w, ln_b, weight, scale, b, r2, y2, kc, vc, lens, ws, counts, m, n, k,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), r2.stride(0), y2.stride(0),
-        *cache_strides, eps, NORM=norm is not None, HAS_BIAS=bias is not None,
+        *cache_strides, eps, NORM=norm is not None, INT8_WEIGHT=int8_weight, HAS_BIAS=bias is not None,
         ACTIVATION=int(activation == "gelu_tanh"), HAS_RESIDUAL=residual is not None, KV_CACHE=kv_cache is not None,
         SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         STATS_K=stats_block(cfg, k) if norm is not None else cfg.block_k,
@@ -347,49 +369,53 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
 
 @torch.library.custom_op(f"{NS}::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
-           residual: Tensor | None = None) -> Tensor:
+           residual: Tensor | None = None, weight_scale: Tensor | None = None) -> Tensor:
     """``act(x @ weight.T + bias) + residual`` in one kernel (split-K partials are summed inside it).
 
     Args:
         x: (..., K), fp32/fp16/bf16, any strides.
-        weight: (N, K) in x's dtype (the nn.Linear layout), any strides.
+        weight: (N, K) in x's dtype or int8 (the nn.Linear layout), any strides.
         bias: (N,) or None.
         activation: None or ``"gelu_tanh"`` (GPT-2's tanh approximation of GELU).
         residual: (..., N) in x's dtype, last dim contiguous, added after the activation; or None.
+        weight_scale: (N,) fp32 per-output-channel scales when ``weight`` is int8 (``kernels.quantize_int8``),
+            applied in the epilogue before the bias; None for a float weight.
     Returns:
         y: (..., N) in x's dtype. Accumulation and the whole epilogue are fp32; one final rounding.
     """
-    return _linear_launch(x, weight, bias, activation, residual)
+    return _linear_launch(x, weight, bias, activation, residual, weight_scale=weight_scale)
 
 
 @linear.register_fake
-def _(x, weight, bias=None, activation=None, residual=None):
+def _(x, weight, bias=None, activation=None, residual=None, weight_scale=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op(f"{NS}::gelu_mlp", mutates_args=())
 def gelu_mlp(x: Tensor, fc_weight: Tensor, fc_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
-             residual: Tensor | None = None) -> Tensor:
+             residual: Tensor | None = None, fc_scale: Tensor | None = None,
+             proj_scale: Tensor | None = None) -> Tensor:
     """GPT-2's MLP ``proj(gelu_tanh(fc(x))) + residual`` as two fused linears.
 
     Args:
         x: (..., C); fc_weight: (F, C); fc_bias: (F,); proj_weight: (C, F); proj_bias: (C,);
-        residual: (..., C) or None. All in x's dtype (fp32/fp16/bf16).
+        residual: (..., C) or None. All in x's dtype (fp32/fp16/bf16), or int8 weights with
+        fc_scale: (F,) and proj_scale: (C,) fp32, their per-output-channel scales.
     Returns:
         (..., C) in x's dtype.
     """
-    h = _linear_launch(x, fc_weight, fc_bias, "gelu_tanh", None)
-    return _linear_launch(h, proj_weight, proj_bias, None, residual)
+    h = _linear_launch(x, fc_weight, fc_bias, "gelu_tanh", None, weight_scale=fc_scale)
+    return _linear_launch(h, proj_weight, proj_bias, None, residual, weight_scale=proj_scale)
 
 
 @gelu_mlp.register_fake
-def _(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None):
+def _(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None, fc_scale=None, proj_scale=None):
     return x.new_empty((*x.shape[:-1], proj_weight.shape[0]))
 
 
 @torch.library.custom_op(f"{NS}::ln_linear", mutates_args=())
 def ln_linear(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor | None = None,
-              activation: str | None = None, eps: float = 1e-5) -> Tensor:
+              activation: str | None = None, eps: float = 1e-5, weight_scale: Tensor | None = None) -> Tensor:
     """``act(LayerNorm(x) @ weight.T + bias)`` in one kernel: the LayerNorm runs in the GEMM's prologue.
 
     Each program computes the mean and 1/std of its rows in fp32 (the whole row, one pass) and
@@ -400,24 +426,27 @@ def ln_linear(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bia
     Args:
         x: (..., K), fp32/fp16/bf16, any strides.
         ln_weight, ln_bias: (K,), any float dtype, on x's device.
-        weight: (N, K) in x's dtype (the nn.Linear layout), any strides.
+        weight: (N, K) in x's dtype or int8 (the nn.Linear layout), any strides.
         bias: (N,) or None.
         activation: None or ``"gelu_tanh"``.
         eps: added to the variance.
+        weight_scale: (N,) fp32 per-output-channel scales when ``weight`` is int8 (``kernels.quantize_int8``),
+            applied in the epilogue before the bias; None for a float weight.
     Returns:
         y: (..., N) in x's dtype.
     """
-    return _linear_launch(x, weight, bias, activation, None, norm=(ln_weight, ln_bias, eps))
+    return _linear_launch(x, weight, bias, activation, None, norm=(ln_weight, ln_bias, eps), weight_scale=weight_scale)
 
 
 @ln_linear.register_fake
-def _(x, ln_weight, ln_bias, weight, bias=None, activation=None, eps=1e-5):
+def _(x, ln_weight, ln_bias, weight, bias=None, activation=None, eps=1e-5, weight_scale=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op(f"{NS}::ln_qkv_append", mutates_args=("k_cache", "v_cache"))
 def ln_qkv_append(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
-                  k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, eps: float = 1e-5) -> Tensor:
+                  k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, eps: float = 1e-5,
+                  weight_scale: Tensor | None = None) -> Tensor:
     """A decode step's attention input in one kernel: LayerNorm, the fused QKV projection, and the
     new token's key and value stored straight into the cache (no separate cache write).
 
@@ -428,17 +457,19 @@ def ln_qkv_append(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
     Args:
         x: (B, C) fp32/fp16/bf16, one new token per row.
         ln_weight, ln_bias: (C,).
-        weight: (3C, C) in x's dtype; bias: (3C,).
+        weight: (3C, C) in x's dtype or int8; bias: (3C,).
         k_cache, v_cache: (B, H, max_len, D) with H * D = C, x's dtype, unit D stride, the same
             strides (views of the static cache); written at one position per row, nowhere else.
         cache_lens: int32 (B,) on x's device, each row's length including the new token (>= 1,
             <= max_len; not checked: reading it would cost a host sync).
         eps: LayerNorm's epsilon.
+        weight_scale: (N,) fp32 per-output-channel scales when ``weight`` is int8 (``kernels.quantize_int8``),
+            applied in the epilogue before the bias; None for a float weight.
     Returns:
         q: (B, C) in x's dtype, contiguous; ``q.view(B, 1, H, D).transpose(1, 2)`` is (B, H, 1, D).
     """
     return _linear_launch(x, weight, bias, None, None, norm=(ln_weight, ln_bias, eps),
-                          kv_cache=(k_cache, v_cache, cache_lens))
+                          kv_cache=(k_cache, v_cache, cache_lens), weight_scale=weight_scale)
 
 
 @ln_qkv_append.register_fake
@@ -447,14 +478,17 @@ def _(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, cache_lens, eps=1e-
 
 
 def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
-               residual: Tensor | None = None) -> Tensor:
+               residual: Tensor | None = None, weight_scale: Tensor | None = None) -> Tensor:
     """``act(x @ weight.T + bias) + residual`` in plain PyTorch, in the input dtype.
 
     x (..., K); weight (N, K) (nn.Linear layout); bias (N,); residual (..., N); returns (..., N).
-    ``activation`` is None or ``"gelu_tanh"`` (GPT-2's tanh approximation).
+    ``activation`` is None or ``"gelu_tanh"`` (GPT-2's tanh approximation). An int8 weight with its
+    (N,) fp32 ``weight_scale`` is dequantised to x's dtype first (``dequantize_int8``).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if weight.dtype == torch.int8:
+        weight = dequantize_int8(weight, weight_scale, x.dtype)
     y = F.linear(x, weight, bias)
     if activation == "gelu_tanh":
         y = F.gelu(y, approximate="tanh")
@@ -464,28 +498,37 @@ def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation
 
 
 def gelu_mlp_ref(x: Tensor, fc_weight: Tensor, fc_bias: Tensor, proj_weight: Tensor,
-                 proj_bias: Tensor, residual: Tensor | None = None) -> Tensor:
+                 proj_bias: Tensor, residual: Tensor | None = None, fc_scale: Tensor | None = None,
+                 proj_scale: Tensor | None = None) -> Tensor:
     """GPT-2's MLP ``proj(gelu_tanh(fc(x))) + residual``. x (..., C); fc_weight (F, C); proj_weight (C, F)."""
-    h = linear_ref(x, fc_weight, fc_bias, activation="gelu_tanh")
-    return linear_ref(h, proj_weight, proj_bias, residual=residual)
+    h = linear_ref(x, fc_weight, fc_bias, activation="gelu_tanh", weight_scale=fc_scale)
+    return linear_ref(h, proj_weight, proj_bias, residual=residual, weight_scale=proj_scale)
 
 
 def ln_linear_ref(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor | None = None,
-                  activation: str | None = None, eps: float = 1e-5) -> Tensor:
+                  activation: str | None = None, eps: float = 1e-5, weight_scale: Tensor | None = None) -> Tensor:
     """``act(LayerNorm(x) @ weight.T + bias)`` in plain PyTorch: ``layer_norm_ref`` then ``linear_ref``."""
-    return linear_ref(layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias, activation)
+    return linear_ref(layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias, activation, weight_scale=weight_scale)
 
 
 def ln_qkv_append_ref(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
-                      k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, eps: float = 1e-5) -> Tensor:
+                      k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, eps: float = 1e-5,
+                      weight_scale: Tensor | None = None) -> Tensor:
     """``ln_qkv_append`` in plain PyTorch: LayerNorm, QKV projection, then the key and value
     written into the caches by device-side indexing (no host sync). Returns q (B, C)."""
-    b, c = x.shape
+    qkv = linear_ref(layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias, weight_scale=weight_scale)
+    return qkv_append_ref(qkv, k_cache, v_cache, cache_lens)
+
+
+def qkv_append_ref(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor) -> Tensor:
+    """Split a decode step's fused projection qkv (B, 3C) into q, k, v; store row b's key and value
+    at position ``cache_lens[b] - 1`` of the caches (B, H, max_len, D) by device-side indexing; return q (B, C)."""
+    b, c = qkv.shape[0], qkv.shape[1] // 3
     h, d = k_cache.shape[1], k_cache.shape[3]
-    q, k, v = linear_ref(layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias).split(c, dim=-1)
-    rows, pos = torch.arange(b, device=x.device), cache_lens.long() - 1
-    k_cache[rows, :, pos] = k.view(b, h, d)
-    v_cache[rows, :, pos] = v.view(b, h, d)
+    q, k, v = qkv.split(c, dim=-1)
+    rows, pos = torch.arange(b, device=qkv.device), cache_lens.long() - 1
+    k_cache[rows, :, pos] = k.reshape(b, h, d).to(k_cache.dtype)
+    v_cache[rows, :, pos] = v.reshape(b, h, d).to(v_cache.dtype)
     return q
 
 
@@ -526,3 +569,37 @@ def aot_launches() -> None:
                 _linear_launch(x, torch.empty((4 * c, c), dtype=dtype), torch.empty(4 * c, dtype=dtype), "gelu_tanh",
                                None, norm=ln)
                 _linear_launch(x, torch.empty((GPT2_VOCAB, c), dtype=dtype), None, None, None, norm=ln)
+    _int8_aot_launches()
+
+
+def _int8_aot_launches() -> None:
+    """int8 weights as a quantised model runs them: the prefill linears (bias, GELU after c_fc, no
+    residual) at prefill rows; at ``AOT_DECODE_ROWS`` the fused decode ops, the two c_proj with
+    their residual and the prefill's lm_head on each row's last position. fp16/bf16 activations at
+    every size; fp32 (the correctness path) at gpt2's width only, to keep the report's time down."""
+    from .aot import GPT2_SIZES, GPT2_VOCAB
+
+    def int8(n, k):
+        return torch.empty((n, k), dtype=torch.int8), torch.empty(n, dtype=torch.float32)
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for c, _ in GPT2_SIZES if dtype != torch.float32 else GPT2_SIZES[:1]:
+            ln = (torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype), 1e-5)
+            for n, k, activation in ((3 * c, c, None), (c, c, None), (4 * c, c, "gelu_tanh"), (c, 4 * c, None),
+                                     (GPT2_VOCAB, c, None)):
+                w, s = int8(n, k)
+                bias = torch.empty(n, dtype=dtype) if n != GPT2_VOCAB else None
+                for m in AOT_ROWS[2:]:
+                    _linear_launch(torch.empty((m, k), dtype=dtype), w, bias, activation, None, weight_scale=s)
+                for m in AOT_DECODE_ROWS:
+                    x = torch.empty((m, k), dtype=dtype)
+                    if n == 3 * c:
+                        cache = torch.empty((2, m, c // 64, 1024, 64), dtype=dtype)
+                        _linear_launch(x, w, bias, None, None, norm=ln, weight_scale=s,
+                                       kv_cache=(cache[0], cache[1], torch.ones(m, dtype=torch.int32)))
+                    elif k == c and n != c:  # c_fc + GELU, lm_head: LayerNorm in the prologue
+                        _linear_launch(x, w, bias, activation, None, norm=ln, weight_scale=s)
+                    else:  # both c_proj: the residual in the epilogue
+                        _linear_launch(x, w, bias, None, torch.empty((m, n), dtype=dtype), weight_scale=s)
+                    if n == GPT2_VOCAB:  # a prefill's lm_head, on each row's last position
+                        _linear_launch(x, w, None, None, None, weight_scale=s)

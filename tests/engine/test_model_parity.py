@@ -78,7 +78,7 @@ def test_low_precision_tracks_fp32(tiny_checkpoint, model32, dtype):
 def test_default_cpu_dtype_greedy_matches_fp32(tiny_checkpoint, model32):
     """The CLI's default CPU dtype must keep greedy tokens of the parity test."""
     model = engine.load_model(tiny_checkpoint, device="cpu")
-    assert model.dtype == engine.loader.CPU_DEFAULT_DTYPE
+    assert model.dtype == engine.cpu.default_cpu_dtype()[0] and "CPU" in model.dtype_reason
     ids = _ids(1, 9, seed=3)
     want = engine.generate(model32, ids, 32, temperature=0, stop_at_eos=False).tokens
     assert engine.generate(model, ids, 32, temperature=0, stop_at_eos=False).tokens == want

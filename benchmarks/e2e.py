@@ -136,49 +136,25 @@ class HF:
 
 
 class CTranslate2:
-    """CTranslate2's ``Generator`` (CPU peer), converted from the same checkpoint: greedy, the prompt
-    as token strings, 2 threads unless ``torch.get_num_threads()`` says otherwise."""
+    """CTranslate2's ``Generator`` (CPU peer), converted from the same checkpoint, greedy, with
+    ``torch.get_num_threads()`` threads; each measurement in its own process (benchmarks.peer_ctranslate2)."""
 
     COMPUTE_TYPES = {"int8": "int8", "fp32": "float32"}
 
     def __init__(self, ckpt, device, dtype_name, impl):
-        import ctranslate2
-        from ctranslate2.converters import TransformersConverter
+        from . import peer_ctranslate2
 
-        self.impl, self.dtype, self.device = impl, dtype_name, device
-        out = Path(ckpt).parent / f"{Path(ckpt).name}-ct2"
-        if not (out / "model.bin").exists():
-            _save_gpt2_tokenizer(ckpt)
-            TransformersConverter(str(ckpt)).convert(str(out), force=True)
-        self.model, self.load_s = wall(lambda: ctranslate2.Generator(
-            str(out), device="cpu", compute_type=self.COMPUTE_TYPES[dtype_name],
-            intra_threads=torch.get_num_threads()), device)
-        from transformers import GPT2Tokenizer
-
-        self.tokenizer = GPT2Tokenizer.from_pretrained(ckpt)
-
-    def _generate(self, prompts, n):
-        return self.model.generate_batch(prompts, max_length=n, min_length=n, sampling_topk=1,
-                                         include_prompt_in_result=False, end_token=[])
+        self.impl, self.dtype, self.ckpt = impl, dtype_name, ckpt
+        self.model_dir = peer_ctranslate2.convert(ckpt)
+        self.load_s = None
 
     def measure(self, ids, new_tokens):
-        prompts = [self.tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
-        _, first = wall(lambda: self._generate(prompts, 1), self.device)
-        out, full = wall(lambda: self._generate(prompts, new_tokens), self.device)
-        return first * 1e3, ids.shape[0] * (new_tokens - 1) / (full - first), out[0].sequences_ids[0]
+        from . import peer_ctranslate2
 
-
-def _save_gpt2_tokenizer(ckpt) -> None:
-    """GPT-2's tokenizer files beside the checkpoint (CTranslate2's converter reads its vocabulary),
-    from the encoder.json / vocab.bpe that the engine's offline tokenizer uses."""
-    from transformers import GPT2Tokenizer
-
-    from engine.tokenizer import bpe_files
-
-    files = bpe_files()
-    vocab = json.loads(files["encoder.json"])
-    merges = [tuple(line.split()) for line in files["vocab.bpe"].decode().splitlines()[1:] if line]  # after "#version"
-    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(ckpt)
+        compute_type = self.COMPUTE_TYPES[self.dtype]
+        prefill_ms, tok_s, tokens, self.load_s = peer_ctranslate2.measure(
+            self.model_dir, self.ckpt, compute_type, torch.get_num_threads(), ids.tolist(), new_tokens)
+        return prefill_ms, tok_s, tokens
 
 
 def kernel_counts(runners, batches) -> dict[tuple[str, str, int], int]:
@@ -193,10 +169,12 @@ def kernel_counts(runners, batches) -> dict[tuple[str, str, int], int]:
     return counts
 
 
-def applies(impl: str, dtype_name: str) -> bool:
-    """Whether ``impl`` runs ``dtype_name``: HF only the float dtypes, CTranslate2 int8 and fp32."""
+def applies(impl: str, dtype_name: str, device: torch.device) -> bool:
+    """Whether ``impl`` runs ``dtype_name``: HF only the float dtypes, and not fp16 on CPU (its fp16
+    GEMMs there ran at 7 tok/s, with 27 s prefills at batch 8: a minute a round for nothing);
+    CTranslate2 int8 and fp32."""
     if impl.startswith("hf"):
-        return DTYPES[dtype_name][1] is None
+        return DTYPES[dtype_name][1] is None and not (device.type == "cpu" and dtype_name == "fp16")
     if impl == "ct2":
         return dtype_name in CTranslate2.COMPUTE_TYPES
     return True
@@ -274,7 +252,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             ckpt = save_random_checkpoint(name, Path(tmp) / name)
-            runners = [make(impl, ckpt, device, d) for d in args.dtypes for impl in impls if applies(impl, d)]
+            runners = [make(impl, ckpt, device, d) for d in args.dtypes for impl in impls if applies(impl, d, device)]
             model_rows = []
             for batch in args.batch:
                 here = [r for r in runners if "compile" not in r.impl or batch in args.compile_batch]
@@ -318,7 +296,8 @@ def main(argv=None):
     out = write_results(args.name, device, rows, columns, extra,
                         notes="decode_tok_s sums over the batch; greedy_same_as_ref counts tokens of row 0 equal "
                               f"to our {args.dtypes[0]} run (eager where it ran) before the first difference; "
-                              "int8 rows are ours with weight-only int8 (fp16 activations on a GPU, fp32 on CPU), "
+                              "int8 rows are ours: weight-only int8 with fp16 activations on a GPU, int8 x int8 with activations "
+                              "quantised per call on CPU; "
                               "ct2 int8 is CTranslate2's int8 compute type; roofline_frac = weight + "
                               "KV bytes per step x steps/s / measured copy bandwidth; kernels_per_step: kernels one "
                               "decode step of our runner launches (benchmarks.step_trace), replayed as they are by "

@@ -7,8 +7,9 @@ per SM) streams GPT-2's weights fastest, and what the winners do to a whole deco
 
 Each (shape, config) is timed as a CUDA graph of launches that rotate over enough weight copies to
 exceed the L2 twice, so the time is device time, not Python launch overhead or cache hits. GB/s
-counts the weight bytes (int8 ones with --int8; the x, bias, scale and output bytes are under 1 %). The step check then generates
-with gemm_config patched to each shape's winner and compares decode tok/s with the default table.
+counts the weight bytes (int8 ones with --int8; the x, bias, scale and output bytes are under 1 %).
+The step check then generates with gemm_config patched to each shape's winner and compares decode
+tok/s with the default table.
 Compiles run first in parallel processes (Triton's on-disk cache), so the sweep fits a short lease.
 """
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 
@@ -45,7 +46,18 @@ def eager_ln_qkv_append(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, c
                         weight_scale=None):
     """``kernels.ln_qkv_append_ref`` with ``eager_linear``'s CPU rules."""
     qkv = eager_ln_linear(x, ln_weight, ln_bias, weight, bias, None, eps, weight_scale)
+    if _cpu_eager(x) and x.shape[0] == 1:  # batch 1 on CPU: two slice writes, no index tensors to build
+        c, (h, d), pos = x.shape[1], (k_cache.shape[1], k_cache.shape[3]), int(cache_lens[0]) - 1
+        k_cache[0, :, pos] = qkv[0, c:2 * c].view(h, d)
+        v_cache[0, :, pos] = qkv[0, 2 * c:].view(h, d)
+        return qkv[:, :c]
     return kernels.qkv_append_ref(qkv, k_cache, v_cache, cache_lens)
+
+
+def _cpu_eager(x: torch.Tensor) -> bool:
+    """On CPU and not being traced by torch.compile: where reading a length on the host costs
+    nothing (on a GPU it is a sync; in a traced step, a graph break)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _cpu_fp16(x: torch.Tensor) -> bool:
@@ -61,7 +73,19 @@ def eager_attention(q, k, v, causal=True):
 
 def eager_decode_attention(q, k_cache, v_cache, cache_lens):
     """``kernels.decode_attention_ref``; fp16 on CPU computed in fp32: fp16 batched matmuls there
-    were 14x slower when called from a thread other than the main one (the server's engine loop)."""
+    were 14x slower when called from a thread other than the main one (the server's engine loop).
+
+    On CPU, when every row has the same length (batch 1, or prompts of one length), SDPA over
+    exactly that prefix instead: no mask to build or apply, 2.6x faster at batch 1 and 1.6x at
+    batch 8 (gpt2's 12 heads at 160 positions on the 2-core EPYC). Reading the lengths costs no
+    sync there: they are host memory."""
+    if _cpu_eager(q) and q.shape[-2] == 1:
+        lens = cache_lens.tolist()
+        if lens and min(lens) == max(lens) and 0 < lens[0] <= k_cache.shape[-2]:
+            k, v = k_cache[:, :, :lens[0]], v_cache[:, :, :lens[0]]
+            if _cpu_fp16(q):
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+            return F.scaled_dot_product_attention(q, k, v)
     if _cpu_fp16(q):
         return kernels.decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), cache_lens).to(q.dtype)
     return kernels.decode_attention_ref(q, k_cache, v_cache, cache_lens)

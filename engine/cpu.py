@@ -68,7 +68,8 @@ def _cache_file() -> Path:
 
 def _cache_key() -> str:
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
-    return f"v{CACHE_VERSION}|{cpu_name()}|{' '.join(flags)}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    threads = torch.get_num_threads()
+    return f"v{CACHE_VERSION}|{cpu_name()}|{' '.join(flags)}|torch {torch.__version__}|threads {threads}"
 
 
 def probe_dtypes() -> dict[str, tuple[float, ...]]:

@@ -68,7 +68,7 @@ def run(args) -> int:
         raise _UsageError(f"invalid device {args.device!r}: use cpu, cuda or cuda:N") from None
     try:
         model = load_model(args.model, device=device, dtype=args.dtype or ("float32" if device.type == "cpu" else None),
-                           backend=args.backend)
+                           backend=args.backend, quantize=args.quantize)
         window, stride = check_window(model, args.window, args.stride)
         ids = encode(text)[:args.max_tokens]
         bar = _progress_bar(sum(w.end - w.first for w in windows(len(ids), window, stride)))

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "last line of stdout, for scripts")
     p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None,
                    help="CPU threads for PyTorch (default: PyTorch's, one per physical core)")
-    add_placement_options(p, "default: float16 (the fastest on CPU here too, with greedy tokens matching fp32)")
+    add_placement_options(p, "default: float16 on a GPU; on CPU the dtype measured fastest on this machine "
+                             "(timed once, then cached; a note on stderr names it), float32 with --quantize")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                    help="on CUDA, run every decode step op by op instead of replaying it as a CUDA graph")
     p.add_argument("--allow-special", action="store_true",
@@ -147,10 +148,14 @@ def run(args) -> int:
     prompt = _read_prompt(args)
     seed = args.seed if args.seed is not None else secrets.randbits(63)
     try:
-        model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                           quantize=args.quantize)
     except (EngineError, torch.cuda.OutOfMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if args.dtype is None and model.device.type == "cpu" and not args.json:
+        print(f"note: dtype {str(model.dtype).removeprefix('torch.')} ({model.dtype_reason}; --dtype to choose)",
+              file=sys.stderr)
     stream = not args.json
     cancel = threading.Event()
     outputs = []
@@ -209,6 +214,7 @@ def _summary(args, model, prompt: str, seed: int, outputs: list, total_seconds: 
                      "seed": (seed + i) % SEED_LIMIT}
                     for i, o in enumerate(outputs)],
         "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "backend": model.backend,
+        "dtype_reason": model.dtype_reason, "quantize": model.quantize,
         "cuda_graph": model.device.type == "cuda" and args.cuda_graph is not False,
         "threads": torch.get_num_threads() if model.device.type == "cpu" else None,
         "layers": model.config.n_layer, "width": model.config.n_embd,
@@ -221,7 +227,8 @@ def _summary(args, model, prompt: str, seed: int, outputs: list, total_seconds: 
 
 
 def _stats_line(s: dict) -> str:
-    where = f"{s['layers']}L/{s['width']}d {s['dtype']} {s['device']} {s['backend']}"
+    weights = f"{s['quantize']} weights, {s['dtype']}" if s["quantize"] else s["dtype"]
+    where = f"{s['layers']}L/{s['width']}d {weights} {s['device']} {s['backend']}"
     where += "+graph" if s["cuda_graph"] else ""
     where += f", {s['threads']} thread{'s' if s['threads'] > 1 else ''}" if s["threads"] else ""
     capture = f", graph capture {s['capture_seconds']:.2f} s" if s["capture_seconds"] else ""

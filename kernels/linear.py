@@ -117,8 +117,9 @@ def _linear_fwd_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_ym, stride_cb, stride_ch, stride_ct,
     head_dim, eps,
-    NORM: tl.constexpr, INT8_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    KV_CACHE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NORM: tl.constexpr, INT8_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, KV_CACHE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, STATS_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -169,7 +170,8 @@ def _linear_fwd_kernel(
             for s in range(SPLIT_K):  # .cg: from L2, where the other programs' partials are
                 acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
             _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
-                      stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, KV_CACHE)
+                      stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+                      KV_CACHE)
             tl.atomic_xchg(count_ptr + pid, 0)
     else:
         _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
@@ -241,10 +243,11 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, int8_weigh
     """Tile sizes for an (m, k) x (k, n) product, and split-K for decode-sized m on ``sms`` SMs.
 
     Decode (m <= 16): 16-row tiles (``tl.dot``'s minimum), BLOCK_K = 64 (one 128-byte line of an
-    fp16 weight row per column; 128 for int8 weights, the same line), and the widest column block (64, 32, then 16) that, with K split
-    into powers of two, reaches ``DECODE_PROGRAMS_PER_SM`` programs per SM (gpt2-xl's c_fc: 100 x 4
-    splits = 400 programs, its lm_head 786 x 1); shapes in ``DECODE_TUNED`` (``DECODE_TUNED_INT8``
-    for int8 weights) take the measured tiles.
+    fp16 weight row per column; 128 for int8 weights with 16-bit activations, the same line), and
+    the widest column block (64, 32, then 16) that, with K split into powers of two, reaches
+    ``DECODE_PROGRAMS_PER_SM`` programs per SM (gpt2-xl's c_fc: 100 x 4 splits = 400 programs, its
+    lm_head 786 x 1); shapes in ``DECODE_TUNED`` (``DECODE_TUNED_INT8`` for int8 weights) take the
+    measured tiles.
     """
     wide = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
     tuned = DECODE_TUNED_INT8 if int8_weight else DECODE_TUNED
@@ -252,7 +255,9 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, int8_weigh
         block_n, block_k, warps, stages, split = tuned[n, k]
         return GemmConfig(16, block_n, block_k, warps, stages, split)
     if m <= DECODE_MAX_ROWS:
-        block_k, target = 128 if int8_weight else 64, DECODE_PROGRAMS_PER_SM * sms
+        # int8 weights take a 128-byte line in 128 columns; with fp32 activations (the correctness path)
+        # that spilled on sm_80 and sm_90 (kernels.aot, Triton 3.9: 255 registers), so 64 there.
+        block_k, target = 128 if int8_weight and not wide else 64, DECODE_PROGRAMS_PER_SM * sms
         # fp32 (the correctness path) at BLOCK_N = 64 and M = 1 spilled on sm_90 (kernels.aot, Triton 3.9).
         for block_n in (32, 16) if wide else (64, 32, 16):
             split = decode_split_k(n, k, block_n, block_k, target)
@@ -264,7 +269,9 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, int8_weigh
         # registers) and, with the GELU epilogue, on sm_90 at 8; BLOCK_K = 16 at 8 warps holds 80 and none.
         return GemmConfig(64, 64, 16, 8, 2)
     if m <= 64:
-        return GemmConfig(64, 128, 64, 4, 4)
+        # int8 weights widened to bf16 spilled at 4 warps on sm_80 (168 registers; kernels.aot, Triton 3.9):
+        # 8 warps halve each thread's share of the tile.
+        return GemmConfig(64, 128, 64, 8 if int8_weight and dtype == torch.bfloat16 else 4, 4)
     return GemmConfig(128, 128, 64, 8, 3)
 
 

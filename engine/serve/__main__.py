@@ -6,9 +6,7 @@ A user mistake ends in one ``error:`` line on stderr and exit status 2, never a 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-from pathlib import Path
 
 from ..cli import HelpFormatter, _int_at_least, _Parser, _UsageError, add_placement_options, run_cli
 
@@ -18,15 +16,12 @@ def server_dtype(device: str | None) -> str | None:
     the processor has native bf16 (AVX512-BF16, AMX), else float32 (CPU fp16 GEMMs beyond 16 rows run
     upcast to fp32 anyway); elsewhere the loader's default (None). At 16 rows of gpt2 on a 2-core
     EPYC with AVX512-BF16: 50 ms a step in bf16, 97 in fp32, 132 in fp16."""
+    from ..cpu import cpu_flags
     from ..loader import default_device
 
     if (device or default_device().type).split(":")[0] != "cpu":
         return None
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "float32"
+    return "bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=_int_at_least("--port", 0), default=8000, help="TCP port (0: any free one)")
     add_placement_options(p, "default: float16 on CUDA; on CPU bfloat16 where the processor has native bf16, "
-                             "else float32")
+                             "else float32; float32 with --quantize on CPU")
     p.add_argument("--max-batch", type=_int_at_least("--max-batch", 1), default=None,
                    help="requests decoded together (default: 64 on CUDA, 16 on CPU)")
     p.add_argument("--max-waiting", type=_int_at_least("--max-waiting", 0), default=256,
@@ -70,8 +65,9 @@ def run(args) -> int:
     from ..scheduler import Scheduler
 
     try:
-        model = load_model(args.model, device=args.device, dtype=args.dtype or server_dtype(args.device),
-                           backend=args.backend)
+        # int8 on CPU computes in float32 (the loader's default for it): no dtype to choose then
+        dtype = args.dtype or (None if args.quantize else server_dtype(args.device))
+        model = load_model(args.model, device=args.device, dtype=dtype, backend=args.backend, quantize=args.quantize)
         max_batch = args.max_batch or (64 if model.device.type == "cuda" else 16)
         scheduler = Scheduler(model, max_batch=max_batch, max_waiting=args.max_waiting, cuda_graph=args.cuda_graph)
     except (EngineError, torch.cuda.OutOfMemoryError) as e:

@@ -216,6 +216,8 @@ def test_broken_checkpoints_are_one_line_and_warnings_too(tiny_checkpoint, tmp_p
     (["--device", "mps"], "device mps is not supported"),
     (["--threads", "0"], "--threads must be an integer >= 1"),
     (["--dtype", "int8"], "invalid choice"),
+    (["--quantize", "int4"], "argument --quantize: invalid choice: 'int4' (choose from 'int8', 'int8-all')"),
+    (["--quantize", ""], "argument --quantize: invalid choice"),
     (["--backend", "cuda"], "invalid choice"),
     (["--device", "cuda:7"], "cuda"),
     (["--bogus-flag"], "unrecognized arguments"),

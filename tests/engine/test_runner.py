@@ -51,6 +51,18 @@ def test_decode_kernel_budget(small_vocab_checkpoint, batch):
     assert penalized["per_layer"] == 5 and penalized["kernels"] == budget["kernels"] + 1, penalized
 
 
+def test_int8_decode_step_keeps_the_budget_and_static_shapes(small_vocab_checkpoint):
+    """int8 weights (scales in the epilogues) add no kernel and no host sync: 5 a layer, 3 outside."""
+    model = engine.load_model(str(small_vocab_checkpoint), device="cpu", dtype="float32", backend="triton",
+                              quantize="int8-all")
+    budget = kernel_budget(model, 1)
+    assert budget["kernels"] == 5 * budget["layers"] + 3, budget
+    runner = _started_runner(model, [[5, 6, 7]], temperature=0)
+    first, first_launches = trace_step(runner.step)
+    second, second_launches = trace_step(runner.step)
+    assert first.ops == second.ops and first_launches == second_launches and first.host_syncs() == []
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_decode_step_traces_as_one_graph(small_vocab_checkpoint, backend):
     """torch.compile(fullgraph=True) accepts the step: no graph break, so nothing data-dependent in it."""

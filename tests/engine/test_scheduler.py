@@ -130,7 +130,8 @@ def test_graphed_scheduler_equals_generate_alone(tiny_checkpoint, backend):
     model = engine.load_model(tiny_checkpoint, device="cuda", dtype=torch.float32, backend=backend)
     sched = Scheduler(model, max_batch=5)
     assert sched.cuda_graph and sched.capture_seconds > 0
-    assert set(sched.runner.graphs) == {(b, p, lp) for b in (1, 2, 4, 8) for p in (False, True) for lp in (False, True)}
+    modes = [(p, lp) for p in (False, True) for lp in (False, True)]  # penalties, log-probabilities
+    assert set(sched.runner.graphs) == {(b, *mode) for b in (1, 2, 4, 8) for mode in modes}
     specs = [(engine.encode(f"prompt {i}"), 5 + 3 * i,
               SamplingParams(temperature=[0, 1.0][i % 2], seed=i, top_p=0.9, repetition_penalty=1.0 + 0.2 * (i % 3)))
              for i in range(7)]

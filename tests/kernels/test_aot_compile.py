@@ -63,12 +63,14 @@ def _run_requests(model, prompts, steps: int, **sampling) -> None:
         runner.step()
 
 
-def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint, device):
+@pytest.mark.parametrize("quantize", [None, "int8-all"])
+def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint, device, quantize):
     """On a GPU the launches are the JIT's own, with real device pointers. On CPU they are recorded
     with the same arguments but not executed: interpreting every program of gpt2-width kernels
     would take minutes, and no launch argument depends on a kernel's output (no host sync)."""
     aot = aot_recording()
-    model = engine.load_model(str(gpt2_width_checkpoint), device=device, dtype="float16", backend="triton")
+    model = engine.load_model(str(gpt2_width_checkpoint), device=device, dtype="float16", backend="triton",
+                              quantize=quantize)
     compiled_before = _jit_cache_keys()
     with record_launches(execute=device.type == "cuda") as run:
         _run_requests(model, [list(range(7))], steps=2, temperature=0.0)               # batch 1: M = 1

@@ -84,7 +84,8 @@ def test_int8_fused_ops(dtype, device, monkeypatch):
     b, h, d, max_len = 3, 2, 32, 9
     c = h * d
     x = (1.5 + 2 * torch.randn(b, c, generator=g)).to(device, dtype)
-    ln_w, ln_b = (1 + 0.2 * torch.randn(c, generator=g)).to(device, dtype), (0.2 * torch.randn(c, generator=g)).to(device, dtype)
+    ln_w = (1 + 0.2 * torch.randn(c, generator=g)).to(device, dtype)
+    ln_b = (0.2 * torch.randn(c, generator=g)).to(device, dtype)
     q_fc, s_fc = (t.to(device) for t in quantize_int8(torch.randn(4 * c, c, generator=g) / c**0.5))
     q_pr, s_pr = (t.to(device) for t in quantize_int8(torch.randn(c, 4 * c, generator=g) / (4 * c)**0.5))
     q_qkv, s_qkv = (t.to(device) for t in quantize_int8(torch.randn(3 * c, c, generator=g) / c**0.5))
@@ -123,10 +124,11 @@ def test_int8_opcheck(device):
 
 @pytest.mark.parametrize("call,match", [
     (lambda x, q, s, w: kernels.linear(x, q), "weight is int8 but weight_scale is None"),
-    (lambda x, q, s, w: kernels.linear(x, w, weight_scale=s), "weight_scale was given but weight has dtype torch.float32"),
+    (lambda x, q, s, w: kernels.linear(x, w, weight_scale=s), "weight_scale was given but weight has dtype"),
     (lambda x, q, s, w: kernels.linear(x, q, weight_scale=s[:-1]), r"weight_scale has shape \[95\], expected \[96\]"),
     (lambda x, q, s, w: kernels.linear(x, q, weight_scale=s.half()), "weight_scale has dtype torch.float16"),
-    (lambda x, q, s, w: kernels.linear(x, q.to(torch.uint8), weight_scale=s), "weight has dtype torch.uint8, expected torch.float32"),
+    (lambda x, q, s, w: kernels.linear(x, q.to(torch.uint8), weight_scale=s),
+     "weight has dtype torch.uint8, expected torch.float32"),
 ])
 def test_int8_bad_input(call, match, device):
     x, q, scale, _, _ = _int8_inputs(3, 80, 96, torch.float32, device, seed=6)

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None,
                    help="CPU threads for PyTorch (default: PyTorch's, one per physical core)")
     add_placement_options(p, "default: float16 on a GPU; on CPU the dtype measured fastest on this machine "
-                             "(timed once, then cached; a note on stderr names it), float32 with --quantize")
+                             "(timed once, then cached; the stats line says so), float32 with --quantize")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                    help="on CUDA, run every decode step op by op instead of replaying it as a CUDA graph")
     p.add_argument("--allow-special", action="store_true",
@@ -153,9 +153,6 @@ def run(args) -> int:
     except (EngineError, torch.cuda.OutOfMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    if args.dtype is None and model.device.type == "cpu" and not args.json:
-        print(f"note: dtype {str(model.dtype).removeprefix('torch.')} ({model.dtype_reason}; --dtype to choose)",
-              file=sys.stderr)
     stream = not args.json
     cancel = threading.Event()
     outputs = []
@@ -227,7 +224,8 @@ def _summary(args, model, prompt: str, seed: int, outputs: list, total_seconds: 
 
 
 def _stats_line(s: dict) -> str:
-    weights = f"{s['quantize']} weights, {s['dtype']}" if s["quantize"] else s["dtype"]
+    dtype = s["dtype"] + (f" ({s['dtype_reason']})" if s["dtype_reason"] != "requested" and s["device"] == "cpu" else "")
+    weights = f"{s['quantize']} weights, {dtype}" if s["quantize"] else dtype
     where = f"{s['layers']}L/{s['width']}d {weights} {s['device']} {s['backend']}"
     where += "+graph" if s["cuda_graph"] else ""
     where += f", {s['threads']} thread{'s' if s['threads'] > 1 else ''}" if s["threads"] else ""

@@ -583,7 +583,7 @@ def aot_launches() -> None:
 
 def _int8_aot_launches() -> None:
     """int8 weights as a quantised model runs them: the prefill linears (bias, GELU after c_fc, no
-    residual) at prefill rows; at ``AOT_DECODE_ROWS`` the fused decode ops, the two c_proj with
+    residual) at ``AOT_ROWS``; at ``AOT_DECODE_ROWS`` the fused decode ops, the two c_proj with
     their residual and the prefill's lm_head on each row's last position. fp16/bf16 activations at
     every size; fp32 (the correctness path) at gpt2's width only, to keep the report's time down."""
     from .aot import GPT2_SIZES, GPT2_VOCAB
@@ -598,7 +598,7 @@ def _int8_aot_launches() -> None:
                                      (GPT2_VOCAB, c, None)):
                 w, s = int8(n, k)
                 bias = torch.empty(n, dtype=dtype) if n != GPT2_VOCAB else None
-                for m in AOT_ROWS[2:]:
+                for m in AOT_ROWS:  # a short prompt's prefill takes the decode tiles
                     _linear_launch(torch.empty((m, k), dtype=dtype), w, bias, activation, None, weight_scale=s)
                 for m in AOT_DECODE_ROWS:
                     x = torch.empty((m, k), dtype=dtype)

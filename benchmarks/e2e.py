@@ -42,7 +42,6 @@ from .report import bar_plot, device_slug, write_results
 from .roofline import roofline
 from .timing import wall
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # name -> (dtype, quantize): None lets the engine choose (fp16 on a GPU, fp32 on CPU for int8)
 DTYPES = {"fp32": (torch.float32, None), "fp16": (torch.float16, None), "bf16": (torch.bfloat16, None),
           "int8": (None, "int8"), "int8-all": (None, "int8-all")}
@@ -296,8 +295,8 @@ def main(argv=None):
     out = write_results(args.name, device, rows, columns, extra,
                         notes="decode_tok_s sums over the batch; greedy_same_as_ref counts tokens of row 0 equal "
                               f"to our {args.dtypes[0]} run (eager where it ran) before the first difference; "
-                              "int8 rows are ours: weight-only int8 with fp16 activations on a GPU, int8 x int8 with activations "
-                              "quantised per call on CPU; "
+                              "int8 rows are ours: weight-only int8 with fp16 activations on a GPU, int8 x int8 "
+                              "with activations quantised per call on CPU; "
                               "ct2 int8 is CTranslate2's int8 compute type; roofline_frac = weight + "
                               "KV bytes per step x steps/s / measured copy bandwidth; kernels_per_step: kernels one "
                               "decode step of our runner launches (benchmarks.step_trace), replayed as they are by "

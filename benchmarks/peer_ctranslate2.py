@@ -23,12 +23,12 @@ def convert(ckpt: Path) -> Path:
 
     out = Path(ckpt).parent / f"{Path(ckpt).name}-ct2"
     if not (out / "model.bin").exists():
-        _save_gpt2_tokenizer(ckpt)
+        save_gpt2_tokenizer(ckpt)
         TransformersConverter(str(ckpt)).convert(str(out), force=True)
     return out
 
 
-def _save_gpt2_tokenizer(ckpt) -> None:
+def save_gpt2_tokenizer(ckpt) -> None:
     """GPT-2's tokenizer files beside the checkpoint (the converter reads its vocabulary), from the
     encoder.json / vocab.bpe that the engine's offline tokenizer uses."""
     from transformers import GPT2Tokenizer

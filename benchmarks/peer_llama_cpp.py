@@ -7,8 +7,8 @@ its source distribution (~20 minutes on 2 cores: ``pip install llama-cpp-python`
 come from llama.cpp's ``convert_hf_to_gguf.py`` (in that source distribution, ``vendor/llama.cpp``):
 
     python -c "from pathlib import Path; from benchmarks.e2e import save_random_checkpoint; \
-        from benchmarks.peer_ctranslate2 import _save_gpt2_tokenizer; \
-        _save_gpt2_tokenizer(save_random_checkpoint('gpt2', Path('/tmp/gpt2')))"
+        from benchmarks.peer_ctranslate2 import save_gpt2_tokenizer; \
+        save_gpt2_tokenizer(save_random_checkpoint('gpt2', Path('/tmp/gpt2')))"
     PYTHONPATH=vendor/llama.cpp/gguf-py python vendor/llama.cpp/convert_hf_to_gguf.py /tmp/gpt2 --outtype q8_0 \
         --outfile gpt2-q8_0.gguf
 

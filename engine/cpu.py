@@ -33,16 +33,22 @@ CACHE_VERSION = 2
 
 
 @functools.cache
+def _cpuinfo_lines() -> tuple[str, ...]:
+    try:
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return ()
+
+
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line starting with one of ``keys``; None where there is none."""
+    return next((line.split(":", 1)[1] for line in _cpuinfo_lines() if line.startswith(keys) and ":" in line), None)
+
+
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The processor's feature flags (``/proc/cpuinfo``); empty where that file does not exist."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return frozenset((_cpuinfo("flags", "Features") or "").split())
 
 
 def has_vnni() -> bool:
@@ -50,15 +56,9 @@ def has_vnni() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-@functools.cache
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+    name = (_cpuinfo("model name") or "").strip()
+    return name or platform.processor() or platform.machine() or "unknown cpu"
 
 
 def _cache_file() -> Path:

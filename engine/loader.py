@@ -40,9 +40,7 @@ def default_dtype(device: torch.device, quantize: str | None = None, backend: st
     return dtype, "measured fastest on this CPU" if measured else "this CPU's measured fastest, cached"
 
 
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return default_dtype(device)[0]
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise EngineError(f"unknown dtype {dtype!r}; choose one of float32, float16, bfloat16")
@@ -81,7 +79,7 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     quantize = check_quantize(quantize)
     backend = backend or ("triton" if device.type == "cuda" else "eager")
     ops = get_backend(backend)
-    dtype, dtype_reason = (parse_dtype(dtype, device), "requested") if dtype is not None \
+    dtype, dtype_reason = (parse_dtype(dtype), "requested") if dtype is not None \
         else default_dtype(device, quantize, backend)
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise EngineError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU)")
@@ -97,7 +95,8 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     state = {name: _place(state.pop(name), device, dtype, input_major) for name in list(state)}
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
-    if lm_head is not None or input_major:
+    # A tied head gets its input-major fp32 copy only if it stays a float: int8-all quantises wte itself.
+    if lm_head is not None or (input_major and quantize != "int8-all"):
         head = model.wte.weight if lm_head is None else lm_head
         model.lm_head_weight = _place(head.t(), device, dtype, input_major=False).t() if input_major \
             else _place(head, device, dtype, input_major=False)

@@ -75,6 +75,7 @@ class PackedInt8Linear:
             qt = torch._make_per_channel_quantized_tensor(q.contiguous(), scale.double(),
                                                           torch.zeros(n, dtype=torch.long), 0)
             self.packed = torch.ops.quantized.linear_prepack(qt, bias.float() if bias is not None else None)
+        self.engine = engine
         self.bias = bias
         self.scale = scale
         self.shape = q.shape
@@ -105,7 +106,7 @@ class PackedInt8Linear:
 
     def int8(self) -> torch.Tensor:
         """The (N, K) int8 values."""
-        with _engine("fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else "qnnpack"):
+        with _engine(self.engine):
             return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
 
 

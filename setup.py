@@ -1,7 +1,7 @@
-"""Install ``engine`` and ``kernels``; build the C++/CUDA sampler (csrc/) when torch is importable.
+"""Install ``engine`` and ``gpt2kernels``; build the C++/CUDA sampler (csrc/) when torch is importable.
 
 Under pip's default build isolation torch is absent (and must stay so: an unpinned torch there
-would pull a multi-GB CUDA build), so the extension is left to ``kernels._extension``, which
+would pull a multi-GB CUDA build), so the extension is left to ``gpt2kernels._extension``, which
 compiles it once on first use. ``pip install -e . --no-build-isolation`` builds it here, with its
 CUDA kernel wherever torch has CUDA; there a missing CUDA toolkit is an error, not a CPU-only build.
 """
@@ -28,7 +28,7 @@ def sampler_extension():
     cuda = torch.version.cuda is not None
     sources = ["csrc/sampling_cpu.cpp"] + (["csrc/sampling_cuda.cu"] if cuda else [])
     flags = {"cxx": ["-O3"], "nvcc": ["-O3"]} if cuda else {"cxx": ["-O3"]}
-    ext = (CUDAExtension if cuda else CppExtension)("kernels._C", sources, extra_compile_args=flags)
+    ext = (CUDAExtension if cuda else CppExtension)("gpt2kernels._C", sources, extra_compile_args=flags)
     return [ext], {"build_ext": BuildExtension}
 
 
@@ -41,7 +41,7 @@ setup(
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["engine", "engine.*", "gpt2kernels", "gpt2kernels.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

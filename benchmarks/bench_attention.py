@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before kernels loads
+from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before gpt2kernels loads
 
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels
+import gpt2kernels
 
 from .report import bar_plot, write_results
 from .roofline import copy_gbps, matmul_tflops
@@ -47,7 +47,7 @@ def prefill_rows(shapes, d, dtype, device, causal_mask):
     rows = []
     for b, h, t in shapes:
         q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype) for _ in range(3))
-        fns = {"ours": lambda: kernels.flash_attention(q, k, v, causal=True),
+        fns = {"ours": lambda: gpt2kernels.flash_attention(q, k, v, causal=True),
                "sdpa_math": sdpa(SDPBackend.MATH, q, k, v, is_causal=True),
                "eager": lambda: eager_attention(q, k, v, causal_mask(t))}
         if device.type == "cuda":
@@ -70,7 +70,7 @@ def decode_rows(shapes, d, dtype, device, roof):
         k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(2))
         lens = torch.full((b,), n, dtype=torch.int32, device=device)
         mask = (torch.arange(n, device=device)[None, :] < lens[:, None])[:, None, None, :]
-        fns = {"ours": lambda: kernels.decode_attention(q, k, v, lens, check_lens=False),
+        fns = {"ours": lambda: gpt2kernels.decode_attention(q, k, v, lens, check_lens=False),
                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                "eager": lambda: eager_attention(q, k, v, mask)}
         torch.testing.assert_close(fns["ours"](), fns["eager"](), atol=2e-2, rtol=2e-2)

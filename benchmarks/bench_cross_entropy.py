@@ -3,7 +3,7 @@
     python -m benchmarks.bench_cross_entropy           # GPU: N = 1K..16K tokens, C = 768 and 1600, V = 50257, bf16
     python -m benchmarks.bench_cross_entropy --smoke   # CPU: small shapes through the interpreter
 
-linear_cross_entropy: ours (``kernels.linear_cross_entropy``, chunked, never holding N x V logits)
+linear_cross_entropy: ours (``gpt2kernels.linear_cross_entropy``, chunked, never holding N x V logits)
 against ``F.cross_entropy(F.linear(h, w), t)`` as a training loop writes it, and that expression
 under ``torch.compile`` (at --compile-n tokens only: each shape compiles for a minute). Forward
 alone (under no_grad) and forward + backward (grads for hidden and weight). cross_entropy: ours
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before kernels loads
+from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before gpt2kernels loads
 
 import torch.nn.functional as F
 
-import kernels
+import gpt2kernels
 
 from .report import bar_plot, write_results
 from .roofline import roofline
@@ -56,11 +56,11 @@ def linear_rows(n, c, vocab, dtype, device, compile_n) -> list[dict]:
     h = torch.randn(n, c, generator=g).to(device, dtype).requires_grad_()
     w = (torch.randn(vocab, c, generator=g) / c**0.5).to(device, dtype).requires_grad_()
     t = torch.randint(0, vocab, (n,), generator=g).to(device)
-    impls = {"ours": kernels.linear_cross_entropy, "eager": unfused}
+    impls = {"ours": gpt2kernels.linear_cross_entropy, "eager": unfused}
     if n == compile_n and c == WIDTHS[-1]:  # one shape: each compile takes a minute
         impls["compile"] = torch.compile(unfused)
     # Same loss and gradients (bf16 grads: a few 1e-3 apart, the unfused path rounds its logits too).
-    got, want = kernels.linear_cross_entropy(h, w, t), unfused(h, w, t)
+    got, want = gpt2kernels.linear_cross_entropy(h, w, t), unfused(h, w, t)
     (gh, gw), (wh, ww) = torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w))
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     err = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in ((gh, wh), (gw, ww)))
@@ -86,7 +86,7 @@ def plain_rows(n, vocab, dtype, device) -> list[dict]:
     logits = (torch.randn(n, vocab, generator=g) * 3).to(device, dtype).requires_grad_()
     t = torch.randint(0, vocab, (n,), generator=g).to(device)
     rows = []
-    for name, f in {"ours": kernels.cross_entropy, "eager": F.cross_entropy}.items():
+    for name, f in {"ours": gpt2kernels.cross_entropy, "eager": F.cross_entropy}.items():
         def forward():
             with torch.no_grad():
                 return f(logits, t)

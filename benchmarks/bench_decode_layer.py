@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before kernels loads
+from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before gpt2kernels loads
 
-import kernels
+import gpt2kernels
 from engine.backends import EAGER, TRITON
 from engine.config import GPT2Config
 from engine.model import Block, decode_layer
@@ -54,16 +54,16 @@ def unfused_layer(x, blk, k_cache, v_cache, lens, h, eps=1e-5):
     b, c = x.shape
     rows, pos = torch.arange(b, device=x.device), lens.long() - 1
     attn, mlp = blk.attn, blk.mlp
-    qkv = kernels.linear(kernels.layer_norm(x, blk.ln_1.weight, blk.ln_1.bias, eps), attn.c_attn.weight, attn.c_attn.bias)
+    qkv = gpt2kernels.linear(gpt2kernels.layer_norm(x, blk.ln_1.weight, blk.ln_1.bias, eps), attn.c_attn.weight, attn.c_attn.bias)
     q, k, v = qkv.view(b, 3, h, c // h).unbind(1)
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
-    o = kernels.decode_attention(q[:, :, None], k_cache, v_cache, lens, check_lens=False)
-    a = kernels.linear(o.reshape(b, c), attn.c_proj.weight, attn.c_proj.bias)
-    hn, resid = kernels.add_layer_norm(a, x, blk.ln_2.weight, blk.ln_2.bias, eps)
-    m = kernels.gelu_mlp(hn, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias)
+    o = gpt2kernels.decode_attention(q[:, :, None], k_cache, v_cache, lens, check_lens=False)
+    a = gpt2kernels.linear(o.reshape(b, c), attn.c_proj.weight, attn.c_proj.bias)
+    hn, resid = gpt2kernels.add_layer_norm(a, x, blk.ln_2.weight, blk.ln_2.bias, eps)
+    m = gpt2kernels.gelu_mlp(hn, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias)
     # the next layer's LayerNorm, as the unfused chain runs it after every block
-    return kernels.add_layer_norm(m, resid, blk.ln_1.weight, blk.ln_1.bias, eps)[1]
+    return gpt2kernels.add_layer_norm(m, resid, blk.ln_1.weight, blk.ln_1.bias, eps)[1]
 
 
 def layer_bytes(c: int, batch: int, kv_len: int, element: int) -> int:
@@ -113,7 +113,7 @@ def main(argv=None):
     if smoke:  # interpreted kernels take a second a layer: one small case, timed once
         widths, kv_len, batches, layers, reps = {"tiny": (96, 3)}, 40, [3], 1, {"warmup": 0, "reps": 1}
         dtype = torch.float16 if device.type == "cpu" else dtype  # interpreter: no bf16 tl.dot
-    kernels.prepare_device(device)
+    gpt2kernels.prepare_device(device)
     roof = copy_gbps(device)
     print(f"copy {roof:.0f} GB/s")
     results = []

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before kernels loads
+from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before gpt2kernels loads
 
 import torch.nn.functional as F
 
-import kernels
+import gpt2kernels
 
 from .report import bar_plot, write_results
 from .roofline import copy_gbps
@@ -37,9 +37,9 @@ def cases(x, r, w, b):
     """name -> (ours, eager, bytes moved)."""
     nbytes = x.numel() * x.element_size()
     return {
-        "layer_norm": (lambda: kernels.layer_norm(x, w, b, 1e-5),
+        "layer_norm": (lambda: gpt2kernels.layer_norm(x, w, b, 1e-5),
                        lambda: F.layer_norm(x, x.shape[-1:], w, b, 1e-5), 2 * nbytes),
-        "add_layer_norm": (lambda: kernels.add_layer_norm(x, r, w, b, 1e-5),
+        "add_layer_norm": (lambda: gpt2kernels.add_layer_norm(x, r, w, b, 1e-5),
                            lambda: eager_add_layer_norm(x, r, w, b), 4 * nbytes),
     }
 

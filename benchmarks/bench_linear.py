@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before kernels loads
+from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before gpt2kernels loads
 
 import torch.nn.functional as F
 
-import kernels
+import gpt2kernels
 
 from .report import bar_plot, write_results
 from .roofline import copy_gbps, matmul_tflops
@@ -79,7 +79,7 @@ def main(argv=None):
                 x, w = rand(m, k, seed=m), rand(n, k, seed=n + k, scale=k**-0.5)
                 b = rand(n, seed=n) if has_bias else None
                 r = rand(m, n, seed=m + n) if has_res else None
-                fns = {"ours": lambda: kernels.linear(x, w, b, act, r), "eager": lambda: eager(x, w, b, act, r),
+                fns = {"ours": lambda: gpt2kernels.linear(x, w, b, act, r), "eager": lambda: eager(x, w, b, act, r),
                        "cublas": lambda: F.linear(x, w, b)}
                 nbytes = (n * k + m * k + m * n * (2 if has_res else 1)) * x.element_size()
                 results.append(measure(model, layer, m, n, k, fns, 2 * m * n * k, nbytes))
@@ -88,7 +88,7 @@ def main(argv=None):
         for m in rows:
             x, r = rand(m, c, seed=m), rand(m, c, seed=m + 1)
             fc_w, fc_b, pw, pb = rand(f, c, seed=1, scale=c**-0.5), rand(f, seed=2), rand(c, f, seed=3, scale=f**-0.5), rand(c, seed=4)
-            fns = {"ours": lambda: kernels.gelu_mlp(x, fc_w, fc_b, pw, pb, r),
+            fns = {"ours": lambda: gpt2kernels.gelu_mlp(x, fc_w, fc_b, pw, pb, r),
                    "eager": lambda: F.linear(F.gelu(F.linear(x, fc_w, fc_b), approximate="tanh"), pw, pb) + r,
                    "cublas": lambda: F.linear(F.linear(x, fc_w, fc_b), pw, pb)}
             nbytes = (2 * f * c + 3 * m * c) * x.element_size()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+import gpt2kernels
 
 from .kernel_cli import parse, print_row
 from .report import bar_plot, write_results
@@ -39,12 +39,12 @@ def torch_sort_sampler(logits, temperature, top_k, top_p):
 def main(argv=None):
     args, device, _ = parse(__doc__, argv, real_cpu_timings=True)  # the C++ sampler's
     batches = [1, 8] if args.smoke else [1, 8, 64, 256]  # the C++ path on CPU gives real figures
-    kernels.sample(torch.randn(1, 10, device=device))  # build / load the extension outside the timings
+    gpt2kernels.sample(torch.randn(1, 10, device=device))  # build / load the extension outside the timings
     rows = []
     for batch in batches:
         logits = torch.randn(batch, 50257, device=device) * 3
         for name, kw in SETTINGS.items():
-            fns = {"ours": lambda: kernels.sample(logits, 0.8, seed=1, **kw),
+            fns = {"ours": lambda: gpt2kernels.sample(logits, 0.8, seed=1, **kw),
                    "torch_sort": lambda: torch_sort_sampler(logits, 0.8, **kw),
                    "torch_multinomial": lambda: torch.multinomial(torch.softmax(logits / 0.8, -1), 1)}
             row = {"batch": batch, "setting": name}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -112,6 +113,9 @@ class HF:
     """HF transformers ``generate``: prefill = a 1-token generate, decode = the rest of a full one."""
 
     def __init__(self, ckpt, device, dtype_name, impl):
+        # The peer is stock transformers: hub kernels (on by default in transformers >= 5) would swap
+        # its GELU for a downloaded one, and the GPU machine has no network.
+        os.environ.setdefault("USE_HUB_KERNELS", "NO")
         from transformers import GPT2LMHeadModel
 
         dtype = DTYPES[dtype_name][0]
@@ -164,7 +168,7 @@ def kernel_counts(runners, batches) -> dict[tuple[str, str, int], int]:
     for r in runners:
         if isinstance(r, Ours) and "compile" not in r.impl:
             for batch in batches:
-                counts[r.impl, r.dtype, batch] = kernel_budget(r.model, batch)["kernels"]
+                counts[r.impl, r.dtype, batch] = kernel_budget(r.model, batch)["gpt2kernels"]
     return counts
 
 

@@ -52,10 +52,10 @@ export XDIST
 # name -> "timeout_seconds gpu_only command"
 declare -A STEPS=(
   [pytest_gpu]="180 0 $PY -m pytest -q -rs -p no:cacheprovider -m gpu \$XDIST"
-  [pytest_scoring]="150 0 $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/kernels/test_loss.py tests/engine/test_scoring.py tests/engine/test_runner.py \$XDIST"
-  [eval_gpt2]="120 1 cat README.md kernels/README.md | $PY -m engine.eval --model random:gpt2 --batch-size 8 --json && cat README.md kernels/README.md | $PY -m engine.eval --model random:gpt2 --batch-size 8 --json --backend eager"
+  [pytest_scoring]="150 0 $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/gpt2kernels/test_loss.py tests/engine/test_scoring.py tests/engine/test_runner.py \$XDIST"
+  [eval_gpt2]="120 1 cat README.md gpt2kernels/README.md | $PY -m engine.eval --model random:gpt2 --batch-size 8 --json && cat README.md gpt2kernels/README.md | $PY -m engine.eval --model random:gpt2 --batch-size 8 --json --backend eager"
   [pytest_rest]="300 0 $PY -m pytest -q -rs -p no:cacheprovider -m 'not gpu'"
-  [aot]="120 0 mkdir -p benchmarks/results/aot && $PY -m kernels.aot | tee benchmarks/results/aot/triton-\$($PY -c 'import triton; print(triton.__version__)').txt"
+  [aot]="120 0 mkdir -p benchmarks/results/aot && $PY -m gpt2kernels.aot | tee benchmarks/results/aot/triton-\$($PY -c 'import triton; print(triton.__version__)').txt"
   [bench_layernorm]="60 1 $PY -m benchmarks.bench_layernorm"
   [bench_sampling]="90 1 $PY -m benchmarks.bench_sampling"
   [bench_attention]="180 1 $PY -m benchmarks.bench_attention"
@@ -93,11 +93,11 @@ setup() {
     $PY -m pip install -q --no-index --find-links .whl starlette uvicorn openai \
       || echo "the server's packages did not install: its tests skip and serve_load fails"
   fi
-  # Build the sampler in place (kernels/_C*.so; PYTHONPATH holds this checkout) where torch has CUDA
+  # Build the sampler in place (gpt2kernels/_C*.so; PYTHONPATH holds this checkout) where torch has CUDA
   # and no earlier call built it. Not `pip install -e .`: with this repo's setup.py-only packaging,
   # the GPU image's setuptools (>= 80) turns `develop` into a pip call with build isolation, which
   # needs the network the GPU machine does not have.
-  if ! $PY -c 'import torch; from kernels._extension import built_library as b; assert b() or not torch.version.cuda' \
+  if ! $PY -c 'import torch; from gpt2kernels._extension import built_library as b; assert b() or not torch.version.cuda' \
        2>/dev/null; then
     MAX_JOBS=16 $PY setup.py -q build_ext --inplace || return 1
   fi
@@ -108,14 +108,14 @@ setup() {
     cuda-gdb -batch -ex run -ex "bt 14" --args $PY -m benchmarks.probe_cpp_errors 2>&1 | grep "^#" | cut -c1-300
     if [ -x /usr/bin/g++ ]; then
       echo "rebuilding with $(/usr/bin/g++ --version | head -1)"
-      rm -rf build kernels/_C*.so
+      rm -rf build gpt2kernels/_C*.so
       CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS=16 $PY setup.py -q build_ext --inplace || return 1
       $PY -m benchmarks.probe_cpp_errors || echo "still crashing with the system compilers (a known defect)"
     fi
   fi
   $PY - <<'EOF'
 import numpy, torch, triton
-from kernels import _extension
+from gpt2kernels import _extension
 
 print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
       "triton", triton.__version__, "numpy", numpy.__version__)

@@ -1,6 +1,6 @@
 """What every kernel benchmark shares: interpreter set-up on CPU, the --smoke flag, row printing.
 
-Import this before ``kernels``: without CUDA it switches the Triton interpreter on, so the
+Import this before ``gpt2kernels``: without CUDA it switches the Triton interpreter on, so the
 benchmarks run (slowly, at small sizes) on CPU and are known to work before a GPU is lent.
 """
 
@@ -14,7 +14,7 @@ import torch
 from . import timing
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels defines its @triton.jit functions
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before gpt2kernels defines its @triton.jit functions
 
 
 def parse(doc: str, argv=None, add_arguments=None,

@@ -6,14 +6,14 @@ On the GPU machine's image (an H200, 2026-11-25: torch 2.11+cu130, the extension
 /opt/gcc toolchain) any TORCH_CHECK failing inside the extension killed the process with SIGSEGV,
 on CPU tensors too, while torch's own errors raised normally: the crash is in unwinding through the
 extension's frames. gpu_check.sh runs this after its build and, when it crashes, rebuilds with the
-system compilers; tests/kernels/test_sampling.py runs it in a subprocess, so a crash fails one test.
+system compilers; tests/gpt2kernels/test_sampling.py runs it in a subprocess, so a crash fails one test.
 """
 
 import sys
 
 import torch
 
-from kernels.sampling import load_extension, sample_next_
+from gpt2kernels.sampling import load_extension, sample_next_
 
 
 def main(device: str = "cpu") -> None:

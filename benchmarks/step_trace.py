@@ -70,7 +70,7 @@ class OpTrace(TorchDispatchMode):
     def kernels(self) -> list[str]:
         """The ops that launch a kernel outside Triton: aten ops other than views and allocations,
         inside our launchers too, and each compiled (csrc) op once. Triton launches are counted by
-        ``kernels.aot.record_launches``."""
+        ``gpt2kernels.aot.record_launches``."""
         return [name for name, _, _ in self.ops
                 if (name.split("::")[0] in ("aten", "prims") and name.split(".")[0] not in NO_KERNEL)
                 or name.split("::")[0].endswith("_C")]
@@ -111,7 +111,7 @@ def _launches_untraced():
 def trace_step(step, execute: bool = True) -> tuple[OpTrace, list]:
     """Run ``step()`` once under an ``OpTrace`` and ``record_launches``: (the trace, Triton launches).
     execute=False records the Triton launches without running them (their outputs are garbage)."""
-    from kernels.aot import record_launches
+    from gpt2kernels.aot import record_launches
 
     with record_launches(execute=execute) as launches, _launches_untraced(), OpTrace() as trace:
         step()
@@ -150,7 +150,7 @@ def kernel_budget(model, batch: int, penalized: bool = False) -> dict:
     sampling = [SamplingParams(temperature=0.7, top_k=40, seed=r, repetition_penalty=1.2 if penalized else 1.0)
                 for r in range(batch)]
     requests = [Request([1, 2, 3, 4, 5], 8, s) for s in sampling]
-    from kernels.aot import record_launches
+    from gpt2kernels.aot import record_launches
 
     execute = model.device.type == "cuda"
     runner.prepare(requests, cuda_graph=False)
@@ -165,7 +165,7 @@ def kernel_budget(model, batch: int, penalized: bool = False) -> dict:
     with _first_layers(model, 2):
         two = step_kernels(step, execute)
     per_layer = two - one
-    return {"kernels": total, "per_layer": per_layer, "outside_layers": one - per_layer,
+    return {"gpt2kernels": total, "per_layer": per_layer, "outside_layers": one - per_layer,
             "layers": model.config.n_layer}
 
 

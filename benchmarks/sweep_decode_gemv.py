@@ -23,16 +23,16 @@ import time
 
 import torch
 
-from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before kernels loads
+from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before gpt2kernels loads
 
-import kernels
-from kernels._ops import sm_count
+import gpt2kernels
+from gpt2kernels._ops import sm_count
 
 from .report import write_results
 from .roofline import copy_gbps
 from .timing import graph_bench
 
-klinear = importlib.import_module("kernels.linear")  # the module: kernels.linear is the op
+klinear = importlib.import_module("gpt2kernels.linear")  # the module: gpt2kernels.linear is the op
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM): the rule's tiles first, then wider K
 # blocks (more bytes in flight per program), more stages, and more resident programs.
@@ -79,7 +79,7 @@ def _inputs(m, n, k, act, res, dtype, device, copies, int8=False):
     """x, [(weight, scale)] * copies, bias, residual; scale is None for 16-bit weights."""
     g = torch.Generator(device=device).manual_seed(n * 7 + k)
     ws = [torch.randn(n, k, dtype=dtype, device=device, generator=g) * k**-0.5 for _ in range(copies)]
-    ws = [kernels.quantize_int8(w) if int8 else (w, None) for w in ws]
+    ws = [gpt2kernels.quantize_int8(w) if int8 else (w, None) for w in ws]
     x = torch.randn(m, k, dtype=dtype, device=device, generator=g)
     bias = None if n == 50257 else torch.randn(n, dtype=dtype, device=device, generator=g)  # the lm_head has none
     r = torch.randn(m, n, dtype=dtype, device=device, generator=g) if res else None
@@ -91,7 +91,7 @@ def _compile_one(job):
     m, n, k, act, res, dtype, config, int8 = job
     x, ws, bias, r = _inputs(m, n, k, act, res, dtype, "cuda", 1, int8)
     with decode_tiles(lambda *_: config):
-        kernels.linear(x, ws[0][0], bias, act, r, weight_scale=ws[0][1])
+        gpt2kernels.linear(x, ws[0][0], bias, act, r, weight_scale=ws[0][1])
     torch.cuda.synchronize()
     return True
 
@@ -101,14 +101,14 @@ def time_gemv(m, n, k, act, res, dtype, device, config, l2_bytes, int8=False) ->
     copies = max(2, -(-2 * l2_bytes // (n * k * (1 if int8 else dtype.itemsize))))
     x, ws, bias, r = _inputs(m, n, k, act, res, dtype, device, copies, int8)
     with decode_tiles(lambda *_: config):
-        out = kernels.linear(x, *ws[0][:1], bias, act, r, weight_scale=ws[0][1])
+        out = gpt2kernels.linear(x, *ws[0][:1], bias, act, r, weight_scale=ws[0][1])
         w0 = ws[0][0] if int8 else ws[0][0].float()
         want = klinear.linear_ref(x.float(), w0, bias.float() if bias is not None else None, act,
                                   r.float() if r is not None else None, weight_scale=ws[0][1])
         err = (out.float() - want).abs().max().item()
         if device.type != "cuda":
             return float("nan"), err
-        ms = graph_bench(lambda: [kernels.linear(x, w, bias, act, r, weight_scale=s) for w, s in ws], device,
+        ms = graph_bench(lambda: [gpt2kernels.linear(x, w, bias, act, r, weight_scale=s) for w, s in ws], device,
                          replays=5)["ms"]
     return ms * 1e3 / len(ws), err
 

@@ -1,6 +1,6 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
 // One uniform double per (seed, offset): the same numbers on CPU, on GPU and in the Python
-// reference (kernels/sampling.py), so every implementation draws the same token from the same input.
+// reference (gpt2kernels/sampling.py), so every implementation draws the same token from the same input.
 #pragma once
 #include <cstdint>
 

@@ -1,5 +1,5 @@
 // Sampling on CPU: temperature, then top-k, then top-p over the renormalised rest, then min-p (HF
-// semantics, spelled out in kernels/sampling.py). Rows run in parallel; a row touches only its own logits.
+// semantics, spelled out in gpt2kernels/sampling.py). Rows run in parallel; a row touches only its own logits.
 // Sort-free where it can be: top-k by selection (nth_element), top-p by sorting only the tokens
 // above a probability threshold that provably holds the nucleus.
 #include <ATen/ATen.h>

@@ -10,7 +10,7 @@
 //   5. the draw: inverse CDF over the kept tokens in vocabulary order (a deterministic block scan
 //      over contiguous per-thread segments; one owner segment chosen by a block reduction), with
 //      the row's Philox uniform (philox.h).
-// Semantics are those of kernels/sampling.py; each row's seed and offset are read on the device,
+// Semantics are those of gpt2kernels/sampling.py; each row's seed and offset are read on the device,
 // so a captured CUDA graph replays fresh randomness when the caller advances the offset tensor.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import kernels
+import gpt2kernels
 
 from .quantize import PackedInt8Linear
 
@@ -24,7 +24,7 @@ CPU_FP16_GEMV_MAX_ROWS = 16
 
 
 def eager_linear(x, weight, bias=None, activation=None, residual=None, weight_scale=None):
-    """``kernels.linear_ref``, upcast to fp32 for fp16 GEMMs on CPU, where that is faster; a
+    """``gpt2kernels.linear_ref``, upcast to fp32 for fp16 GEMMs on CPU, where that is faster; a
     ``PackedInt8Linear`` weight (int8 on CPU) runs on PyTorch's quantised engine."""
     if isinstance(weight, PackedInt8Linear):
         return weight(x, bias, activation, residual)
@@ -32,26 +32,26 @@ def eager_linear(x, weight, bias=None, activation=None, residual=None, weight_sc
         r = residual.float() if residual is not None else None
         b = bias.float() if bias is not None else None
         w = weight.float() if weight.is_floating_point() else weight
-        return kernels.linear_ref(x.float(), w, b, activation, r, weight_scale).to(x.dtype)
-    return kernels.linear_ref(x, weight, bias, activation, residual, weight_scale)
+        return gpt2kernels.linear_ref(x.float(), w, b, activation, r, weight_scale).to(x.dtype)
+    return gpt2kernels.linear_ref(x, weight, bias, activation, residual, weight_scale)
 
 
 def eager_ln_linear(x, ln_weight, ln_bias, weight, bias=None, activation=None, eps=1e-5, weight_scale=None):
-    """``kernels.ln_linear_ref`` with ``eager_linear``'s CPU rules."""
-    return eager_linear(kernels.layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias, activation,
+    """``gpt2kernels.ln_linear_ref`` with ``eager_linear``'s CPU rules."""
+    return eager_linear(gpt2kernels.layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias, activation,
                         weight_scale=weight_scale)
 
 
 def eager_ln_qkv_append(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, cache_lens, eps=1e-5,
                         weight_scale=None):
-    """``kernels.ln_qkv_append_ref`` with ``eager_linear``'s CPU rules."""
+    """``gpt2kernels.ln_qkv_append_ref`` with ``eager_linear``'s CPU rules."""
     qkv = eager_ln_linear(x, ln_weight, ln_bias, weight, bias, None, eps, weight_scale)
     if _cpu_eager(x) and x.shape[0] == 1:  # batch 1 on CPU: two slice writes, no index tensors to build
         c, (h, d), pos = x.shape[1], (k_cache.shape[1], k_cache.shape[3]), int(cache_lens[0]) - 1
         k_cache[0, :, pos] = qkv[0, c:2 * c].view(h, d)
         v_cache[0, :, pos] = qkv[0, 2 * c:].view(h, d)
         return qkv[:, :c]
-    return kernels.qkv_append_ref(qkv, k_cache, v_cache, cache_lens)
+    return gpt2kernels.qkv_append_ref(qkv, k_cache, v_cache, cache_lens)
 
 
 def _cpu_eager(x: torch.Tensor) -> bool:
@@ -65,14 +65,14 @@ def _cpu_fp16(x: torch.Tensor) -> bool:
 
 
 def eager_attention(q, k, v, causal=True):
-    """``kernels.flash_attention_ref``; fp16 on CPU computed in fp32, 2-3x faster there."""
+    """``gpt2kernels.flash_attention_ref``; fp16 on CPU computed in fp32, 2-3x faster there."""
     if _cpu_fp16(q):
-        return kernels.flash_attention_ref(q.float(), k.float(), v.float(), causal).to(q.dtype)
-    return kernels.flash_attention_ref(q, k, v, causal)
+        return gpt2kernels.flash_attention_ref(q.float(), k.float(), v.float(), causal).to(q.dtype)
+    return gpt2kernels.flash_attention_ref(q, k, v, causal)
 
 
 def eager_decode_attention(q, k_cache, v_cache, cache_lens):
-    """``kernels.decode_attention_ref``; fp16 on CPU computed in fp32: fp16 batched matmuls there
+    """``gpt2kernels.decode_attention_ref``; fp16 on CPU computed in fp32: fp16 batched matmuls there
     were 14x slower when called from a thread other than the main one (the server's engine loop).
 
     On CPU, when every row has the same length (batch 1, or prompts of one length), SDPA over
@@ -87,8 +87,8 @@ def eager_decode_attention(q, k_cache, v_cache, cache_lens):
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
             return F.scaled_dot_product_attention(q, k, v)
     if _cpu_fp16(q):
-        return kernels.decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), cache_lens).to(q.dtype)
-    return kernels.decode_attention_ref(q, k_cache, v_cache, cache_lens)
+        return gpt2kernels.decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), cache_lens).to(q.dtype)
+    return gpt2kernels.decode_attention_ref(q, k_cache, v_cache, cache_lens)
 
 
 def _lm_head_logprobs(impl, hidden, weight, targets):
@@ -96,10 +96,10 @@ def _lm_head_logprobs(impl, hidden, weight, targets):
 
 
 def eager_target_logprobs(hidden, weight, targets):
-    """log p(target) per row through ``kernels.linear_cross_entropy_ref``; fp16 on CPU computed in fp32."""
+    """log p(target) per row through ``gpt2kernels.linear_cross_entropy_ref``; fp16 on CPU computed in fp32."""
     if _cpu_fp16(hidden):
         hidden, weight = hidden.float(), weight.float()
-    return _lm_head_logprobs(kernels.linear_cross_entropy_ref, hidden, weight, targets)
+    return _lm_head_logprobs(gpt2kernels.linear_cross_entropy_ref, hidden, weight, targets)
 
 
 def eager_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None, fc_scale=None, proj_scale=None):
@@ -127,32 +127,32 @@ class Ops:
 
 
 EAGER = Ops(
-    layer_norm=kernels.layer_norm_ref,
-    add_layer_norm=kernels.add_layer_norm_ref,
+    layer_norm=gpt2kernels.layer_norm_ref,
+    add_layer_norm=gpt2kernels.add_layer_norm_ref,
     linear=eager_linear,
     gelu_mlp=eager_gelu_mlp,
     attention=eager_attention,
-    decode_embed=kernels.decode_embed_ref,
+    decode_embed=gpt2kernels.decode_embed_ref,
     ln_qkv_append=eager_ln_qkv_append,
     ln_linear=eager_ln_linear,
     decode_attention=eager_decode_attention,
-    apply_penalties=kernels.apply_penalties_ref,
+    apply_penalties=gpt2kernels.apply_penalties_ref,
     target_logprobs=eager_target_logprobs,
 )
 
 TRITON = Ops(
-    layer_norm=kernels.layer_norm,
-    add_layer_norm=kernels.add_layer_norm,
-    linear=kernels.linear,
-    gelu_mlp=kernels.gelu_mlp,
-    attention=kernels.flash_attention,
-    decode_embed=kernels.decode_embed,
-    ln_qkv_append=kernels.ln_qkv_append,
-    ln_linear=kernels.ln_linear,
+    layer_norm=gpt2kernels.layer_norm,
+    add_layer_norm=gpt2kernels.add_layer_norm,
+    linear=gpt2kernels.linear,
+    gelu_mlp=gpt2kernels.gelu_mlp,
+    attention=gpt2kernels.flash_attention,
+    decode_embed=gpt2kernels.decode_embed,
+    ln_qkv_append=gpt2kernels.ln_qkv_append,
+    ln_linear=gpt2kernels.ln_linear,
     # The cache guarantees q_len <= cache_lens <= max_len: skip the check's host sync.
-    decode_attention=functools.partial(kernels.decode_attention, check_lens=False),
-    apply_penalties=kernels.apply_penalties,
-    target_logprobs=functools.partial(_lm_head_logprobs, kernels.linear_cross_entropy),
+    decode_attention=functools.partial(gpt2kernels.decode_attention, check_lens=False),
+    apply_penalties=gpt2kernels.apply_penalties,
+    target_logprobs=functools.partial(_lm_head_logprobs, gpt2kernels.linear_cross_entropy),
 )
 
 BACKENDS: dict[str, Ops] = {"eager": EAGER, "triton": TRITON}

@@ -136,7 +136,7 @@ def _write(text: str) -> None:
 def run(args) -> int:
     import torch
 
-    from kernels.sampling import as_int64
+    from gpt2kernels.sampling import as_int64
 
     from .errors import EngineError
     from .generation import generate

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kernels.sampling import as_int64, row_seeds
+from gpt2kernels.sampling import as_int64, row_seeds
 
 from .errors import ContextLengthError, ParameterError
 from .model import GPT2

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-import kernels
+import gpt2kernels
 
 from .backends import get_backend
 from .cpu import default_cpu_dtype
@@ -105,7 +105,7 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     if quantize is not None:
         quantize_model(model, quantize)
     model.dtype_reason = dtype_reason
-    kernels.sampling.load_extension()  # a first run compiles it: count that as loading, not as prefill
+    gpt2kernels.sampling.load_extension()  # a first run compiles it: count that as loading, not as prefill
     model.load_seconds = time.perf_counter() - start
     return model
 

@@ -3,11 +3,11 @@
 ``int8`` quantises the four linears of every block (c_attn, attention c_proj, c_fc, MLP c_proj);
 ``int8-all`` the lm_head too (an int8 copy beside ``wte``, which the embedding lookup keeps in the
 model dtype). Embeddings, LayerNorms and biases stay in the model dtype. Scales are symmetric per
-output channel, computed at load from any checkpoint (``kernels.quantize_int8``).
+output channel, computed at load from any checkpoint (``gpt2kernels.quantize_int8``).
 
 Two forms, one per backend:
 - triton (GPU): the int8 weight and its fp32 scales; our linear kernels widen the weight in
-  registers and scale in the epilogue (``kernels.linear``), keeping every fusion.
+  registers and scale in the epilogue (``gpt2kernels.linear``), keeping every fusion.
 - eager (CPU): ``PackedInt8Linear``, the same int8 values prepacked once for PyTorch's quantised
   CPU engine (fbgemm on x86): each call quantises the activations to uint8 (per tensor, as
   CTranslate2 and ONNX Runtime do) and multiplies int8 by int8 into int32 (AVX-512 VNNI where the
@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-import kernels
+import gpt2kernels
 
 from .cpu import has_vnni
 from .errors import EngineError
@@ -64,7 +64,7 @@ def _engine(name: str):
 class PackedInt8Linear:
     """An int8 linear weight prepacked for the CPU's quantised engine, with its bias folded in.
 
-    Called as ``(x, bias, activation, residual)`` like ``kernels.linear_ref``; ``bias`` must be the
+    Called as ``(x, bias, activation, residual)`` like ``gpt2kernels.linear_ref``; ``bias`` must be the
     tensor it was packed with (or None, then none is added). x: (..., K) any float dtype, computed
     in fp32 (the engine's only input dtype) and returned in x's dtype.
     """
@@ -113,8 +113,8 @@ class PackedInt8Linear:
 def dequantize(weight, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """A quantised weight (int8 tensor with its scales, or ``PackedInt8Linear``) as a (N, K) ``dtype`` tensor."""
     if isinstance(weight, PackedInt8Linear):
-        return kernels.dequantize_int8(weight.int8(), weight.scale, dtype)
-    return kernels.dequantize_int8(weight, scale, dtype)
+        return gpt2kernels.dequantize_int8(weight.int8(), weight.scale, dtype)
+    return gpt2kernels.dequantize_int8(weight, scale, dtype)
 
 
 def _linears(model):
@@ -133,7 +133,7 @@ def quantize_model(model, mode: str) -> None:
         raise EngineError("this PyTorch build has no quantised CPU engine (fbgemm, qnnpack): int8 is unavailable; "
                           "load without quantize")
     for p in _linears(model):
-        q, scale = kernels.quantize_int8(p.weight)
+        q, scale = gpt2kernels.quantize_int8(p.weight)
         bias = getattr(p, "bias", None)
         del p.weight
         if packed:
@@ -142,7 +142,7 @@ def quantize_model(model, mode: str) -> None:
             p.weight = torch.nn.Parameter(q, requires_grad=False)
             p.scale = scale
     if mode == "int8-all":
-        q, scale = kernels.quantize_int8(model._lm_head_weight())
+        q, scale = gpt2kernels.quantize_int8(model._lm_head_weight())
         if packed:
             model.lm_head_weight = PackedInt8Linear(q, scale, None, engine)
             model.lm_head_scale = None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from numbers import Number
 from typing import Callable, Sequence
 
-from kernels import check_penalties, check_sampling_params
+from gpt2kernels import check_penalties, check_sampling_params
 
 from .errors import NumericalError, ParameterError
 from .tokenizer import EOT_ID, StreamDecoder
@@ -16,7 +16,7 @@ from .tokenizer import EOT_ID, StreamDecoder
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """One request's sampling (semantics: ``kernels.sampling``): temperature 0 is greedy; top_k 0,
+    """One request's sampling (semantics: ``gpt2kernels.sampling``): temperature 0 is greedy; top_k 0,
     top_p 1 and min_p 0 disable those filters; repetition_penalty 1 and presence/frequency 0 disable
     the penalties. ``seed`` keys the request's own random stream (its n-th token draws at offset n)."""
     temperature: float = 1.0

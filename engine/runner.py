@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from kernels import prepare_device
-from kernels.sampling import prepare_sampler, sample_next_
+from gpt2kernels import prepare_device
+from gpt2kernels.sampling import prepare_sampler, sample_next_
 
 from .cache import KVCache
 from .errors import EngineError

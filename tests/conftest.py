@@ -7,6 +7,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# transformers >= 5 swaps layers of a from_pretrained model for Hugging Face hub kernels by default,
+# fetched from the hub on a GPU: the oracle must be transformers' own PyTorch, and tests stay offline.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _interpreter_numpy_problem() -> str | None:

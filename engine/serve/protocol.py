@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
-from kernels.sampling import as_int64
+from gpt2kernels.sampling import as_int64
 
 from ..errors import ParameterError
 from ..request import Request, check_max_time, sampling_params, stop_strings

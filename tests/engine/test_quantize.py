@@ -9,7 +9,7 @@ import engine
 from engine import cpu
 from engine.errors import EngineError
 from engine.quantize import PackedInt8Linear, dequantize
-from kernels import dequantize_int8, quantize_int8
+from gpt2kernels import dequantize_int8, quantize_int8
 
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 

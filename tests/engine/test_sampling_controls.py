@@ -9,7 +9,7 @@ import torch
 import engine
 from engine.errors import ParameterError
 from engine.request import Request, SamplingParams
-from kernels.sampling import sample_ref
+from gpt2kernels.sampling import sample_ref
 
 
 @pytest.fixture(scope="module")

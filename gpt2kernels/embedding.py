@@ -94,7 +94,7 @@ def decode_embed_ref(tokens: Tensor, lens: Tensor, wte: Tensor, wpe: Tensor) -> 
 
 
 def aot_launches() -> None:
-    """Call the launcher at GPT-2's widths, fp16/bf16/fp32. For ``kernels.aot``, which records the
+    """Call the launcher at GPT-2's widths, fp16/bf16/fp32. For ``gpt2kernels.aot``, which records the
     launches without running them."""
     from .aot import GPT2_SIZES, GPT2_VOCAB
 

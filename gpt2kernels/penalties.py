@@ -131,7 +131,7 @@ def apply_penalties_ref(logits: Tensor, counts: Tensor, prompt_mask: Tensor, las
 
 
 def aot_launches() -> None:
-    """The launcher at GPT-2's vocabulary, fp16/bf16/fp32 logits, batch 1 and 5. For ``kernels.aot``."""
+    """The launcher at GPT-2's vocabulary, fp16/bf16/fp32 logits, batch 1 and 5. For ``gpt2kernels.aot``."""
     from .aot import GPT2_VOCAB
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):

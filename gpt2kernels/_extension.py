@@ -62,7 +62,7 @@ def load() -> bool:
 
 
 def built_library(directory: Path | None = None) -> Path | None:
-    """The extension ``setup.py`` built into kernels/ for this very interpreter (its ABI tag, e.g.
+    """The extension ``setup.py`` built into gpt2kernels/ for this very interpreter (its ABI tag, e.g.
     ``_C.cpython-312-x86_64-linux-gnu.so``), or None: a build for another Python cannot be loaded."""
     directory = directory or PACKAGE
     return next((directory / f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES

@@ -256,9 +256,9 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, int8_weigh
         return GemmConfig(16, block_n, block_k, warps, stages, split)
     if m <= DECODE_MAX_ROWS:
         # int8 weights take a 128-byte line in 128 columns; with fp32 activations (the correctness path)
-        # that spilled on sm_80 and sm_90 (kernels.aot, Triton 3.9: 255 registers), so 64 there.
+        # that spilled on sm_80 and sm_90 (gpt2kernels.aot, Triton 3.9: 255 registers), so 64 there.
         block_k, target = 128 if int8_weight and not wide else 64, DECODE_PROGRAMS_PER_SM * sms
-        # fp32 (the correctness path) at BLOCK_N = 64 and M = 1 spilled on sm_90 (kernels.aot, Triton 3.9).
+        # fp32 (the correctness path) at BLOCK_N = 64 and M = 1 spilled on sm_90 (gpt2kernels.aot, Triton 3.9).
         for block_n in (32, 16) if wide else (64, 32, 16):
             split = decode_split_k(n, k, block_n, block_k, target)
             if triton.cdiv(n, block_n) * split >= target:
@@ -269,7 +269,7 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, int8_weigh
         # registers) and, with the GELU epilogue, on sm_90 at 8; BLOCK_K = 16 at 8 warps holds 80 and none.
         return GemmConfig(64, 64, 16, 8, 2)
     if m <= 64:
-        # int8 weights widened to bf16 spilled at 4 warps on sm_80 (168 registers; kernels.aot, Triton 3.9):
+        # int8 weights widened to bf16 spilled at 4 warps on sm_80 (168 registers; gpt2kernels.aot, Triton 3.9):
         # 8 warps halve each thread's share of the tile.
         return GemmConfig(64, 128, 64, 8 if int8_weight and dtype == torch.bfloat16 else 4, 4)
     return GemmConfig(128, 128, 64, 8, 3)
@@ -387,7 +387,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
         bias: (N,) or None.
         activation: None or ``"gelu_tanh"`` (GPT-2's tanh approximation of GELU).
         residual: (..., N) in x's dtype, last dim contiguous, added after the activation; or None.
-        weight_scale: (N,) fp32 per-output-channel scales when ``weight`` is int8 (``kernels.quantize_int8``),
+        weight_scale: (N,) fp32 per-output-channel scales when ``weight`` is int8 (``gpt2kernels.quantize_int8``),
             applied in the epilogue before the bias; None for a float weight.
     Returns:
         y: (..., N) in x's dtype. Accumulation and the whole epilogue are fp32; one final rounding.
@@ -439,7 +439,7 @@ def ln_linear(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bia
         bias: (N,) or None.
         activation: None or ``"gelu_tanh"``.
         eps: added to the variance.
-        weight_scale: (N,) fp32 per-output-channel scales when ``weight`` is int8 (``kernels.quantize_int8``),
+        weight_scale: (N,) fp32 per-output-channel scales when ``weight`` is int8 (``gpt2kernels.quantize_int8``),
             applied in the epilogue before the bias; None for a float weight.
     Returns:
         y: (..., N) in x's dtype.
@@ -472,7 +472,7 @@ def ln_qkv_append(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
         cache_lens: int32 (B,) on x's device, each row's length including the new token (>= 1,
             <= max_len; not checked: reading it would cost a host sync).
         eps: LayerNorm's epsilon.
-        weight_scale: (N,) fp32 per-output-channel scales when ``weight`` is int8 (``kernels.quantize_int8``),
+        weight_scale: (N,) fp32 per-output-channel scales when ``weight`` is int8 (``gpt2kernels.quantize_int8``),
             applied in the epilogue before the bias; None for a float weight.
     Returns:
         q: (B, C) in x's dtype, contiguous; ``q.view(B, 1, H, D).transpose(1, 2)`` is (B, H, 1, D).
@@ -552,7 +552,7 @@ def aot_launches() -> None:
     and bias + residual as the fused API offers it), c_fc (bias + GELU), MLP c_proj (bias, bias +
     residual) and lm_head (no bias, N = 50257), fp16/bf16/fp32, at ``AOT_ROWS`` rows; and the fused
     decode ops (``ln_qkv_append``, ``ln_linear`` for c_fc and lm_head) at ``AOT_DECODE_ROWS``.
-    For ``kernels.aot``, which records the launches without running them."""
+    For ``gpt2kernels.aot``, which records the launches without running them."""
     from .aot import GPT2_SIZES, GPT2_VOCAB
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -1,11 +1,11 @@
-"""kernels.decode_embed: a decode step's embedding lookup, which also advances each row's length."""
+"""gpt2kernels.decode_embed: a decode step's embedding lookup, which also advances each row's length."""
 
 import pytest
 import torch
 from torch.library import opcheck
 
-import kernels
-from kernels._ops import NS
+import gpt2kernels
+from gpt2kernels._ops import NS
 
 from .helpers import poison_empty
 
@@ -28,7 +28,7 @@ def test_decode_embed(b, c, dtype, device, monkeypatch):
     want = (wte[tokens].double() + wpe[lens.long()].double()).to(dtype)  # one rounding of the exact sum
     before = lens.clone()
     poison_empty(monkeypatch)
-    got = kernels.decode_embed(tokens, lens, wte, wpe)
+    got = gpt2kernels.decode_embed(tokens, lens, wte, wpe)
     assert torch.equal(got, want)
     assert torch.equal(lens, before + 1)
 
@@ -39,8 +39,8 @@ def test_reference_agrees_and_out_of_range_is_clamped(device):
     tokens = torch.tensor([-1, 49, 10**6], device=device)
     lens = torch.tensor([0, 8, 100], dtype=torch.int32, device=device)
     lens_ref = lens.clone()
-    got = kernels.decode_embed(tokens, lens, wte, wpe)
-    want = kernels.decode_embed_ref(tokens, lens_ref, wte, wpe)
+    got = gpt2kernels.decode_embed(tokens, lens, wte, wpe)
+    want = gpt2kernels.decode_embed_ref(tokens, lens_ref, wte, wpe)
     assert torch.equal(got, want) and torch.equal(lens, lens_ref)
     assert torch.equal(got[0], wte[0] + wpe[0]) and torch.equal(got[2], wte[49] + wpe[7])
 
@@ -50,8 +50,8 @@ def test_opcheck_and_bad_input(device):
     tokens, lens = torch.tensor([1, 2], device=device), torch.tensor([3, 4], dtype=torch.int32, device=device)
     opcheck(getattr(torch.ops, NS).decode_embed.default, (tokens, lens, wte, wpe))
     with pytest.raises(ValueError, match="lens has dtype torch.int64"):
-        kernels.decode_embed(tokens, lens.long(), wte, wpe)
+        gpt2kernels.decode_embed(tokens, lens.long(), wte, wpe)
     with pytest.raises(ValueError, match=r"lens has shape \[1\], expected \[2\]"):
-        kernels.decode_embed(tokens, lens[:1], wte, wpe)
+        gpt2kernels.decode_embed(tokens, lens[:1], wte, wpe)
     with pytest.raises(ValueError, match=r"must be non-empty \(rows, C\) tables of one width"):
-        kernels.decode_embed(tokens, lens, wte, wpe[:, :5])
+        gpt2kernels.decode_embed(tokens, lens, wte, wpe[:, :5])

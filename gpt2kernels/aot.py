@@ -1,6 +1,6 @@
 """Compile every Triton kernel variant the launchers really produce, for sm_80 and sm_90, with no GPU.
 
-    python -m kernels.aot            # table of registers / shared memory / spills; exit 1 on failure
+    python -m gpt2kernels.aot            # table of registers / shared memory / spills; exit 1 on failure
 
 Nothing is listed by hand. Each kernel module's ``aot_launches()`` calls its launchers at the
 shapes GPT-2 runs (every size, fp16/bf16/fp32, decode and prefill row counts, M = 1 and Lq = 1
@@ -9,7 +9,7 @@ JIT code (its argument binder and ``_pack_args``) for the specialisation it woul
 alignment, ints equal to 1 or divisible by 16, constexprs, num_warps, num_stages) and keeps one
 compile job per distinct JIT cache key. What is compiled here is therefore what the JIT compiles
 on a GPU, for Triton 3.6 and 3.9 alike. The same recorder, around an interpreted run of the engine,
-checks that every launch a generation makes is among these variants (tests/kernels/test_aot_compile.py).
+checks that every launch a generation makes is among these variants (tests/gpt2kernels/test_aot_compile.py).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns unless the (default) choice is explicit
 
-MODULES = ["kernels.embedding", "kernels.layernorm", "kernels.linear", "kernels.attention", "kernels.penalties",
-           "kernels.loss"]
+MODULES = ["gpt2kernels.embedding", "gpt2kernels.layernorm", "gpt2kernels.linear", "gpt2kernels.attention", "gpt2kernels.penalties",
+           "gpt2kernels.loss"]
 ARCHS = (80, 90)
 GPT2_SIZES = ((768, 12), (1024, 16), (1280, 20), (1600, 25))  # (n_embd, n_head): gpt2 ... gpt2-xl, head dim 64
 GPT2_VOCAB = 50257
@@ -229,7 +229,7 @@ def main() -> int:
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
         results = pool.map(_compile_one, range(len(_JOBS)), chunksize=4)
     failures = 0
-    print(f"# python -m kernels.aot, {datetime.date.today()}, triton {triton.__version__}, ahead of time (no GPU): "
+    print(f"# python -m gpt2kernels.aot, {datetime.date.today()}, triton {triton.__version__}, ahead of time (no GPU): "
           "every kernel variant the launchers produce at GPT-2 shapes, as the JIT specialises them")
     print(f"{'sm':>3} {'REG':>4} {'SHARED':>7} {'STACK':>5} {'SPILL':>5} {'LOCAL':>5}  kernel variant")
     for index, r in results:

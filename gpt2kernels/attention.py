@@ -184,12 +184,12 @@ def prefill_settings(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel."""
     if dtype == torch.float32:
         # 8 warps: at 4, 32x32 tiles hit 255 registers and spill on sm_90 (Triton 3.6, D = 64);
-        # above D = 64, 32-row tiles still spilled on sm_80 (kernels.aot under 3.6), 16 rows do not.
+        # above D = 64, 32-row tiles still spilled on sm_80 (gpt2kernels.aot under 3.6), 16 rows do not.
         return (32, 32, 8, 2) if d <= 64 else (16, 32, 8, 2)
     if d <= 64:
         return 128, 64, 8, 2
     # Above D = 64: 64x64 tiles spill on sm_80 at 4 warps, and at 8 under Triton 3.9; 64x32 at 8
-    # warps spills under neither 3.6 nor 3.9 (kernels.aot).
+    # warps spills under neither 3.6 nor 3.9 (gpt2kernels.aot).
     return 64, 32, 8, 2
 
 
@@ -197,7 +197,7 @@ def decode_settings(d: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for the split-KV decode kernel."""
     if dtype == torch.float32:
         return (32, 4) if d <= 64 else (32, 8)
-    # D <= 32 at 4 warps spilled on sm_90 (kernels.aot, Triton 3.9); 2 warps hold it in 80 registers.
+    # D <= 32 at 4 warps spilled on sm_90 (gpt2kernels.aot, Triton 3.9); 2 warps hold it in 80 registers.
     return (64, 2) if d <= 32 else (64, 4)
 
 
@@ -361,7 +361,7 @@ def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens
 def aot_launches() -> None:
     """Call both launchers the way GPT-2 does (q, k, v as views of the fused QKV projection, every
     size, fp16/bf16/fp32, decode with 1, 3 and 16 queries, batch 1 and 8), and at the other head
-    dims on contiguous tensors. For ``kernels.aot``, which records the launches without running them."""
+    dims on contiguous tensors. For ``gpt2kernels.aot``, which records the launches without running them."""
     from .aot import GPT2_SIZES
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -1,7 +1,7 @@
 """Next-token sampling: penalties, then temperature, top-k, top-p over the renormalised rest, and min-p.
 
 Semantics (HF's ``generate``, written once here and matched by every implementation):
-- penalties (``kernels.penalties``, before everything else, as HF's logits processors and OpenAI's
+- penalties (``gpt2kernels.penalties``, before everything else, as HF's logits processors and OpenAI's
   API order them): HF's ``repetition_penalty`` divides the positive logits and multiplies the
   negative ones of every token seen in the prompt or the output; OpenAI's ``frequency_penalty``
   and ``presence_penalty`` subtract ``frequency * count + presence`` from each token generated

@@ -4,17 +4,17 @@ import pytest
 import torch
 from torch.library import opcheck
 
-import kernels
-from kernels._ops import NS
-from kernels.linear import DECODE_TUNED_INT8, gemm_config, linear_ref
-from kernels.quantize import dequantize_int8, quantize_int8
+import gpt2kernels
+from gpt2kernels._ops import NS
+from gpt2kernels.linear import DECODE_TUNED_INT8, gemm_config, linear_ref
+from gpt2kernels.quantize import dequantize_int8, quantize_int8
 
 from .helpers import assert_close_to, poison_empty
 
 # bf16 tl.dot is wrong in the Triton interpreter (GPU_READINESS.md): bf16 runs on a GPU only.
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 # The reference dequantises to float64, the kernel multiplies the int8 product by the scale in fp32:
-# the same tolerances as the float kernels (tests/kernels/test_linear.py).
+# the same tolerances as the float kernels (tests/gpt2kernels/test_linear.py).
 TOLS = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 # (M, K, N): one row with split-K (K = 1600), widths 4231 and 1600, a prefill tile (33 rows), odd sizes.
 SHAPES = [(1, 1600, 200), (3, 200, 1600), (1, 97, 4231), (2, 4231, 96), (33, 96, 200)]
@@ -74,7 +74,7 @@ def test_int8_linear(m, k, n, dtype, epilogue, device, monkeypatch):
     b, act, r = (b, "gelu_tanh", r) if epilogue != "plain" else (None, None, None)
     want = _oracle(x, q, scale, b, act, r)
     poison_empty(monkeypatch)
-    assert_close_to(kernels.linear(x, q, b, act, r, weight_scale=scale), want, TOLS[dtype])
+    assert_close_to(gpt2kernels.linear(x, q, b, act, r, weight_scale=scale), want, TOLS[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -90,16 +90,16 @@ def test_int8_fused_ops(dtype, device, monkeypatch):
     q_pr, s_pr = (t.to(device) for t in quantize_int8(torch.randn(c, 4 * c, generator=g) / (4 * c)**0.5))
     q_qkv, s_qkv = (t.to(device) for t in quantize_int8(torch.randn(3 * c, c, generator=g) / c**0.5))
     b_fc, b_pr, b_qkv = ((0.1 * torch.randn(n, generator=g)).to(device, dtype) for n in (4 * c, c, 3 * c))
-    normed = kernels.layer_norm_ref(x.double(), ln_w.double(), ln_b.double(), 1e-5).to(dtype).double()
+    normed = gpt2kernels.layer_norm_ref(x.double(), ln_w.double(), ln_b.double(), 1e-5).to(dtype).double()
     poison_empty(monkeypatch)
-    assert_close_to(kernels.ln_linear(x, ln_w, ln_b, q_fc, b_fc, "gelu_tanh", weight_scale=s_fc),
+    assert_close_to(gpt2kernels.ln_linear(x, ln_w, ln_b, q_fc, b_fc, "gelu_tanh", weight_scale=s_fc),
                     linear_ref(normed, q_fc, b_fc.double(), "gelu_tanh", weight_scale=s_fc), TOLS[dtype])
-    mlp = kernels.gelu_mlp(x, q_fc, b_fc, q_pr, b_pr, x, fc_scale=s_fc, proj_scale=s_pr)
-    want = kernels.gelu_mlp_ref(x.double(), q_fc, b_fc.double(), q_pr, b_pr.double(), x.double(), s_fc, s_pr)
+    mlp = gpt2kernels.gelu_mlp(x, q_fc, b_fc, q_pr, b_pr, x, fc_scale=s_fc, proj_scale=s_pr)
+    want = gpt2kernels.gelu_mlp_ref(x.double(), q_fc, b_fc.double(), q_pr, b_pr.double(), x.double(), s_fc, s_pr)
     assert_close_to(mlp, want, (4 * TOLS[dtype][0], 4 * TOLS[dtype][1]))  # the hidden layer is rounded to dtype
     store = torch.full((2, b, h, max_len, d), float("nan"), dtype=dtype, device=device)
     lens = torch.tensor([1, 5, 9], dtype=torch.int32, device=device)
-    query = kernels.ln_qkv_append(x, ln_w, ln_b, q_qkv, b_qkv, store[0], store[1], lens, weight_scale=s_qkv)
+    query = gpt2kernels.ln_qkv_append(x, ln_w, ln_b, q_qkv, b_qkv, store[0], store[1], lens, weight_scale=s_qkv)
     want = linear_ref(normed, q_qkv, b_qkv.double(), weight_scale=s_qkv).view(b, 3, h, d)
     assert_close_to(query, want[:, 0].reshape(b, c), TOLS[dtype])
     rows, pos = torch.arange(b, device=device), lens.long() - 1
@@ -111,8 +111,8 @@ def test_int8_fused_ops(dtype, device, monkeypatch):
 def test_int8_split_k_decode_is_exercised_and_deterministic(device):
     x, q, scale, b, _ = _int8_inputs(1, 1600, 200, torch.float16, device, seed=9)
     assert gemm_config(1, 200, 1600, torch.float16, sms=132, int8_weight=True).split_k > 1
-    first = kernels.linear(x, q, b, "gelu_tanh", weight_scale=scale)
-    assert all(torch.equal(first, kernels.linear(x, q, b, "gelu_tanh", weight_scale=scale)) for _ in range(2))
+    first = gpt2kernels.linear(x, q, b, "gelu_tanh", weight_scale=scale)
+    assert all(torch.equal(first, gpt2kernels.linear(x, q, b, "gelu_tanh", weight_scale=scale)) for _ in range(2))
 
 
 def test_int8_opcheck(device):
@@ -123,11 +123,11 @@ def test_int8_opcheck(device):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda x, q, s, w: kernels.linear(x, q), "weight is int8 but weight_scale is None"),
-    (lambda x, q, s, w: kernels.linear(x, w, weight_scale=s), "weight_scale was given but weight has dtype"),
-    (lambda x, q, s, w: kernels.linear(x, q, weight_scale=s[:-1]), r"weight_scale has shape \[95\], expected \[96\]"),
-    (lambda x, q, s, w: kernels.linear(x, q, weight_scale=s.half()), "weight_scale has dtype torch.float16"),
-    (lambda x, q, s, w: kernels.linear(x, q.to(torch.uint8), weight_scale=s),
+    (lambda x, q, s, w: gpt2kernels.linear(x, q), "weight is int8 but weight_scale is None"),
+    (lambda x, q, s, w: gpt2kernels.linear(x, w, weight_scale=s), "weight_scale was given but weight has dtype"),
+    (lambda x, q, s, w: gpt2kernels.linear(x, q, weight_scale=s[:-1]), r"weight_scale has shape \[95\], expected \[96\]"),
+    (lambda x, q, s, w: gpt2kernels.linear(x, q, weight_scale=s.half()), "weight_scale has dtype torch.float16"),
+    (lambda x, q, s, w: gpt2kernels.linear(x, q.to(torch.uint8), weight_scale=s),
      "weight has dtype torch.uint8, expected torch.float32"),
 ])
 def test_int8_bad_input(call, match, device):

@@ -3,7 +3,7 @@
 ``weight[n, k] ~= q[n, k] * scale[n]`` with ``q`` int8 in [-127, 127] and ``scale[n] = max_k |weight[n, k]| / 127``
 (fp32), so the largest weight of each row is exact and every other is off by at most ``scale[n] / 2``.
 -128 is never used: the range stays symmetric, so negating a weight never saturates.
-The linear kernels (``kernels.linear`` and its fused forms) take ``q`` as the weight and ``scale`` as
+The linear kernels (``gpt2kernels.linear`` and its fused forms) take ``q`` as the weight and ``scale`` as
 ``weight_scale``: they widen q to the activations' dtype in registers (int8 is exact in fp16 and bf16)
 and multiply each output column by its scale in the epilogue, before the bias.
 """

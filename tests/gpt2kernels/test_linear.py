@@ -1,15 +1,15 @@
-"""kernels.linear / gelu_mlp against a float64 reference, decode (split-K) and prefill paths."""
+"""gpt2kernels.linear / gelu_mlp against a float64 reference, decode (split-K) and prefill paths."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
-import kernels
-from kernels._ops import NS
+import gpt2kernels
+from gpt2kernels._ops import NS
 
 from .helpers import assert_close_to, poison_empty
-from kernels.linear import DECODE_TUNED, gelu_mlp_ref, gemm_config, linear_ref
+from gpt2kernels.linear import DECODE_TUNED, gelu_mlp_ref, gemm_config, linear_ref
 
 # (M, K, N): one row, split-K (K = 1600 at M = 1), odd K and N, both regimes (M <= 16 and above).
 SHAPES = [(1, 80, 96), (1, 1600, 200), (3, 200, 1600), (16, 96, 80), (33, 96, 200), (300, 200, 96)]
@@ -39,7 +39,7 @@ def test_linear(m, k, n, dtype, epilogue, device, monkeypatch):
     want = linear_ref(x.double(), w.double(), b.double() if b is not None else None, act,
                       r.double() if r is not None else None)
     poison_empty(monkeypatch)
-    assert_close_to(kernels.linear(x, w, b, act, r), want, TOLS[dtype])
+    assert_close_to(gpt2kernels.linear(x, w, b, act, r), want, TOLS[dtype])
 
 
 def test_split_k_is_exercised():
@@ -56,7 +56,7 @@ def test_gelu_mlp(dtype, device, monkeypatch):
     fc_b, proj_b, r = (0.1 * torch.randn(f, generator=g)).to(device, dtype), (0.1 * torch.randn(c, generator=g)).to(device, dtype), torch.randn(2, 5, c, generator=g).to(device, dtype)
     want = gelu_mlp_ref(*(t.double() for t in (x, fc_w, fc_b, proj_w, proj_b, r)))
     poison_empty(monkeypatch)
-    got = kernels.gelu_mlp(x, fc_w, fc_b, proj_w, proj_b, r)
+    got = gpt2kernels.gelu_mlp(x, fc_w, fc_b, proj_w, proj_b, r)
     assert got.shape == (2, 5, c)
     assert_close_to(got, want, TOLS[dtype])
 
@@ -68,19 +68,19 @@ def test_strided_inputs_and_weight_layouts(device):
     x_wide[:, 50:250] = x
     w_input_major = w.t().contiguous().t()
     want = linear_ref(x.double(), w.double(), b.double())
-    assert_close_to(kernels.linear(x_wide[:, 50:250], w_input_major, b), want, TOLS[torch.float32])
+    assert_close_to(gpt2kernels.linear(x_wide[:, 50:250], w_input_major, b), want, TOLS[torch.float32])
 
 
 def test_deterministic(device):
     x, w, b, r = _inputs(1, 1600, 200, torch.float16, device, seed=4)
-    first = kernels.linear(x, w, b, "gelu_tanh")
-    assert all(torch.equal(first, kernels.linear(x, w, b, "gelu_tanh")) for _ in range(3))
+    first = gpt2kernels.linear(x, w, b, "gelu_tanh")
+    assert all(torch.equal(first, gpt2kernels.linear(x, w, b, "gelu_tanh")) for _ in range(3))
 
 
 def test_gelu_is_gpt2_tanh_approximation(device):
     x = torch.linspace(-6, 6, 97, device=device)[:, None]
     eye = torch.ones(1, 1, device=device)
-    got = kernels.linear(x, eye, None, "gelu_tanh")
+    got = gpt2kernels.linear(x, eye, None, "gelu_tanh")
     torch.testing.assert_close(got, F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-5)
 
 
@@ -91,13 +91,13 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda x, w, b, r: kernels.linear(x, w[:, :-1]), r"x has shape \[3, 80\] but weight has shape \[96, 79\]"),
-    (lambda x, w, b, r: kernels.linear(x, w, b[:-1]), r"bias has shape \[95\], expected \[96\]"),
-    (lambda x, w, b, r: kernels.linear(x, w, b, None, r[:, :5]), r"residual has shape \[3, 5\], expected \[3, 96\]"),
-    (lambda x, w, b, r: kernels.linear(x, w.half()), "weight has dtype torch.float16, expected torch.float32"),
-    (lambda x, w, b, r: kernels.linear(x.long(), w.long()), "x has dtype torch.int64"),
-    (lambda x, w, b, r: kernels.linear(x, w, b, "relu"), "activation must be one of"),
-    (lambda x, w, b, r: kernels.linear(x, w[None]), "weight must have 2 dims"),
+    (lambda x, w, b, r: gpt2kernels.linear(x, w[:, :-1]), r"x has shape \[3, 80\] but weight has shape \[96, 79\]"),
+    (lambda x, w, b, r: gpt2kernels.linear(x, w, b[:-1]), r"bias has shape \[95\], expected \[96\]"),
+    (lambda x, w, b, r: gpt2kernels.linear(x, w, b, None, r[:, :5]), r"residual has shape \[3, 5\], expected \[3, 96\]"),
+    (lambda x, w, b, r: gpt2kernels.linear(x, w.half()), "weight has dtype torch.float16, expected torch.float32"),
+    (lambda x, w, b, r: gpt2kernels.linear(x.long(), w.long()), "x has dtype torch.int64"),
+    (lambda x, w, b, r: gpt2kernels.linear(x, w, b, "relu"), "activation must be one of"),
+    (lambda x, w, b, r: gpt2kernels.linear(x, w[None]), "weight must have 2 dims"),
 ])
 def test_bad_input(call, match, device):
     x, w, b, r = _inputs(3, 80, 96, torch.float32, device, seed=6)
@@ -120,7 +120,7 @@ def _ln_inputs(m, k, n, dtype, device, seed, mean=-2.3, scale=3.0):
 
 def _ln_oracle(x, ln_w, ln_b, w, b, act, eps=1e-5):
     """float64, with the LayerNorm's output rounded to x's dtype, as the kernel (and a separate LayerNorm) does."""
-    h = kernels.layer_norm_ref(x.double(), ln_w.double(), ln_b.double(), eps).to(x.dtype).double()
+    h = gpt2kernels.layer_norm_ref(x.double(), ln_w.double(), ln_b.double(), eps).to(x.dtype).double()
     return linear_ref(h, w.double(), b.double() if b is not None else None, act)
 
 
@@ -132,7 +132,7 @@ def test_ln_linear(m, k, n, act, has_bias, dtype, device, monkeypatch):
     b = b if has_bias else None
     want = _ln_oracle(x, ln_w, ln_b, w, b, act)
     poison_empty(monkeypatch)
-    assert_close_to(kernels.ln_linear(x, ln_w, ln_b, w, b, act), want, TOLS[dtype])
+    assert_close_to(gpt2kernels.ln_linear(x, ln_w, ln_b, w, b, act), want, TOLS[dtype])
 
 
 def test_ln_linear_strided_rows_and_3d(device):
@@ -140,8 +140,8 @@ def test_ln_linear_strided_rows_and_3d(device):
     wide = torch.randn(6, 130, device=device)
     wide[:, 20:116] = x
     want = _ln_oracle(x, ln_w, ln_b, w, b, None)
-    assert_close_to(kernels.ln_linear(wide[:, 20:116], ln_w, ln_b, w, b), want, TOLS[torch.float32])
-    assert kernels.ln_linear(x.view(2, 3, 96), ln_w, ln_b, w, b).shape == (2, 3, 80)
+    assert_close_to(gpt2kernels.ln_linear(wide[:, 20:116], ln_w, ln_b, w, b), want, TOLS[torch.float32])
+    assert gpt2kernels.ln_linear(x.view(2, 3, 96), ln_w, ln_b, w, b).shape == (2, 3, 80)
 
 
 def _qkv_case(b, h, d, max_len, dtype, device, seed):
@@ -163,7 +163,7 @@ def test_ln_qkv_append_writes_the_new_token_and_nothing_else(b, h, d, dtype, dev
     k_cache, v_cache = store[0, 1, :b], store[1, 1, :b]  # layer 1 of a 2-layer cache, rows [0, b)
     want = _ln_oracle(x, ln_w, ln_b, w, bias, None).view(b, 3, h, d)
     poison_empty(monkeypatch)
-    q = kernels.ln_qkv_append(x, ln_w, ln_b, w, bias, k_cache, v_cache, lens)
+    q = gpt2kernels.ln_qkv_append(x, ln_w, ln_b, w, bias, k_cache, v_cache, lens)
     assert q.shape == (b, h * d) and q.is_contiguous()
     assert_close_to(q, want[:, 0].reshape(b, h * d), TOLS[dtype])
     rows, pos = torch.arange(b, device=device), lens.long() - 1
@@ -180,8 +180,8 @@ def test_ln_qkv_append_equals_its_reference(dtype, device):
     x, ln_w, ln_b, w, bias, store, lens = _qkv_case(3, 2, 64, 20, dtype, device, seed=11)
     store.zero_()
     ref_store = store.clone()
-    q = kernels.ln_qkv_append(x, ln_w, ln_b, w, bias, store[0, 0, :3], store[1, 0, :3], lens)
-    q_ref = kernels.ln_qkv_append_ref(x, ln_w, ln_b, w, bias, ref_store[0, 0, :3], ref_store[1, 0, :3], lens)
+    q = gpt2kernels.ln_qkv_append(x, ln_w, ln_b, w, bias, store[0, 0, :3], store[1, 0, :3], lens)
+    q_ref = gpt2kernels.ln_qkv_append_ref(x, ln_w, ln_b, w, bias, ref_store[0, 0, :3], ref_store[1, 0, :3], lens)
     tol = TOLS[dtype]
     torch.testing.assert_close(q, q_ref, atol=tol[0], rtol=tol[1])
     torch.testing.assert_close(store, ref_store, atol=tol[0], rtol=tol[1])
@@ -197,14 +197,14 @@ def test_fused_ops_opcheck(device):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: kernels.ln_linear(x, ln_w[:-1], ln_b, w), r"ln_weight has shape \[63\], expected \[64\]"),
-    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: kernels.ln_qkv_append(x, ln_w, ln_b, w[:-1], b[:-1], kc, vc, lens),
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: gpt2kernels.ln_linear(x, ln_w[:-1], ln_b, w), r"ln_weight has shape \[63\], expected \[64\]"),
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: gpt2kernels.ln_qkv_append(x, ln_w, ln_b, w[:-1], b[:-1], kc, vc, lens),
      r"the fused QKV projection needs N = 3 \* C = 192"),
-    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc[:, :1], vc[:, :1], lens),
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: gpt2kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc[:, :1], vc[:, :1], lens),
      r"k_cache has shape \[2, 1, 9, 32\]: expected \(B, H, max_len, D\) with B = 2 and H \* D = C = 64"),
-    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc, vc, lens.long()),
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: gpt2kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc, vc, lens.long()),
      "cache_lens has dtype torch.int64"),
-    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc, vc[:, :, :5], lens),
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: gpt2kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc, vc[:, :, :5], lens),
      "v_cache .* must match k_cache"),
 ])
 def test_fused_ops_bad_input(call, match, device):
@@ -216,12 +216,12 @@ def test_fused_ops_bad_input(call, match, device):
 def test_split_k_is_deterministic_and_rearms_its_counters(device):
     """The last split to arrive sums the partials in split order: bit-identical results whatever the
     arrival order, and every arrival counter back at zero for the next launch."""
-    from kernels._ops import arrival_counters
+    from gpt2kernels._ops import arrival_counters
 
     x, ln_w, ln_b, w, b = _ln_inputs(2, 768, 96, torch.float16, device, seed=15)
     assert gemm_config(2, 96, 768, torch.float16, sms=132).split_k > 1
-    first = kernels.ln_linear(x, ln_w, ln_b, w, b, "gelu_tanh")
-    assert all(torch.equal(first, kernels.ln_linear(x, ln_w, ln_b, w, b, "gelu_tanh")) for _ in range(3))
+    first = gpt2kernels.ln_linear(x, ln_w, ln_b, w, b, "gelu_tanh")
+    assert all(torch.equal(first, gpt2kernels.ln_linear(x, ln_w, ln_b, w, b, "gelu_tanh")) for _ in range(3))
     assert not arrival_counters(device, 4096).any()
 
 
@@ -235,10 +235,10 @@ def test_measured_decode_tiles(n, k, device, monkeypatch):
     act = "gelu_tanh" if n == 4 * k else None
     residual = r if n <= k else None  # the two c_proj layers
     poison_empty(monkeypatch)
-    got = kernels.linear(x, w, b, act, residual)
+    got = gpt2kernels.linear(x, w, b, act, residual)
     assert_close_to(got, linear_ref(x.double(), w.double(), b.double(), act, residual.double() if residual is not None else None),
                     TOLS[torch.float16])
-    assert_close_to(kernels.ln_linear(x, ln_w, ln_b, w, b, act), _ln_oracle(x, ln_w, ln_b, w, b, act), TOLS[torch.float16])
+    assert_close_to(gpt2kernels.ln_linear(x, ln_w, ln_b, w, b, act), _ln_oracle(x, ln_w, ln_b, w, b, act), TOLS[torch.float16])
 
 
 @pytest.mark.parametrize("c", [768, 1024, 1280, 1600])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from kernels.sampling import sample, sample_ref
+from gpt2kernels.sampling import sample, sample_ref
 
 SAMPLERS = {"ref": sample_ref, "compiled": sample}
 
@@ -190,7 +190,7 @@ def test_bad_parameters(name, kw):
                                                (0, 1.0, 1.0), (30, 0.5, 2.0)])
 def test_candidate_shortcut_equals_full_sort(monkeypatch, top_k, top_p, scale):
     """Sorting only the top candidates (or none) must give exactly the full sort's tokens."""
-    import kernels.sampling as sampling
+    import gpt2kernels.sampling as sampling
 
     x = torch.randn(16, 50257, generator=torch.Generator().manual_seed(top_k)) * scale
     x[3, :40] = 9.0  # ties across the top-k boundary force the full sort for that call
@@ -265,7 +265,7 @@ def test_a_row_draws_by_its_own_seed_and_offset_only(name, device):
 
 def test_philox_known_answer():
     """Philox4x32-10 with key 0, counter 0 (Random123's known-answer vector 6627e8d5 e169c58d ...)."""
-    from kernels.sampling import uniforms
+    from gpt2kernels.sampling import uniforms
 
     zero = torch.zeros(1, dtype=torch.long)
     bits = ((0x6627E8D5 >> 5) << 26) | (0xE169C58D >> 6)
@@ -285,7 +285,7 @@ def test_torch_compile_traces_the_compiled_sampler(device):
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "reference-fallback"])
 def test_sample_next_draws_into_out_and_advances_offsets(compiled, device, monkeypatch):
     """The decode step's one-kernel form: out[r] = sample(...)[r] at offset[r], then offset[r] += 1."""
-    from kernels import _extension, sampling
+    from gpt2kernels import _extension, sampling
 
     if not compiled:  # where the extension cannot be built: the reference plus two in-place updates
         monkeypatch.setattr(_extension, "SAMPLE_NEXT_OP", None)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _extension
+from gpt2kernels import _extension
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,8 +46,8 @@ def test_setup_refuses_a_cpu_only_build_under_a_cuda_torch():
 
 
 def _load_in_subprocess(env, prelude="pass", timeout=240):
-    """``kernels.sampling.load_extension()`` in a fresh interpreter: (returncode, printed result, stderr)."""
-    code = f"import sys; from kernels import _extension; {prelude}; print(_extension.load())"
+    """``gpt2kernels.sampling.load_extension()`` in a fresh interpreter: (returncode, printed result, stderr)."""
+    code = f"import sys; from gpt2kernels import _extension; {prelude}; print(_extension.load())"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, **env})
     return r.returncode, r.stdout.strip(), r.stderr
@@ -56,7 +56,7 @@ def _load_in_subprocess(env, prelude="pass", timeout=240):
 def test_a_compile_killed_midway_does_not_hang_the_next_run(tmp_path):
     """The issue's repro: kill the first compile while cpp_extension holds its ``lock`` file."""
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    first = subprocess.Popen([sys.executable, "-c", "from kernels import _extension; _extension.load()"],
+    first = subprocess.Popen([sys.executable, "-c", "from gpt2kernels import _extension; _extension.load()"],
                              cwd=ROOT, env={**os.environ, **env}, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("*/lock")) and time.monotonic() < deadline and first.poll() is None:

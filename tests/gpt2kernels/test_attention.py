@@ -1,4 +1,4 @@
-"""kernels.flash_attention / decode_attention against a float64 reference with an explicit mask."""
+"""gpt2kernels.flash_attention / decode_attention against a float64 reference with an explicit mask."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.library import opcheck
 
-import kernels
-from kernels._ops import NS
+import gpt2kernels
+from gpt2kernels._ops import NS
 
 from .helpers import assert_close_to, poison_empty
 
@@ -39,7 +39,7 @@ def test_prefill_causal(t, d, dtype, device, monkeypatch):
     q, k, v = (_rand((2, 3, t, d), dtype, device, seed=t * d + i) for i in range(3))
     want = _reference(q, k, v, _causal_mask(t, t, device))
     poison_empty(monkeypatch)
-    assert_close_to(kernels.flash_attention(q, k, v, causal=True), want, TOL[dtype])
+    assert_close_to(gpt2kernels.flash_attention(q, k, v, causal=True), want, TOL[dtype])
 
 
 @pytest.mark.parametrize("tq,tk", [(1, 50), (5, 77), (33, 130)])
@@ -48,7 +48,7 @@ def test_prefill_fewer_queries_than_keys(tq, tk, causal, device):
     dtype = torch.float16
     q, k, v = _rand((1, 2, tq, 64), dtype, device, 1), _rand((1, 2, tk, 64), dtype, device, 2), _rand((1, 2, tk, 64), dtype, device, 3)
     mask = _causal_mask(tq, tk, device) if causal else torch.ones(1, 1, tq, tk, dtype=torch.bool, device=device)
-    assert_close_to(kernels.flash_attention(q, k, v, causal=causal), _reference(q, k, v, mask), TOL[dtype])
+    assert_close_to(gpt2kernels.flash_attention(q, k, v, causal=causal), _reference(q, k, v, mask), TOL[dtype])
 
 
 def test_prefill_on_strided_views_of_fused_qkv(device):
@@ -56,7 +56,7 @@ def test_prefill_on_strided_views_of_fused_qkv(device):
     b, t, h, d = 2, 19, 3, 32
     qkv = _rand((b, t, 3 * h * d), torch.float16, device, 4)
     q, k, v = qkv.view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)
-    o = kernels.flash_attention(q, k, v)
+    o = gpt2kernels.flash_attention(q, k, v)
     assert_close_to(o, _reference(q, k, v, _causal_mask(t, t, device)), TOL[torch.float16])
     assert o.transpose(1, 2).is_contiguous()  # so the caller's reshape to (B, T, H * D) is free
 
@@ -82,41 +82,41 @@ def _decode_case(lens, lq, d, dtype, device, max_len=64, seed=0):
 def test_decode_ragged_lengths_never_reads_past_them(lens, d, dtype, device, monkeypatch):
     q, k, v, lens_t, want = _decode_case(lens, 1, d, dtype, device, seed=sum(lens) + d)
     poison_empty(monkeypatch)
-    assert_close_to(kernels.decode_attention(q, k, v, lens_t), want, TOL[dtype])
+    assert_close_to(gpt2kernels.decode_attention(q, k, v, lens_t), want, TOL[dtype])
 
 
 @pytest.mark.parametrize("lq", [2, 5])
 def test_decode_several_queries_causal_inside(lq, device):
     q, k, v, lens_t, want = _decode_case([9, 40, 64], lq, 64, torch.float16, device, seed=lq)
-    assert_close_to(kernels.decode_attention(q, k, v, lens_t), want, TOL[torch.float16])
+    assert_close_to(gpt2kernels.decode_attention(q, k, v, lens_t), want, TOL[torch.float16])
 
 
 def test_decode_many_splits(device):
     """A long cache with B*H = 2 is cut into many splits; most of them empty for the short row. The
     row's last split to finish combines them, the same bits every run, and re-arms its counter."""
-    from kernels._ops import arrival_counters
+    from gpt2kernels._ops import arrival_counters
 
     q, k, v, lens_t, want = _decode_case([1000, 3], 1, 64, torch.float16, device, max_len=1024)
-    assert kernels.attention.decode_splits(2 * 2, 1024, 132) >= 8
-    first = kernels.decode_attention(q, k, v, lens_t)
+    assert gpt2kernels.attention.decode_splits(2 * 2, 1024, 132) >= 8
+    first = gpt2kernels.decode_attention(q, k, v, lens_t)
     assert_close_to(first, want, TOL[torch.float16])
-    assert torch.equal(first, kernels.decode_attention(q, k, v, lens_t))
+    assert torch.equal(first, gpt2kernels.decode_attention(q, k, v, lens_t))
     assert not arrival_counters(device, 4096).any()
 
 
 def test_decode_equals_prefill_last_row(device):
     t, d = 37, 64
     q, k, v = (_rand((1, 4, t, d), torch.float32, device, 20 + i) for i in range(3))
-    full = kernels.flash_attention(q, k, v)
+    full = gpt2kernels.flash_attention(q, k, v)
     lens = torch.tensor([t], dtype=torch.int32, device=device)
-    step = kernels.decode_attention(q[:, :, -1:], k, v, lens)
+    step = gpt2kernels.decode_attention(q[:, :, -1:], k, v, lens)
     torch.testing.assert_close(step, full[:, :, -1:], atol=1e-5, rtol=1e-5)
 
 
 def test_deterministic(device):
     q, k, v, lens_t, _ = _decode_case([50, 64], 1, 64, torch.float16, device)
-    first = kernels.decode_attention(q, k, v, lens_t)
-    assert all(torch.equal(first, kernels.decode_attention(q, k, v, lens_t)) for _ in range(3))
+    first = gpt2kernels.decode_attention(q, k, v, lens_t)
+    assert all(torch.equal(first, gpt2kernels.decode_attention(q, k, v, lens_t)) for _ in range(3))
 
 
 def test_opcheck(device):
@@ -127,18 +127,18 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda q, k, v, l: kernels.flash_attention(q, k[:, :1], v), r"k \[2, 1, 8, 32\]"),
-    (lambda q, k, v, l: kernels.flash_attention(q[..., :0], k[..., :0], v[..., :0]), "head dim D = 0"),
-    (lambda q, k, v, l: kernels.flash_attention(_rand((2, 2, 8, 256), torch.float32, "cpu", 0).to(q.device),
+    (lambda q, k, v, l: gpt2kernels.flash_attention(q, k[:, :1], v), r"k \[2, 1, 8, 32\]"),
+    (lambda q, k, v, l: gpt2kernels.flash_attention(q[..., :0], k[..., :0], v[..., :0]), "head dim D = 0"),
+    (lambda q, k, v, l: gpt2kernels.flash_attention(_rand((2, 2, 8, 256), torch.float32, "cpu", 0).to(q.device),
                                                 _rand((2, 2, 8, 256), torch.float32, "cpu", 1).to(q.device),
                                                 _rand((2, 2, 8, 256), torch.float32, "cpu", 2).to(q.device)), "D = 256"),
-    (lambda q, k, v, l: kernels.flash_attention(q, k[:, :, :4], v[:, :, :4]), "Tq <= Tk"),
-    (lambda q, k, v, l: kernels.flash_attention(q, k.half(), v), "k has dtype torch.float16"),
-    (lambda q, k, v, l: kernels.decode_attention(q[:, :, :1], k, v, l + 1), r"cache_lens must be in .* = \[1, 8\]"),
-    (lambda q, k, v, l: kernels.decode_attention(q[:, :, :1], k, v, l * 0), r"cache_lens must be in .* = \[1, 8\]"),
-    (lambda q, k, v, l: kernels.decode_attention(q[:, :, :1], k, v, l.long()), "cache_lens has dtype torch.int64"),
-    (lambda q, k, v, l: kernels.decode_attention(q[:, :, :1], k, v, l[:1]), r"cache_lens has shape \[1\], expected \[2\]"),
-    (lambda q, k, v, l: kernels.decode_attention(torch.cat([q] * 3, 2), k, v, l), "1 to 16 queries"),
+    (lambda q, k, v, l: gpt2kernels.flash_attention(q, k[:, :, :4], v[:, :, :4]), "Tq <= Tk"),
+    (lambda q, k, v, l: gpt2kernels.flash_attention(q, k.half(), v), "k has dtype torch.float16"),
+    (lambda q, k, v, l: gpt2kernels.decode_attention(q[:, :, :1], k, v, l + 1), r"cache_lens must be in .* = \[1, 8\]"),
+    (lambda q, k, v, l: gpt2kernels.decode_attention(q[:, :, :1], k, v, l * 0), r"cache_lens must be in .* = \[1, 8\]"),
+    (lambda q, k, v, l: gpt2kernels.decode_attention(q[:, :, :1], k, v, l.long()), "cache_lens has dtype torch.int64"),
+    (lambda q, k, v, l: gpt2kernels.decode_attention(q[:, :, :1], k, v, l[:1]), r"cache_lens has shape \[1\], expected \[2\]"),
+    (lambda q, k, v, l: gpt2kernels.decode_attention(torch.cat([q] * 3, 2), k, v, l), "1 to 16 queries"),
 ])
 def test_bad_input(call, match, device):
     q, k, v = (_rand((2, 2, 8, 32), torch.float32, device, i) for i in range(3))

@@ -1,6 +1,6 @@
 """The ahead-of-time report compiles exactly what runs, and a generation compiles nothing new after its first step.
 
-``python -m kernels.aot`` compiles, for sm_80 and sm_90, every kernel variant its launchers produce
+``python -m gpt2kernels.aot`` compiles, for sm_80 and sm_90, every kernel variant its launchers produce
 at GPT-2 shapes, keyed the way Triton's JIT keys its cache. Here: those variants compile without
 spills (in a fresh process: the interpreter, on for the other CPU tests, replaces kernels with Python
 functions); every launch of a generation at gpt2's width is one of them; and the
@@ -18,20 +18,20 @@ import torch
 
 import engine
 from engine.cache import KVCache
-from kernels.aot import MODULES, aot_recording, record_launches
+from gpt2kernels.aot import MODULES, aot_recording, record_launches
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_all_kernels_compile_for_ampere_and_hopper_without_spills():
     pytest.importorskip("triton")
-    from kernels.aot import cuobjdump
+    from gpt2kernels.aot import cuobjdump
 
     if not cuobjdump().exists():
         pytest.skip("this triton wheel has no bundled cuobjdump")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-m", "kernels.aot"], cwd=ROOT, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "gpt2kernels.aot"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -77,7 +77,7 @@ def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint, d
         _run_requests(model, [[1, 2, 3], list(range(20))], steps=2, temperature=1.0)   # ragged batch
     assert len(run.launches) > 20
     missing = sorted({run.jobs[90, key].label for _, key in run.launches if key not in aot.keys(90)})
-    assert not missing, "launched but not compiled by kernels.aot:\n" + "\n".join(missing)
+    assert not missing, "launched but not compiled by gpt2kernels.aot:\n" + "\n".join(missing)
     for label in ("M=1", "Lq=1", "NORM=True", "KV_CACHE=True"):  # batch 1's specialisations, the fused decode ops
         assert any(label in run.jobs[90, key].label for _, key in run.launches), label
     if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):

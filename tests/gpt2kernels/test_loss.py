@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
-import kernels
-import kernels.loss as ce
-from kernels import cross_entropy, cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
-from kernels._ops import NS
+import gpt2kernels
+import gpt2kernels.loss as ce
+from gpt2kernels import cross_entropy, cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
+from gpt2kernels._ops import NS
 
 from .helpers import poison_empty
 
@@ -267,4 +267,4 @@ def test_bad_input_is_a_clear_error(call, message, device):
 
 def test_exported_from_kernels():
     for name in ("cross_entropy", "cross_entropy_ref", "linear_cross_entropy", "linear_cross_entropy_ref"):
-        assert name in kernels.__all__
+        assert name in gpt2kernels.__all__

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from kernels import apply_penalties, apply_penalties_ref, check_penalties
-from kernels._ops import NS
+from gpt2kernels import apply_penalties, apply_penalties_ref, check_penalties
+from gpt2kernels._ops import NS
 
 IMPLS = {"triton": apply_penalties, "ref": apply_penalties_ref}
 

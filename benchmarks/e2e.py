@@ -168,7 +168,7 @@ def kernel_counts(runners, batches) -> dict[tuple[str, str, int], int]:
     for r in runners:
         if isinstance(r, Ours) and "compile" not in r.impl:
             for batch in batches:
-                counts[r.impl, r.dtype, batch] = kernel_budget(r.model, batch)["gpt2kernels"]
+                counts[r.impl, r.dtype, batch] = kernel_budget(r.model, batch)["kernels"]
     return counts
 
 

@@ -165,7 +165,7 @@ def kernel_budget(model, batch: int, penalized: bool = False) -> dict:
     with _first_layers(model, 2):
         two = step_kernels(step, execute)
     per_layer = two - one
-    return {"gpt2kernels": total, "per_layer": per_layer, "outside_layers": one - per_layer,
+    return {"kernels": total, "per_layer": per_layer, "outside_layers": one - per_layer,
             "layers": model.config.n_layer}
 
 

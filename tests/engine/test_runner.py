@@ -43,12 +43,12 @@ def test_decode_kernel_budget(small_vocab_checkpoint, batch):
     our launchers too, the compiled sampler). The eager backend, the reference, launches far more."""
     budget = kernel_budget(_model(small_vocab_checkpoint, "triton"), batch)
     assert budget["per_layer"] <= 5 and budget["outside_layers"] <= 4, budget
-    assert budget["gpt2kernels"] == 5 * budget["layers"] + 3, budget  # today's exact count: a change should be seen
+    assert budget["kernels"] == 5 * budget["layers"] + 3, budget  # today's exact count: a change should be seen
     eager = kernel_budget(_model(small_vocab_checkpoint, "eager"), batch)
     assert eager["per_layer"] > 5, eager
     # Penalties (only in a step whose batch has them): one kernel more, which also keeps the counts.
     penalized = kernel_budget(_model(small_vocab_checkpoint, "triton"), batch, penalized=True)
-    assert penalized["per_layer"] == 5 and penalized["gpt2kernels"] == budget["gpt2kernels"] + 1, penalized
+    assert penalized["per_layer"] == 5 and penalized["kernels"] == budget["kernels"] + 1, penalized
 
 
 def test_int8_decode_step_keeps_the_budget_and_static_shapes(small_vocab_checkpoint):
@@ -56,7 +56,7 @@ def test_int8_decode_step_keeps_the_budget_and_static_shapes(small_vocab_checkpo
     model = engine.load_model(str(small_vocab_checkpoint), device="cpu", dtype="float32", backend="triton",
                               quantize="int8-all")
     budget = kernel_budget(model, 1)
-    assert budget["gpt2kernels"] == 5 * budget["layers"] + 3, budget
+    assert budget["kernels"] == 5 * budget["layers"] + 3, budget
     runner = _started_runner(model, [[5, 6, 7]], temperature=0)
     first, first_launches = trace_step(runner.step)
     second, second_launches = trace_step(runner.step)

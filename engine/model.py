@@ -161,9 +161,8 @@ class GPT2(nn.Module):
 
     def _float_lm_head(self) -> torch.Tensor:
         """The lm_head in the model dtype: a quantised one (``int8-all``) dequantised for this call."""
-        weight = self._lm_head_weight()
-        return weight if self.lm_head_scale is None and weight.is_floating_point() else \
-            dequantize(weight, self.lm_head_scale, self.dtype)
+        weight = self._lm_head_weight()  # a tensor, or on CPU a PackedInt8Linear (not a tensor, has a dtype)
+        return weight if weight.dtype.is_floating_point else dequantize(weight, self.lm_head_scale, self.dtype)
 
     @torch.no_grad()  # not inference_mode: its tensors cannot be mutated by a torch.compile'd step
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,

@@ -115,31 +115,31 @@ def _compile() -> bool:
     from torch.utils import cpp_extension
 
     cuda = _cuda_build_possible()
+    build_dir = build_directory(cuda)
     try:
-        build_dir = Path(cpp_extension._get_build_directory(LIB, verbose=False))
-    except Exception as e:  # a private helper, or an unwritable cache directory
-        _note(f"cannot use torch.utils.cpp_extension's cache ({_first_line(e)}); using the PyTorch reference sampler")
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # an unwritable cache directory
+        _note(f"cannot create {build_dir} ({_first_line(e)}); using the PyTorch reference sampler")
         return False
     failure = build_dir / "build_failed.txt"
-    key = _build_key(cuda, compiler)
-    if failure.is_file() and failure.read_text(errors="replace").startswith(key):
+    if failure.is_file() and failure.read_text(errors="replace").startswith(f"{compiler}\n"):
         _note(f"the sampling extension failed to compile before (log: {failure}; delete it to retry); "
               "using the PyTorch reference sampler")
         return False
     with _build_lock(build_dir):
         if not (build_dir / f"{LIB}.so").exists():  # later processes load the cached build silently
             _note(f"compiling the {'CPU+CUDA' if cuda else 'CPU'} sampling extension once "
-                  "(cached by torch.utils.cpp_extension)...")
+                  f"(cached in {build_dir})...")
         # torch logs a multi-line banner about compiler names on its way; the outcome is all we report
         torch_log = logging.getLogger("torch.utils.cpp_extension")
         level = torch_log.level
         torch_log.setLevel(logging.ERROR)
         try:
             cpp_extension.load(
-                name=LIB, sources=sources(cuda), is_python_module=False, verbose=False,
+                name=LIB, sources=sources(cuda), build_directory=str(build_dir), is_python_module=False, verbose=False,
                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3"] if cuda else None)
         except Exception as e:  # missing headers, a broken toolchain: the reference still samples correctly
-            failure.write_text(f"{key}\n{e}\n")
+            failure.write_text(f"{compiler}\n{e}\n")  # the failure of this compiler: another one may work
             _note(f"could not compile the sampling extension ({_first_line(e)}; log: {failure}); "
                   "using the PyTorch reference sampler")
             return False
@@ -153,12 +153,27 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
-def _build_key(cuda: bool, compiler: str) -> str:
-    """What a remembered failure is valid for: these sources, this compiler, this torch, CUDA or not."""
-    h = hashlib.sha256(f"{torch.__version__} {compiler} {cuda}".encode())
+def _build_key(cuda: bool) -> str:
+    """What a build is valid for: this interpreter (its path: each virtualenv has its own), this
+    torch, CUDA or not, and these sources."""
+    h = hashlib.sha256(f"{sys.executable} {sys.version} {torch.__version__} {torch.version.cuda} {cuda}".encode())
     for f in sources(cuda):
         h.update(Path(f).read_bytes())
     return h.hexdigest()
+
+
+def build_directory(cuda: bool) -> Path:
+    """The folder this environment compiles the sampler in: under torch.utils.cpp_extension's root
+    (``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``), named by ``_build_key``.
+
+    torch's own default (``py311_cpu/gpt2engine_C``) is shared by every environment with the same
+    Python: two virtualenvs with different torch builds, or two checkouts, then recompiled over
+    each other's build at every start (12 s instead of 3). One folder per key never is.
+    """
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / f"{LIB}-{_build_key(cuda)[:16]}"
 
 
 @contextlib.contextmanager

@@ -1,15 +1,59 @@
-"""What every kernel module shares: the op namespace and input checks."""
+"""What every kernel module shares: the op namespace, how a kernel becomes a public op, and input checks."""
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import triton
+from triton import knobs
 
 NS = "gpt2engine"  # torch.ops.gpt2engine.<op>; the C++ sampler registers under NS + "_C"
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Whether the kernels defined after this import run in Triton's interpreter: ``triton.jit`` makes
+# that choice when each kernel is defined (TRITON_INTERPRET=1 at import), so it is read once, here.
+INTERPRETED = bool(knobs.runtime.interpret)
+
+
+def check_device(op: str, t: torch.Tensor) -> None:
+    """Raise ValueError saying what to do when ``t``'s device cannot run ``op``'s Triton kernels:
+    CUDA tensors always can, CPU tensors only in the interpreter (tests); elsewhere Triton itself
+    would fail with "0 active drivers"."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "cuda" or (INTERPRETED and t.device.type == "cpu"):
+        return
+    raise ValueError(
+        f"gpt2kernels.{op} runs Triton GPU kernels, and its input is on {t.device}: pass CUDA tensors; "
+        f"or for tests set TRITON_INTERPRET=1 before importing gpt2kernels (Triton's interpreter runs the "
+        f"kernels on CPU tensors, slowly); or call gpt2kernels.{op}_ref, the eager PyTorch reference")
+
+
+def kernel_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator: register the function as the custom op ``NS::name`` (``torch.ops.gpt2engine.name``,
+    which torch.compile and ``opcheck`` see) and return a plain function that calls it.
+
+    The returned function keeps the decorated one's name, docstring and signature, so ``help()`` and
+    ``inspect.signature`` show them rather than ``CustomOpDef``'s; its ``op`` attribute is the
+    ``CustomOpDef`` (``op.register_fake``). The op first checks that its first argument's device can
+    run the kernels (``check_device``), so a CPU tensor gets that error however the op is reached.
+    """
+    def register(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            check_device(name, args[0])
+            return fn(*args, **kwargs)
+
+        schema = torch.library.infer_schema(fn, mutates_args=mutates_args)  # fn's module resolves its annotations
+        op = torch.library.custom_op(f"{NS}::{name}", checked, mutates_args=mutates_args, schema=schema)
+
+        @functools.wraps(fn)
+        def public(*args, **kwargs):
+            return op(*args, **kwargs)
+
+        public.op = op
+        return public
+    return register
 
 
 def check_tensor(name: str, t: torch.Tensor, *, dtypes=FLOAT_DTYPES, ndim: int | None = None,

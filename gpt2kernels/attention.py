@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import NS, arrival_counters, check_tensor, dot_precision, sm_count
+from ._ops import arrival_counters, check_tensor, dot_precision, kernel_op, sm_count
 
 HEAD_DIMS = (32, 64, 80, 128)  # any D up to 128 works; these (one per block size and alignment) are compiled ahead of time
 MAX_HEAD_DIM = 128
@@ -236,7 +236,7 @@ def _flash_attention_launch(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale
     return o
 
 
-@torch.library.custom_op(f"{NS}::flash_attention", mutates_args=())
+@kernel_op("flash_attention")
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:
     """Attention without materialising the score matrix.
 
@@ -251,7 +251,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale:
     return _flash_attention_launch(q, k, v, causal, scale)
 
 
-@flash_attention.register_fake
+@flash_attention.op.register_fake
 def _(q, k, v, causal=True, scale=None):
     b, h, tq, d = q.shape
     return q.new_empty((b, tq, h, d)).transpose(1, 2)
@@ -302,7 +302,7 @@ def _decode_attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
     return o
 
 
-@torch.library.custom_op(f"{NS}::decode_attention", mutates_args=())
+@kernel_op("decode_attention")
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, scale: float | None = None,
                      check_lens: bool = True) -> Tensor:
     """Attention of each row's newest Lq queries over its valid cache prefix (split-KV).
@@ -321,7 +321,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
     return _decode_attention_launch(q, k_cache, v_cache, cache_lens, scale, check_lens)
 
 
-@decode_attention.register_fake
+@decode_attention.op.register_fake
 def _(q, k_cache, v_cache, cache_lens, scale=None, check_lens=True):
     if q.is_contiguous():
         return torch.empty_like(q)

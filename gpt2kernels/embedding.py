@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import NS, check_tensor, row_settings
+from ._ops import check_tensor, kernel_op, row_settings
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def _decode_embed_launch(tokens: Tensor, lens: Tensor, wte: Tensor, wpe: Tensor)
     return x
 
 
-@torch.library.custom_op(f"{NS}::decode_embed", mutates_args=("lens",))
+@kernel_op("decode_embed", mutates_args=("lens",))
 def decode_embed(tokens: Tensor, lens: Tensor, wte: Tensor, wpe: Tensor) -> Tensor:
     """Embed one new token per row at its cache length, and advance the length: one kernel.
 
@@ -79,7 +79,7 @@ def decode_embed(tokens: Tensor, lens: Tensor, wte: Tensor, wpe: Tensor) -> Tens
     return _decode_embed_launch(tokens, lens, wte, wpe)
 
 
-@decode_embed.register_fake
+@decode_embed.op.register_fake
 def _(tokens, lens, wte, wpe):
     return wte.new_empty((tokens.shape[0], wte.shape[1]))
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import NS, check_tensor, row_settings
+from ._ops import check_tensor, kernel_op, row_settings
 
 MAX_N = 65536  # one row must fit in registers: 65536 fp32 over 32 warps is 64 per thread
 
@@ -81,7 +81,7 @@ def _layer_norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, bias:
     return y, (s if residual is not None else None)
 
 
-@torch.library.custom_op(f"{NS}::layer_norm", mutates_args=())
+@kernel_op("layer_norm")
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the last dim.
 
@@ -95,12 +95,12 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
     return _layer_norm_launch(x, None, weight, bias, eps)[0]
 
 
-@layer_norm.register_fake
+@layer_norm.op.register_fake
 def _(x, weight, bias, eps=1e-5):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op(f"{NS}::add_layer_norm", mutates_args=())
+@kernel_op("add_layer_norm")
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
                    eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """Residual add fused with the LayerNorm after it: ``s = x + residual; y = LayerNorm(s)``.
@@ -116,7 +116,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
     return y, s
 
 
-@add_layer_norm.register_fake
+@add_layer_norm.op.register_fake
 def _(x, residual, weight, bias, eps=1e-5):
     like = torch.empty_like(x, memory_format=torch.contiguous_format)
     return like, torch.empty_like(like)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .layernorm import layer_norm_ref
 from .quantize import dequantize_int8
-from ._ops import NS, arrival_counters, check_tensor, dot_precision, sm_count
+from ._ops import arrival_counters, check_tensor, dot_precision, kernel_op, sm_count
 
 ACTIVATIONS = (None, "gelu_tanh")
 DECODE_MAX_ROWS = 16
@@ -376,7 +376,7 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
     return y
 
 
-@torch.library.custom_op(f"{NS}::linear", mutates_args=())
+@kernel_op("linear")
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
            residual: Tensor | None = None, weight_scale: Tensor | None = None) -> Tensor:
     """``act(x @ weight.T + bias) + residual`` in one kernel (split-K partials are summed inside it).
@@ -395,12 +395,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     return _linear_launch(x, weight, bias, activation, residual, weight_scale=weight_scale)
 
 
-@linear.register_fake
+@linear.op.register_fake
 def _(x, weight, bias=None, activation=None, residual=None, weight_scale=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op(f"{NS}::gelu_mlp", mutates_args=())
+@kernel_op("gelu_mlp")
 def gelu_mlp(x: Tensor, fc_weight: Tensor, fc_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
              residual: Tensor | None = None, fc_scale: Tensor | None = None,
              proj_scale: Tensor | None = None) -> Tensor:
@@ -417,12 +417,12 @@ def gelu_mlp(x: Tensor, fc_weight: Tensor, fc_bias: Tensor, proj_weight: Tensor,
     return _linear_launch(h, proj_weight, proj_bias, None, residual, weight_scale=proj_scale)
 
 
-@gelu_mlp.register_fake
+@gelu_mlp.op.register_fake
 def _(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None, fc_scale=None, proj_scale=None):
     return x.new_empty((*x.shape[:-1], proj_weight.shape[0]))
 
 
-@torch.library.custom_op(f"{NS}::ln_linear", mutates_args=())
+@kernel_op("ln_linear")
 def ln_linear(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor | None = None,
               activation: str | None = None, eps: float = 1e-5, weight_scale: Tensor | None = None) -> Tensor:
     """``act(LayerNorm(x) @ weight.T + bias)`` in one kernel: the LayerNorm runs in the GEMM's prologue.
@@ -447,12 +447,12 @@ def ln_linear(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bia
     return _linear_launch(x, weight, bias, activation, None, norm=(ln_weight, ln_bias, eps), weight_scale=weight_scale)
 
 
-@ln_linear.register_fake
+@ln_linear.op.register_fake
 def _(x, ln_weight, ln_bias, weight, bias=None, activation=None, eps=1e-5, weight_scale=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op(f"{NS}::ln_qkv_append", mutates_args=("k_cache", "v_cache"))
+@kernel_op("ln_qkv_append", mutates_args=("k_cache", "v_cache"))
 def ln_qkv_append(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
                   k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, eps: float = 1e-5,
                   weight_scale: Tensor | None = None) -> Tensor:
@@ -481,8 +481,8 @@ def ln_qkv_append(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
                           kv_cache=(k_cache, v_cache, cache_lens), weight_scale=weight_scale)
 
 
-@ln_qkv_append.register_fake
-def _(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, cache_lens, eps=1e-5):
+@ln_qkv_append.op.register_fake
+def _(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, cache_lens, eps=1e-5, weight_scale=None):
     return x.new_empty((x.shape[0], weight.shape[0] // 3))
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import FLOAT_DTYPES, NS, check_tensor
+from ._ops import FLOAT_DTYPES, NS, check_device, check_tensor
 
 DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64 for gradcheck
 
@@ -183,6 +183,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, red
     Returns:
         fp32 loss: a scalar, or (N,) for "none".
     """
+    check_device("cross_entropy", logits)
     _check_reduction(reduction)
     check_tensor("logits", logits, ndim=2, dtypes=DTYPES)
     n, v = logits.shape
@@ -366,6 +367,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: 
     Returns:
         The fp32 loss (a scalar, or (N,) for "none"), and the log-probabilities if asked.
     """
+    check_device("linear_cross_entropy", hidden)
     _check_reduction(reduction)
     _check_linear_inputs(hidden, weight, bias)
     targets = _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)

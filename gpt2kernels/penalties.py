@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import NS, check_tensor
+from ._ops import check_tensor, kernel_op
 
 BLOCK_V = 1024  # 50 programs a row at GPT-2's vocabulary: a decode batch of 1 already fills 50 SMs
 WARPS = 4       # 8 tokens a thread: an elementwise pass over fp32 rows needs no more
@@ -96,7 +96,7 @@ def _apply_penalties_launch(logits: Tensor, counts: Tensor, prompt_mask: Tensor,
     return out
 
 
-@torch.library.custom_op(f"{NS}::apply_penalties", mutates_args=("counts",))
+@kernel_op("apply_penalties", mutates_args=("counts",))
 def apply_penalties(logits: Tensor, counts: Tensor, prompt_mask: Tensor, last_tokens: Tensor,
                     repetition: Tensor, presence: Tensor, frequency: Tensor) -> Tensor:
     """Count each row's last token, then penalise the logits (see the module docstring): one kernel.
@@ -113,7 +113,7 @@ def apply_penalties(logits: Tensor, counts: Tensor, prompt_mask: Tensor, last_to
     return _apply_penalties_launch(logits, counts, prompt_mask, last_tokens, repetition, presence, frequency)
 
 
-@apply_penalties.register_fake
+@apply_penalties.op.register_fake
 def _(logits, counts, prompt_mask, last_tokens, repetition, presence, frequency):
     return logits.new_empty(logits.shape, dtype=torch.float32)
 

@@ -35,6 +35,12 @@ def pytest_configure(config):
     problem = _interpreter_numpy_problem()
     if problem:
         pytest.exit(problem, returncode=4)
+    if not hasattr(config, "workerinput"):
+        # Load (on a fresh machine: compile, ~10 s) the sampler once, before the xdist workers start:
+        # racing to compile it, one would wait on the other and say so on stderr, which tests read.
+        from gpt2kernels import _extension
+
+        _extension.load()
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); on a GPU also every test "
                                        "on the `device` fixture, so that `pytest -m gpu` is the GPU subset")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")

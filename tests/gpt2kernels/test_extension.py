@@ -96,3 +96,47 @@ def test_an_unloadable_prebuilt_library_falls_back_to_compiling(tmp_path):
     rc, loaded, err = _load_in_subprocess({}, f"_extension.PACKAGE = __import__('pathlib').Path({str(tmp_path)!r})")
     assert (rc, loaded) == (0, "True"), err
     assert "cannot load" in err and "Traceback" not in err
+
+
+def test_each_environment_builds_in_its_own_directory(monkeypatch, tmp_path):
+    """Keyed by the interpreter's path, torch's version and the sources: two virtualenvs sharing
+    ~/.cache/torch_extensions used to rebuild over each other at every start."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+
+    def directory():
+        return _extension.build_directory(cuda=False)
+
+    here = directory()
+    assert here.parent == tmp_path and here.name.startswith(_extension.LIB + "-") and directory() == here
+    monkeypatch.setattr(sys, "executable", "/elsewhere/venv/bin/python")
+    other_env = directory()
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    other_torch = directory()
+    monkeypatch.setattr(_extension, "sources", lambda cuda: [str(tmp_path / "changed.cpp")])
+    (tmp_path / "changed.cpp").write_text("// another source\n")
+    assert len({here, other_env, other_torch, directory()}) == 4
+
+
+def test_two_interpreters_do_not_share_a_build(tmp_path):
+    """Two interpreter paths (symlinks to this Python, as two virtualenvs are) and a compiler that
+    fails at once: each records its failure in its own directory, and neither sees the other's."""
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), "CXX": str(_failing_compiler(tmp_path)),
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # a bare symlink finds no venv of its own
+    no_prebuilt = f"_extension.PACKAGE = __import__('pathlib').Path({str(tmp_path)!r})"
+    pythons = []
+    for name in ("env-a", "env-b"):
+        (tmp_path / name).mkdir()
+        pythons.append(tmp_path / name / "python")
+        pythons[-1].symlink_to(sys.executable)
+    code = f"from gpt2kernels import _extension; {no_prebuilt}; print(_extension.load())"
+
+    def load(python):
+        r = subprocess.run([str(python), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                           env={**os.environ, **env})
+        assert r.stdout.strip() == "False", r.stderr
+        return r.stderr
+
+    assert "could not compile" in load(pythons[0])
+    assert "could not compile" in load(pythons[1])  # not "failed to compile before": its own directory
+    assert "failed to compile before" in load(pythons[0])
+    assert len(list((tmp_path / "cache").glob(f"{_extension.LIB}-*/build_failed.txt"))) == 2

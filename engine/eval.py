@@ -81,13 +81,15 @@ def run(args) -> int:
     summary = {"tokens": result.tokens, "loss": result.loss, "perplexity": result.perplexity,
                "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                "model": args.model, "window": window, "stride": stride,
-               "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device), "backend": model.backend}
+               "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device), "backend": model.backend,
+               "quantize": model.quantize}
+    weights = f"{model.quantize} weights, {summary['dtype']}" if model.quantize else summary["dtype"]
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"tokens scored: {result.tokens}\nloss: {result.loss:.4f} nats/token\n"
               f"perplexity: {result.perplexity:.4f}\nspeed: {result.tokens_per_second:.1f} tokens/s "
-              f"({summary['dtype']} {summary['device']} {summary['backend']}, window {summary['window']}, "
+              f"({weights} {summary['device']} {summary['backend']}, window {summary['window']}, "
               f"stride {summary['stride']})")
     return 0
 

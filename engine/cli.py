@@ -70,6 +70,16 @@ def _int_at_least(name, low):
     return parse
 
 
+def _int_in(name, low, high):
+    """An int parser for option ``name`` accepting [low, high]."""
+    def parse(text):
+        v = _parsed(text, int, f"{name} must be an integer in [{low}, {high}]")
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer in [{low}, {high}], got {text}")
+        return v
+    return parse
+
+
 def add_placement_options(p: argparse.ArgumentParser, dtype_help: str,
                           backend_help: str = "default: triton on a CUDA device, eager on CPU") -> None:
     """--device, --dtype, --backend and --quantize, as every command takes them (each says its dtype's default)."""

@@ -6,9 +6,10 @@ A user mistake ends in one ``error:`` line on stderr and exit status 2, never a 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
-from ..cli import HelpFormatter, _int_at_least, _Parser, _UsageError, add_placement_options, run_cli
+from ..cli import HelpFormatter, _int_at_least, _int_in, _Parser, _UsageError, add_placement_options, run_cli
 
 
 def server_dtype(device: str | None) -> str | None:
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt2", help="hub name, local HF directory, or random:<size>")
     p.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=_int_at_least("--port", 0), default=8000, help="TCP port (0: any free one)")
+    p.add_argument("--port", type=_int_in("--port", 0, 65535), default=8000, help="TCP port (0: any free one)")
     add_placement_options(p, "default: float16 on CUDA; on CPU bfloat16 where the processor has native bf16, "
                              "else float32; float32 with --quantize on CPU")
     p.add_argument("--max-batch", type=_int_at_least("--max-batch", 1), default=None,
@@ -50,7 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` as uvicorn binds one (IPv6 when the host has a colon,
+    SO_REUSEADDR); _UsageError naming both when the host is no address of this machine or the
+    port is taken. Bound before the model loads, so that such a mistake costs no load, and handed
+    to uvicorn, so that no other process can take the port in between."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:  # gaierror for a name that does not resolve, EADDRINUSE, EADDRNOTAVAIL, EACCES
+        sock.close()
+        raise _UsageError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}") from None
+    return sock
+
+
 def run(args) -> int:
+    sock = listen(args.host, args.port)
     try:
         import uvicorn
 
@@ -73,10 +90,15 @@ def run(args) -> int:
     except (EngineError, torch.cuda.OutOfMemoryError) as e:
         raise _UsageError(str(e)) from None
     name = args.served_model_name or args.model
-    print(f"serving {name} ({model.config.n_layer}L/{model.config.n_embd}d {model.dtype} {model.device} "
-          f"{model.backend}, batch {max_batch}, graphs captured in {scheduler.capture_seconds:.1f} s) "
-          f"on http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(create_app(scheduler, name, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    dtype = str(model.dtype).removeprefix("torch.")
+    weights = f"{model.quantize} weights, {dtype}" if model.quantize else dtype
+    graphs = f", graphs captured in {scheduler.capture_seconds:.1f} s" if scheduler.capture_seconds else ""
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"serving {name} ({model.config.n_layer}L/{model.config.n_embd}d {weights} {model.device} "
+          f"{model.backend}, batch {max_batch}{graphs}) on http://{url_host}:{port}", file=sys.stderr)
+    app = create_app(scheduler, name, args.api_key)
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0
 
 

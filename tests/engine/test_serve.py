@@ -257,7 +257,8 @@ def test_the_command_serves_and_reports_mistakes_in_one_line(tiny_checkpoint):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--model", str(tiny_checkpoint), "--port",
-                             str(port), "--dtype", "float32", "--max-batch", "2", "--log-level", "warning"],
+                             str(port), "--dtype", "float32", "--max-batch", "2", "--log-level", "warning",
+                             "--quantize", "int8"],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -274,7 +275,34 @@ def test_the_command_serves_and_reports_mistakes_in_one_line(tiny_checkpoint):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    started = [line for line in proc.stderr.read().splitlines() if line.startswith("serving")]
+    assert started == [f"serving {tiny_checkpoint} (2L/96d int8 weights, float32 cpu eager, batch 2) "
+                       f"on http://127.0.0.1:{port}"], started  # the dtype and quantisation as generate says them
     bad = subprocess.run([sys.executable, "-m", "engine.serve", "--model", "gpt5"], cwd=root, capture_output=True,
                          text=True, timeout=120)
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: unknown model name"), bad.stderr
+
+
+def test_start_up_mistakes_are_one_line_before_the_model_loads():
+    """The port and host are checked (bound) first: with an unknown model name, the error is still
+    about them, so no load was attempted."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, message in [
+            (["--port", "99999"], "error: argument --port: --port must be an integer in [0, 65535], got 99999"),
+            (["--port", "-1"], "error: argument --port: --port must be an integer in [0, 65535], got -1"),
+            (["--host", "999.1.1.1"], "error: cannot listen on 999.1.1.1:8000: "),
+            (["--port", str(port)], f"error: cannot listen on 127.0.0.1:{port}: address already in use"),
+        ]:
+            r = subprocess.run([sys.executable, "-m", "engine.serve", "--model", "gpt5", *args], cwd=root,
+                               capture_output=True, text=True, timeout=120)
+            lines = [line for line in r.stderr.splitlines() if line.strip()]
+            assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), (args, r.stderr)

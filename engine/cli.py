@@ -70,12 +70,15 @@ def _int_at_least(name, low):
     return parse
 
 
-def _int_in(name, low, high):
-    """An int parser for option ``name`` accepting [low, high]."""
+def _int_in(name, low, high, interval=None):
+    """An int parser for option ``name`` accepting [low, high]; errors name the ``interval``
+    (default "[low, high]")."""
+    interval = interval or f"[{low}, {high}]"
+
     def parse(text):
-        v = _parsed(text, int, f"{name} must be an integer in [{low}, {high}]")
+        v = _parsed(text, int, f"{name} must be an integer in {interval}")
         if not low <= v <= high:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer in [{low}, {high}], got {text}")
+            raise argparse.ArgumentTypeError(f"{name} must be an integer in {interval}, got {text}")
         return v
     return parse
 

@@ -18,8 +18,9 @@ import sys
 import threading
 import time
 
-from .cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, HelpFormatter, _float_in, _int_at_least, _parsed, _Parser,
+from .cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, HelpFormatter, _float_in, _int_at_least, _int_in, _Parser,
                   _UsageError, add_placement_options, run_cli)
+from .request import SEED_LIMIT
 
 EXAMPLES = """examples:
   python -m engine.generate --model gpt2 --prompt "The meaning of life is" --max-new-tokens 50 --seed 0
@@ -28,14 +29,7 @@ EXAMPLES = """examples:
 
 other commands: gpt2engine eval (perplexity of a text), gpt2engine serve (an OpenAI-compatible server);
 python -m engine works like gpt2engine"""
-SEED_LIMIT = 2**64  # seeds are read as 64-bit Philox keys
-
-
-def _seed(text: str) -> int:
-    v = _parsed(text, int, "--seed must be an integer in [0, 2^64)")
-    if not 0 <= v < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer in [0, 2^64), got {text}")
-    return v
+_seed = _int_in("--seed", 0, SEED_LIMIT - 1, "[0, 2^64)")  # check_seed's rule, in argparse's words
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens to generate at most per sample")
     p.add_argument("--temperature", type=_float_in("--temperature", "[0, inf)", lambda v: v >= 0), default=1.0,
                    help="0 means greedy")
-    p.add_argument("--top-k", type=_int_at_least("--top-k", 0), default=0, help="0 disables")
+    p.add_argument("--top-k", type=_int_in("--top-k", 0, 2**63 - 1, "[0, 2^63)"), default=0, help="0 disables")
     p.add_argument("--top-p", type=_float_in("--top-p", "(0, 1]", lambda v: 0 < v <= 1), default=1.0,
                    help="nucleus mass in (0, 1]; 1 disables")
     p.add_argument("--min-p", type=_float_in("--min-p", "[0, 1]", lambda v: 0 <= v <= 1), default=0.0,

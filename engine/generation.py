@@ -11,11 +11,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from gpt2kernels.sampling import as_int64, row_seeds
+from gpt2kernels.sampling import as_int64
 
 from .errors import ContextLengthError, ParameterError
 from .model import GPT2
-from .request import Request, check_logprobs, check_max_time, sampling_params, stop_strings
+from .request import SEED_LIMIT, Request, check_logprobs, check_max_time, check_seed, sampling_params, stop_strings
 from .runner import Runner, TokenReader
 from .tokenizer import EOT_ID, encode
 
@@ -34,7 +34,7 @@ class GenerationOutput:
     finish_reasons: list[str] | None = None  # per row: "stop" (EOS or a stop string), "length", "time", "cancelled"
     logprobs: list[list[float]] | None = None  # with logprobs=True: per row, each new token's log p
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None  # per row, per token: (id, log p), likeliest first
-    seeds: list[int] | None = None   # each row's seed (int64): pass them back as ``seed`` to reproduce the run
+    seeds: list[int] | None = None   # each row's seed, in [0, 2^64): pass them back as ``seed`` to reproduce the run
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -103,16 +103,14 @@ def check_context(prompt_len: int, max_new_tokens: int, n_positions: int) -> Non
 
 
 def _seeds(seed: int | Sequence[int] | None, rows: int) -> list[int]:
-    """Each row's seed as int64 bits: a list as given, an int s as s + r for row r, None drawn at random."""
+    """Each row's seed in [0, 2^64): a list as given, an int s as s + r for row r (mod 2^64), None drawn at random."""
     if seed is None:
         seed = secrets.randbits(63)
-    if isinstance(seed, bool) or not isinstance(seed, (int, list, tuple)):
-        raise ParameterError("seed", f"seed must be an int or a list of ints, got {type(seed).__name__}")
-    if isinstance(seed, int):
-        return row_seeds(seed, rows, torch.device("cpu")).tolist()
-    if len(seed) != rows or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
-        raise ParameterError("seed", f"seed must be an int or a list of {rows} ints (one per prompt), got {seed!r}")
-    return [as_int64(s) for s in seed]
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != rows:
+            raise ParameterError("seed", f"seed must be an int or a list of {rows} ints (one per prompt), got {seed!r}")
+        return [check_seed(s) for s in seed]
+    return [(check_seed(seed) + r) % SEED_LIMIT for r in range(rows)]
 
 
 def runner_for(model: GPT2) -> Runner:
@@ -136,7 +134,7 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     top_k 0, top_p 1 and min_p 0 disable those filters. repetition_penalty (HF's: > 1 discourages
     the prompt's and the output's tokens), presence_penalty and frequency_penalty (OpenAI's, in
     [-2, 2], over the output's tokens) act on the logits first; 1, 0 and 0 disable them.
-    seed: per prompt, a list of ints; an int s seeds prompt r with s + r; None draws one. A prompt's
+    seed: per prompt, a list of ints in [0, 2^64); an int s seeds prompt r with s + r; None draws one. A prompt's
     random draws depend only on its own seed, never on its row or the other prompts of the batch
     (its logits, up to the matmuls' rounding, which depends on the batch size: see the README).
     stop: a string or list of strings; a row ends where one appears in its text, which leaves it
@@ -170,7 +168,7 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     def streamer(r):
         return None if on_text is None else lambda piece: on_text(r, piece)
 
-    seqs = [Request(ids, max_new_tokens, replace(sampling, seed=s), stop_at_eos, on_text=streamer(r), stop=stops,
+    seqs = [Request(ids, max_new_tokens, replace(sampling, seed=as_int64(s)), stop_at_eos, on_text=streamer(r), stop=stops,
                     max_time=max_time, keep_text=is_text, logprobs=want_logprobs)
             for r, (ids, s) in enumerate(zip(rows, seeds))]
     runner = runner_for(model)

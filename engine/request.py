@@ -14,6 +14,17 @@ from .errors import NumericalError, ParameterError
 from .tokenizer import EOT_ID, StreamDecoder
 
 
+SEED_LIMIT = 2**64  # a seed is the 64 bits of a Philox key
+
+
+def check_seed(seed) -> int:
+    """``seed`` when it is an integer in [0, 2^64); ParameterError naming it otherwise. The one rule
+    for ``generate``'s seeds, the CLI's ``--seed`` and the server's ``"seed"``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ParameterError("seed", f"seed must be an integer in [0, 2^64), got {seed!r}")
+    return seed
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """One request's sampling (semantics: ``gpt2kernels.sampling``): temperature 0 is greedy; top_k 0,

@@ -50,7 +50,7 @@ def check_sampling_params(temperature: Param = 1.0, top_k: Param = 0, top_p: Par
             return v.detach().double().cpu().flatten().tolist()
         if not isinstance(v, Number) or isinstance(v, bool):
             raise ValueError(f"{name} must be a number or a tensor, got {type(v).__name__}")
-        return [float(v)]
+        return [v if isinstance(v, int) else float(v)]  # an int stays exact (and is shown as given)
 
     for t in values("temperature", temperature):
         if not math.isfinite(t) or t < 0:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from gpt2kernels.sampling import as_int64
 
 from ..errors import ParameterError
-from ..request import Request, check_max_time, sampling_params, stop_strings
+from ..request import Request, check_max_time, check_seed, sampling_params, stop_strings
 from ..tokenizer import EOT_ID, VOCAB_SIZE, decode, encode
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -149,6 +149,11 @@ def parse_completion(body, served_model: str) -> Completion:
     except ParameterError as e:
         raise APIError(400, str(e), e.param) from None
     seed = _typed(body, "seed", (int,), None, "an integer")
+    if seed is not None:
+        try:
+            check_seed(seed)
+        except ParameterError as e:
+            raise APIError(400, str(e), "seed") from None
     stream = _typed(body, "stream", (bool,), False, "a boolean")
     echo = _typed(body, "echo", (bool,), False, "a boolean")
     options = _typed(body, "stream_options", (dict,), {}, "an object")

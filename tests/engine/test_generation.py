@@ -50,6 +50,7 @@ def test_a_prompt_filling_the_context_gets_one_token_as_in_hf(model, hf_model):
     (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=1e300), "temperature"), (dict(top_k=2**70), "top_k"), (dict(seed=[1, 2]), "seed"),
     (dict(seed=1.5), "seed"), (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(seed=-5), "seed"), (dict(seed=2**64), "seed"), (dict(seed=[0, -1]), "seed"),  # the CLI's and server's rule
 ])
 def test_bad_parameters(model, kwargs, match):
     args = dict(max_new_tokens=3) | kwargs

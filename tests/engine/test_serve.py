@@ -225,6 +225,8 @@ def test_queue_limit_answers_503(served, model):
     ({}, 400, "prompt"),
     ({"prompt": "x", "max_tokens": 200}, 400, "max_tokens"),  # TINY: 128 positions
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "seed": -5}, 400, "seed"),  # the CLI's and generate()'s rule: [0, 2^64)
+    ({"prompt": "x", "seed": 2**64}, 400, "seed"),
 ])
 def test_bad_requests_get_openai_errors(served, body, status, param):
     r = _http(served[0].url, "POST", "/v1/completions", body)

@@ -83,6 +83,37 @@ def _int_in(name, low, high, interval=None):
     return parse
 
 
+def decode_utf8(data: bytes, source: str) -> str:
+    """``data`` as UTF-8 text (a leading byte-order mark dropped); _UsageError naming ``source`` and the
+    offset of the first byte that is not UTF-8, rather than replacing it and going on."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _UsageError(f"{source} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                          f"({e.reason})") from None
+
+
+def utf8_argument(text: str, option: str) -> str:
+    """An argument as given: Python reads the command line's bytes that are not UTF-8 as lone
+    surrogates, refused here as a file's would be (``decode_utf8``)."""
+    return decode_utf8(text.encode("utf-8", "surrogateescape"), option)
+
+
+def read_text(path: str | None, option: str) -> str | None:
+    """The UTF-8 text of file ``path`` (``option`` names it in errors), or with ``path`` None of
+    standard input, or None when standard input is a terminal (nothing was piped)."""
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise _UsageError(f"cannot read {option} {path}: {e.strerror or e}") from None
+        return decode_utf8(data, f"{option} {path}")
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    return decode_utf8(sys.stdin.buffer.read(), "standard input")
+
+
 def add_placement_options(p: argparse.ArgumentParser, dtype_help: str,
                           backend_help: str = "default: triton on a CUDA device, eager on CPU") -> None:
     """--device, --dtype, --backend and --quantize, as every command takes them (each says its dtype's default)."""

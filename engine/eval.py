@@ -10,7 +10,7 @@ import json
 import sys
 
 from .cli import (EXIT_USER_ERROR, HelpFormatter, _int_at_least, _Parser, _UsageError, add_placement_options,
-                  run_cli)
+                  read_text, run_cli)
 
 EXAMPLES = """examples:
   python -m engine.eval --model gpt2 --text-file wiki.test.raw
@@ -40,15 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_text(path: str | None) -> str:
-    if path is None:
-        if sys.stdin.isatty():
-            raise _UsageError("give --text-file, or pipe the text to standard input")
-        return sys.stdin.read()
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise _UsageError(f"cannot read --text-file {path}: {e}") from None
+    text = read_text(path, "--text-file")
+    if text is None:
+        raise _UsageError("give --text-file, or pipe the text to standard input")
+    return text
 
 
 def run(args) -> int:

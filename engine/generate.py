@@ -19,7 +19,7 @@ import threading
 import time
 
 from .cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, HelpFormatter, _float_in, _int_at_least, _int_in, _Parser,
-                  _UsageError, add_placement_options, run_cli)
+                  _UsageError, add_placement_options, read_text, run_cli, utf8_argument)
 from .request import SEED_LIMIT
 
 EXAMPLES = """examples:
@@ -86,20 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _read_prompt(args) -> str:
     """--prompt as given; a file or standard input without its final newline (the one ``echo`` and
-    editors add, which would otherwise start the completion on a new line)."""
+    editors add, which would otherwise start the completion on a new line). Text that is not UTF-8
+    is refused, wherever it comes from. An empty prompt is said in one line on stderr: the
+    completion then starts from <|endoftext|>, as GPT-2's unconditional samples do."""
     if args.prompt is not None:
-        return args.prompt
-    if args.prompt_file is not None:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise _UsageError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
-    elif not sys.stdin.isatty():
-        text = sys.stdin.read()
+        text = utf8_argument(args.prompt, "--prompt")
     else:
-        return ""
-    return text.removesuffix("\n").removesuffix("\r")
+        text = read_text(args.prompt_file, "--prompt-file") or ""
+        text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        source = "--prompt-file " + args.prompt_file if args.prompt_file else \
+            "--prompt" if args.prompt is not None else "standard input"
+        print(f"note: the prompt ({source}) is empty: generating from <|endoftext|>", file=sys.stderr)
+    return text
 
 
 @contextlib.contextmanager

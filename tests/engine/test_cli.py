@@ -274,3 +274,36 @@ def test_cpu_defaults_to_eager_without_graphs(tiny_checkpoint, capsys):
 def test_triton_without_a_gpu_is_one_line():
     r = _cli("--model", "random:gpt2", "--prompt", "hi", "--backend", "triton", env={"TRITON_INTERPRET": "0"})
     assert r.returncode == 2 and "the triton backend needs a CUDA device" in _one_clean_line(r.stderr)
+
+
+@pytest.mark.parametrize("command", ["engine.generate", "engine.eval"])
+def test_text_that_is_not_utf8_is_refused_wherever_it_comes_from(tmp_path, command):
+    """Stdin used to be decoded with replacement ('caf? ??') where --prompt-file refused the same
+    bytes. Read before the model loads: the unknown model name is never reached."""
+    bad = b"caf\xe9 \xff\xfe"
+    path = tmp_path / "bad.txt"
+    path.write_bytes(bad)
+    option = "--prompt-file" if command == "engine.generate" else "--text-file"
+    sources = [([], bad, "standard input"), ([option, str(path)], None, f"{option} {path}")]
+    if command == "engine.generate":
+        sources.append((["--prompt", bad], None, "--prompt"))  # argv bytes, as a shell passes them
+    for args, stdin, source in sources:
+        r = subprocess.run([sys.executable, "-m", command, "--model", "gpt5", *args], input=stdin or b"",
+                           capture_output=True, cwd=ROOT, timeout=300)
+        line = _one_clean_line(r.stderr.decode())
+        assert r.returncode == 2 and line == (f"error: {source} is not UTF-8 text: byte 0xe9 at offset 3 "
+                                              "(invalid continuation byte)"), line
+
+
+def test_an_empty_prompt_is_said_in_one_line_from_every_source(tiny_checkpoint, tmp_path):
+    """From --prompt "", an empty file or empty stdin alike: a note, then text from <|endoftext|>."""
+    args = ["--model", str(tiny_checkpoint), "--max-new-tokens", "3", "--seed", "0", "--dtype", "float32"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    runs = {"--prompt": _cli(*args, "--prompt", ""), f"--prompt-file {empty}": _cli(*args, "--prompt-file", str(empty)),
+            "standard input": _cli(*args, stdin="")}
+    for source, r in runs.items():
+        assert r.returncode == 0, r.stderr
+        notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+        assert notes == [f"note: the prompt ({source}) is empty: generating from <|endoftext|>"], r.stderr
+        assert r.stdout == runs["--prompt"].stdout and r.stdout.strip()

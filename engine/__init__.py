@@ -3,16 +3,20 @@
 import sys
 import types
 
-from .config import CONFIGS, GPT2Config
-from .errors import (CheckpointError, ConfigError, ContextLengthError, EngineError, NumericalError, ParameterError,
-                     QueueFullError)
-from .generation import GenerationOutput, generate
-from .loader import load_model
-from .model import GPT2
-from .request import Request, SamplingParams
-from .scheduler import Scheduler
-from .scoring import Perplexity, Score, perplexity, score
-from .tokenizer import EOT_ID, decode, encode
+from .interrupt import exit_on_ctrl_c_while_starting
+
+exit_on_ctrl_c_while_starting()  # before the imports below, which take a command's first second or two
+
+from .config import CONFIGS, GPT2Config  # noqa: E402
+from .errors import (CheckpointError, ConfigError, ContextLengthError, EngineError, NumericalError,  # noqa: E402
+                     ParameterError, QueueFullError)
+from .generation import GenerationOutput, generate  # noqa: E402
+from .loader import load_model  # noqa: E402
+from .model import GPT2  # noqa: E402
+from .request import Request, SamplingParams  # noqa: E402
+from .scheduler import Scheduler  # noqa: E402
+from .scoring import Perplexity, Score, perplexity, score  # noqa: E402
+from .tokenizer import EOT_ID, decode, encode  # noqa: E402
 
 __all__ = [
     "CONFIGS", "EOT_ID", "GPT2", "CheckpointError", "ConfigError", "ContextLengthError", "EngineError",

@@ -14,14 +14,35 @@ import warnings
 from typing import Callable
 
 from .backends import BACKENDS
-from .quantize import QUANTIZE_MODES
+from .interrupt import EXIT_INTERRUPTED, started
 from .loader import DTYPES
+from .quantize import QUANTIZE_MODES
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def version_line() -> str:
+    """``gpt2engine 0.1.0 (torch 2.13.0, triton 3.9.0, Python 3.11.7)``: what a bug report needs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"gpt2engine {installed('gpt2engine')} (torch {installed('torch')}, triton {installed('triton')}, " \
+           f"Python {python})"
 
 
 class _Parser(argparse.ArgumentParser):
+    """Every command's parser: one-line errors, and ``--version``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=version_line(), help="print versions and exit")
+
     def error(self, message):  # argparse prints usage too; one line is what we promise
         raise _UsageError(message)
 
@@ -132,6 +153,7 @@ def run_cli(build: Callable[[], argparse.ArgumentParser], run: Callable[[argpars
     a usage mistake is one ``error:`` line and exit status 2, Ctrl-C exit status 130, a closed
     stdout (``| head``) 0. Output the terminal cannot encode is replaced, never a crash, and a
     library's warning is one ``warning:`` line."""
+    started()
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
@@ -157,10 +179,26 @@ def run_cli(build: Callable[[], argparse.ArgumentParser], run: Callable[[argpars
 COMMANDS = {"generate": "engine.generate", "eval": "engine.eval", "serve": "engine.serve.__main__"}
 
 
+def unknown_command(word: str) -> str:
+    """What to say about ``gpt2engine WORD`` when WORD is no command (generate takes no positional
+    argument): the command it probably meant (``evaluate`` -> eval), else the list."""
+    import difflib
+
+    close = [c for c in COMMANDS if word.startswith(c) or c.startswith(word)] or \
+        difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown command {word!r}: {hint}commands: {', '.join(COMMANDS)} (generate is the default: " \
+           f"give its prompt with --prompt)"
+
+
 def entry(argv: list[str] | None = None) -> int:
     """``gpt2engine [generate|eval|serve] ...`` (also ``python -m engine``): the named command's
     ``main``; without a command name, ``generate``."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else "generate"
     name = "gpt2engine" if sys.argv and sys.argv[0].endswith("gpt2engine") else "python -m engine"
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        started()
+        print(f"error: {unknown_command(argv[0])}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "generate"
     return importlib.import_module(COMMANDS[command]).main(argv, prog=f"{name} {command}")

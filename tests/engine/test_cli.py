@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,52 @@ def test_an_empty_prompt_is_said_in_one_line_from_every_source(tiny_checkpoint, 
         notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
         assert notes == [f"note: the prompt ({source}) is empty: generating from <|endoftext|>"], r.stderr
         assert r.stdout == runs["--prompt"].stdout and r.stdout.strip()
+
+
+@pytest.mark.parametrize("command", [["-m", "engine.generate"], ["-m", "engine", "eval"], ["gpt2engine", "serve"]])
+def test_ctrl_c_while_starting_exits_130_without_a_traceback(command):
+    """Sent while the command still imports torch and Triton (its first second or two; later, the
+    model load): 'interrupted' and 130, as a Ctrl-C during generation, never a KeyboardInterrupt
+    traceback from inside an import."""
+    argv = [sys.executable, *command] if command[0] == "-m" else [str(Path(sys.executable).with_name(command[0])),
+                                                                   *command[1:]]
+    for delay in (0.3, 0.8):
+        proc = subprocess.Popen(argv + ["--model", "random:gpt2"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "Traceback" not in err and err.strip() == "interrupted", (delay, err)
+
+
+def test_importing_engine_leaves_ctrl_c_alone():
+    """Only our commands exit on Ctrl-C while starting; a program importing engine keeps Python's handler."""
+    code = "import signal, engine; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "True", r.stderr
+
+
+@pytest.mark.parametrize("word,hint", [("evaluate", "did you mean 'eval'? "), ("gen", "did you mean 'generate'? "),
+                                       ("Hello", "")])
+def test_an_unknown_command_is_one_line_with_a_suggestion(word, hint):
+    from engine.cli import entry
+
+    r = subprocess.run([sys.executable, "-m", "engine", word, "--model", "gpt2"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and _one_clean_line(r.stderr) == (
+        f"error: unknown command '{word}': {hint}commands: generate, eval, serve (generate is the default: "
+        "give its prompt with --prompt)")
+    assert entry([word]) == 2
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["eval"], ["serve"]])
+def test_version(command, capsys):
+    import torch
+
+    from engine.cli import entry
+
+    with pytest.raises(SystemExit) as e:
+        entry([*command, "--version"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and re.fullmatch(r"gpt2engine \S+ \(torch \S+, triton \S+, Python 3\.\d+\.\d+\)\n", out)
+    assert f"torch {torch.__version__}" in out

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The AOT compile check (python -m gpt2kernels.aot) under Triton 3.6, the version the GPU machine runs,
-# beside the 3.9 that CI's venv holds and tests/gpt2kernels/test_aot_compile.py checks. A side venv holds
+# beside the 3.9 that CI's venv holds and .ci/run checks the same way. A side venv holds
 # only triton 3.6 and sees the main venv's packages (torch) through a .pth file, which Python reads
 # after the side venv's own site-packages: its triton wins. Costs a 188 MB wheel download and, on 2
 # cores, about as long as the 3.9 check (see the closing line of the report).

@@ -30,15 +30,21 @@ def convert(ckpt: Path) -> Path:
 
 def save_gpt2_tokenizer(ckpt) -> None:
     """GPT-2's tokenizer files beside the checkpoint (the converter reads its vocabulary), from the
-    encoder.json / vocab.bpe that the engine's offline tokenizer uses."""
+    encoder.json / vocab.bpe that the engine's offline tokenizer uses.
+
+    Written as HF's own GPT-2 files (vocab.json, merges.txt), which every transformers version the
+    test extra allows reads; GPT2Tokenizer's constructor is not used, since it took file paths
+    before transformers 5 and takes the vocabulary itself since. Loading and saving them back adds
+    the installed version's tokenizer_config.json and special tokens."""
     from transformers import GPT2Tokenizer
 
     from engine.tokenizer import bpe_files
 
     files = bpe_files()
-    vocab = json.loads(files["encoder.json"])
-    merges = [tuple(line.split()) for line in files["vocab.bpe"].decode().splitlines()[1:] if line]  # after "#version"
-    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(ckpt)
+    ckpt = Path(ckpt)
+    (ckpt / "vocab.json").write_bytes(files["encoder.json"])
+    (ckpt / "merges.txt").write_bytes(files["vocab.bpe"])
+    GPT2Tokenizer.from_pretrained(ckpt).save_pretrained(ckpt)
 
 
 def measure(model_dir: Path, ckpt: Path, compute_type: str, threads: int, ids: list[list[int]],

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks.report import device_slug
+import engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,3 +33,18 @@ def test_benchmark_runs(args, tmp_path):
     if args[0] == "benchmarks.e2e":  # written under the device it ran on: cpu/, or the GPU's name
         device = device_slug("cuda" if torch.cuda.is_available() else "cpu")
         assert (tmp_path / device / "e2e.json").exists() and (tmp_path / device / "e2e.md").exists()
+
+
+def test_the_peers_gpt2_tokenizer_is_ours(tmp_path):
+    """save_gpt2_tokenizer writes files that HF's GPT2Tokenizer reads back as GPT-2's own BPE
+    (it used to call a constructor whose arguments changed in transformers 5)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer, GPT2Tokenizer
+
+    from benchmarks.peer_ctranslate2 import save_gpt2_tokenizer
+
+    save_gpt2_tokenizer(tmp_path)
+    text = "Hello, my name is 日本 <|endoftext|> café\\n\\n  spaces"
+    for tokenizer in (GPT2Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)):
+        assert tokenizer.encode(text) == engine.encode(text, allow_special=True), type(tokenizer)
+        assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256

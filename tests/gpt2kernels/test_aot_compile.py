@@ -9,6 +9,7 @@ Needs no GPU: only Triton's bundled ptxas/cuobjdump.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,10 @@ from gpt2kernels.aot import MODULES, aot_recording, record_launches
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_all_kernels_compile_for_ampere_and_hopper_without_spills():
+def test_every_kernel_compiles_for_ampere_and_hopper_without_spills():
+    """A subset: 24 variants per arch, every kernel among them (11 s on 2 cores from a cold Triton
+    cache). All 818 took 3:18 cold, and under a loaded machine ran past this test's timeout:
+    ``.ci/run`` compiles them all in a step of its own, under Triton 3.9 and 3.6."""
     pytest.importorskip("triton")
     from gpt2kernels.aot import cuobjdump
 
@@ -31,11 +35,14 @@ def test_all_kernels_compile_for_ampere_and_hopper_without_spills():
         pytest.skip("this triton wheel has no bundled cuobjdump")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-m", "gpt2kernels.aot"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run([sys.executable, "-m", "gpt2kernels.aot", "--subset", "24"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert " 0 failure(s)" in r.stdout
+    assert "48 compiles, 0 failure(s)" in r.stdout
+    compiled = set(re.findall(r"^ *\d+ .*? (\w+)\[", r.stdout, flags=re.M))
+    assert compiled >= {"linear_fwd_kernel", "decode_attn_fwd_kernel", "flash_attn_fwd_kernel", "layer_norm_fwd_kernel",
+                        "cross_entropy_kernel", "decode_embed_fwd_kernel", "apply_penalties_fwd_kernel"}, compiled
 
 
 @pytest.fixture(scope="module")

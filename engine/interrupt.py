@@ -17,10 +17,13 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _started_as_command() -> bool:
-    """``python -m engine...`` (argv[0] is "-m" while Python imports the package to find the
-    module) or the ``gpt2engine`` console script."""
-    first = sys.argv[0] if sys.argv else ""
-    return first == "-m" or os.path.basename(first) == "gpt2engine"
+    """``python -m engine...`` or the ``gpt2engine`` console script (not a program of someone
+    else's that imports engine, nor ``python -m theirs`` whose package does)."""
+    argv = getattr(sys, "orig_argv", [])  # the interpreter's own command line, options included
+    if "-m" in argv[1:]:
+        module = argv[argv.index("-m", 1) + 1:][:1]
+        return bool(module) and module[0].split(".")[0] == "engine"
+    return os.path.basename(sys.argv[0] if sys.argv else "") == "gpt2engine"
 
 
 def _exit_interrupted(signum, frame):

@@ -326,11 +326,17 @@ def test_ctrl_c_while_starting_exits_130_without_a_traceback(command):
         assert proc.returncode == 130 and "Traceback" not in err and err.strip() == "interrupted", (delay, err)
 
 
-def test_importing_engine_leaves_ctrl_c_alone():
-    """Only our commands exit on Ctrl-C while starting; a program importing engine keeps Python's handler."""
+def test_importing_engine_leaves_ctrl_c_alone(tmp_path):
+    """Only our commands exit on Ctrl-C while starting; a program importing engine keeps Python's
+    handler, also one run as ``python -m theirs`` whose package imports engine."""
     code = "import signal, engine; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "True", r.stderr
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "__init__.py").write_text("import engine\n")
+    (tmp_path / "theirs" / "__main__.py").write_text(code + "\n")
+    for argv in (["-c", code], ["-m", "theirs"]):
+        r = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.stdout.strip() == "True", (argv, r.stderr)
 
 
 @pytest.mark.parametrize("word,hint", [("evaluate", "did you mean 'eval'? "), ("gen", "did you mean 'generate'? "),

@@ -82,26 +82,21 @@ def _float_in(name, interval, inside):
     return parse
 
 
-def _int_at_least(name, low):
-    def parse(text):
-        v = _parsed(text, int, f"{name} must be an integer >= {low}")
-        if v < low:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= {low}, got {text}")
-        return v
-    return parse
-
-
-def _int_in(name, low, high, interval=None):
-    """An int parser for option ``name`` accepting [low, high]; errors name the ``interval``
-    (default "[low, high]")."""
-    interval = interval or f"[{low}, {high}]"
+def _int_in(name, low, high=math.inf, rule=None):
+    """An int parser for option ``name`` accepting [low, high]; errors say the ``rule`` ("in
+    [0, 2^63)", ...; default "in [low, high]", or ">= low" without a high bound)."""
+    rule = rule or (f">= {low}" if high == math.inf else f"in [{low}, {high}]")
 
     def parse(text):
-        v = _parsed(text, int, f"{name} must be an integer in {interval}")
+        v = _parsed(text, int, f"{name} must be an integer {rule}")
         if not low <= v <= high:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer in {interval}, got {text}")
+            raise argparse.ArgumentTypeError(f"{name} must be an integer {rule}, got {text}")
         return v
     return parse
+
+
+def _int_at_least(name, low):
+    return _int_in(name, low)
 
 
 def decode_utf8(data: bytes, source: str) -> str:

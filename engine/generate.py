@@ -29,7 +29,7 @@ EXAMPLES = """examples:
 
 other commands: gpt2engine eval (perplexity of a text), gpt2engine serve (an OpenAI-compatible server);
 python -m engine works like gpt2engine"""
-_seed = _int_in("--seed", 0, SEED_LIMIT - 1, "[0, 2^64)")  # check_seed's rule, in argparse's words
+_seed = _int_in("--seed", 0, SEED_LIMIT - 1, "in [0, 2^64)")  # check_seed's rule, in argparse's words
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens to generate at most per sample")
     p.add_argument("--temperature", type=_float_in("--temperature", "[0, inf)", lambda v: v >= 0), default=1.0,
                    help="0 means greedy")
-    p.add_argument("--top-k", type=_int_in("--top-k", 0, 2**63 - 1, "[0, 2^63)"), default=0, help="0 disables")
+    p.add_argument("--top-k", type=_int_in("--top-k", 0, 2**63 - 1, "in [0, 2^63)"), default=0, help="0 disables")
     p.add_argument("--top-p", type=_float_in("--top-p", "(0, 1]", lambda v: 0 < v <= 1), default=1.0,
                    help="nucleus mass in (0, 1]; 1 disables")
     p.add_argument("--min-p", type=_float_in("--min-p", "[0, 1]", lambda v: 0 <= v <= 1), default=0.0,

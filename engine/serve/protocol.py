@@ -146,14 +146,11 @@ def parse_completion(body, served_model: str) -> Completion:
         stop = stop_strings(body.get("stop"))
         max_time = body.get("max_time")
         check_max_time(max_time)
+        seed = _typed(body, "seed", (int,), None, "an integer")
+        if seed is not None:
+            check_seed(seed)
     except ParameterError as e:
         raise APIError(400, str(e), e.param) from None
-    seed = _typed(body, "seed", (int,), None, "an integer")
-    if seed is not None:
-        try:
-            check_seed(seed)
-        except ParameterError as e:
-            raise APIError(400, str(e), "seed") from None
     stream = _typed(body, "stream", (bool,), False, "a boolean")
     echo = _typed(body, "echo", (bool,), False, "a boolean")
     options = _typed(body, "stream_options", (dict,), {}, "an object")

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 import engine
-from engine.generation import runner_for
+from engine.runner import runner_for
 from engine.weights import random_hf_state_dict
 
 from .report import bar_plot, device_slug, write_results

@@ -19,15 +19,16 @@ from gpt2kernels.sampling import load_extension, sample_next_
 def main(device: str = "cpu") -> None:
     assert load_extension(), "the sampler extension did not load"
     x = torch.randn(2, 50, device=device)
-    params = (torch.ones(2, device=device), torch.zeros(2, dtype=torch.long, device=device),
-              torch.ones(2, dtype=torch.float64, device=device), torch.zeros(2, dtype=torch.long, device=device))
+    params = (torch.ones(2, device=device), torch.zeros(2, dtype=torch.long, device=device),  # SAMPLING_CONTROLS
+              torch.ones(2, dtype=torch.float64, device=device), torch.zeros(2, dtype=torch.float64, device=device),
+              torch.zeros(2, dtype=torch.long, device=device))  # and the seed
     good = torch.zeros(2, dtype=torch.long, device=device)
     accepted = 0
     # each fails one of the op's first checks, before any kernel runs: an int32 out, a strided offset
     for offset, out in [(good, torch.zeros(2, dtype=torch.int32, device=device)),
                         (torch.zeros(4, dtype=torch.long, device=device)[::2], good.clone())]:
         try:
-            sample_next_(x, *params, offset, out, torch.zeros(2, dtype=torch.float64, device=device))
+            sample_next_(x, *params, offset, out)
             print("accepted")
             accepted += 1
         except RuntimeError as e:

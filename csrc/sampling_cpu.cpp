@@ -160,8 +160,8 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, const 
 }
 
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                      const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset,
-                      const at::Tensor& min_p) {
+                      const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed,
+                      const at::Tensor& offset) {
   TORCH_CHECK(logits.dim() == 2, "logits must be (B, V), got ", logits.sizes());
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   sample_rows(logits, temperature, top_k, top_p, min_p, seed, offset, out, /*advance=*/false);
@@ -169,8 +169,8 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
 }
 
 void sample_next_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                     const at::Tensor& top_p, const at::Tensor& seed, at::Tensor& offset, at::Tensor& out,
-                     const at::Tensor& min_p) {
+                     const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed, at::Tensor& offset,
+                     at::Tensor& out) {
   check_sample_next_outputs(logits, offset, out);
   sample_rows(logits, temperature, top_k, top_p, min_p, seed, offset, out, /*advance=*/true);
 }
@@ -202,11 +202,13 @@ void check_sample_next_outputs(const at::Tensor& logits, const at::Tensor& offse
 }
 
 TORCH_LIBRARY(gpt2engine_C, m) {
-  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
-        "Tensor min_p) -> Tensor");
+  // The controls in gpt2kernels.sampling.SAMPLING_CONTROLS' order (a test checks it), then the
+  // random stream (seed, offset).
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed, "
+        "Tensor offset) -> Tensor");
   // Draws into `out` and advances each row's offset by one: one kernel for a decode step's sampling.
-  m.def("sample_next_(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
-        "Tensor(a!) offset, Tensor(b!) out, Tensor min_p) -> ()");
+  m.def("sample_next_(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed, "
+        "Tensor(a!) offset, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gpt2engine_C, CPU, m) {

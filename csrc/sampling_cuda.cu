@@ -324,16 +324,16 @@ void launch_sample(const at::Tensor& logits, const at::Tensor& temperature, cons
 }
 
 at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                       const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset,
-                       const at::Tensor& min_p) {
+                       const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed,
+                       const at::Tensor& offset) {
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   launch_sample(logits, temperature, top_k, top_p, min_p, seed, offset, out, /*advance=*/false);
   return out;
 }
 
 void sample_next_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                      const at::Tensor& top_p, const at::Tensor& seed, at::Tensor& offset, at::Tensor& out,
-                      const at::Tensor& min_p) {
+                      const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed, at::Tensor& offset,
+                      at::Tensor& out) {
   check_sample_next_outputs(logits, offset, out);
   launch_sample(logits, temperature, top_k, top_p, min_p, seed, offset, out, /*advance=*/true);
 }

@@ -80,9 +80,9 @@ def eager_decode_attention(q, k_cache, v_cache, cache_lens):
     batch 8 (gpt2's 12 heads at 160 positions on the 2-core EPYC). Reading the lengths costs no
     sync there: they are host memory."""
     if _cpu_eager(q) and q.shape[-2] == 1:
-        lens = cache_lens.tolist()
-        if lens and min(lens) == max(lens) and 0 < lens[0] <= k_cache.shape[-2]:
-            k, v = k_cache[:, :, :lens[0]], v_cache[:, :, :lens[0]]
+        host_lens = cache_lens.tolist()
+        if host_lens and min(host_lens) == max(host_lens) and 0 < host_lens[0] <= k_cache.shape[-2]:
+            k, v = k_cache[:, :, :host_lens[0]], v_cache[:, :, :host_lens[0]]
             if _cpu_fp16(q):
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
             return F.scaled_dot_product_attention(q, k, v)
@@ -116,8 +116,8 @@ class Ops:
     gelu_mlp: Callable          # (x, fc_w, fc_b, proj_w, proj_b, residual=None, fc_scale=None, proj_scale=None) -> y
     attention: Callable         # (q, k, v, causal=True) -> o, prefill
     # decode: one new token per row
-    decode_embed: Callable      # (tokens, lens, wte, wpe) -> x, and lens += 1
-    ln_qkv_append: Callable     # (x, ln_w, ln_b, w, b, k_cache, v_cache, lens, eps, weight_scale) -> q; writes k, v
+    decode_embed: Callable      # (tokens, cache_lens, wte, wpe) -> x, and cache_lens += 1
+    ln_qkv_append: Callable     # (x, ln_w, ln_b, w, b, k_cache, v_cache, cache_lens, eps, weight_scale) -> q; writes k, v
     ln_linear: Callable         # (x, ln_w, ln_b, w, b, activation, eps, weight_scale) -> y
     decode_attention: Callable  # (q, k_cache, v_cache, cache_lens) -> o
     # before the sampler, in steps whose batch has penalties

@@ -15,7 +15,7 @@ from .config import GPT2Config
 class KVCache:
     """Keys and values of every layer for ``slots`` sequences of up to ``max_len`` tokens each.
 
-    k, v: (n_layer, slots, H, max_len, D) in the model dtype. lens: int32 (slots,) on the model
+    k, v: (n_layer, slots, H, max_len, D) in the model dtype. cache_lens: int32 (slots,) on the model
     device, the number of valid positions per slot; positions past it may hold anything and are
     never attended. A batch of B rows runs on slots [0, B) unless a prefill names other slots.
     """
@@ -25,7 +25,7 @@ class KVCache:
         # zeros, not empty: the eager attention reads every position (masked), so they must be finite
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lens = torch.zeros(slots, dtype=torch.int32, device=device)
+        self.cache_lens = torch.zeros(slots, dtype=torch.int32, device=device)
 
     @property
     def slots(self) -> int:
@@ -51,21 +51,21 @@ class KVCache:
             self.k[layer, slots, :, :t] = k
             self.v[layer, slots, :, :t] = v
 
-    def set_lengths(self, lengths: torch.Tensor, slots: torch.Tensor | None = None) -> None:
-        """lengths int32 (B,) on the device for slots [0, B), or for ``slots`` (int64 (B,))."""
+    def set_lengths(self, prompt_lens: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+        """prompt_lens int32 (B,) on the device for slots [0, B), or for ``slots`` (int64 (B,))."""
         if slots is None:
-            self.lens[:lengths.shape[0]] = lengths
+            self.cache_lens[:prompt_lens.shape[0]] = prompt_lens
         else:
-            self.lens[slots] = lengths
+            self.cache_lens[slots] = prompt_lens
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Copy positions [0, length) and the lengths of slots ``src`` into slots ``dst`` (int64 (N,)
         on the device): a prompt prefilled once, shared by several requests."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-        self.lens[dst] = self.lens[src]
+        self.cache_lens[dst] = self.cache_lens[src]
 
     def layer(self, layer: int, rows: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) of slots [0, rows): views (rows, H, length, D) of positions [0, length) (default:
-        all), the layout a decode step writes the new token into and attends over (bounded by ``lens``)."""
+        all), the layout a decode step writes the new token into and attends over (bounded by ``cache_lens``)."""
         return self.k[layer, :rows, :, :length], self.v[layer, :rows, :, :length]

@@ -36,7 +36,7 @@ def version_line() -> str:
            f"Python {python})"
 
 
-class _Parser(argparse.ArgumentParser):
+class CommandParser(argparse.ArgumentParser):
     """Every command's parser: one-line errors, and ``--version``."""
 
     def __init__(self, *args, **kwargs):
@@ -44,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
         self.add_argument("--version", action="version", version=version_line(), help="print versions and exit")
 
     def error(self, message):  # argparse prints usage too; one line is what we promise
-        raise _UsageError(message)
+        raise UsageError(message)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -59,11 +59,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
-class _UsageError(Exception):
-    pass
+class UsageError(Exception):
+    """A command-line mistake: ``run_cli`` prints it as one ``error:`` line and exits 2."""
 
 
-def _parsed(text, kind, what):
+def parse_number(text, kind, what):
     """``kind(text)``, or the message argparse prints for a value that is not a number at all."""
     try:
         return kind(text)
@@ -71,41 +71,42 @@ def _parsed(text, kind, what):
         raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
 
 
-def _float_in(name, interval, inside):
+def float_in(name, interval, inside):
     """A float parser for option ``name`` accepting what ``inside(v)`` accepts; errors name the
     ``interval`` ("[0, 1]", "(0, inf)", ...). NaN is never inside: every comparison with it is false."""
     def parse(text):
-        v = _parsed(text, float, f"{name} must be a number in {interval}")
+        v = parse_number(text, float, f"{name} must be a number in {interval}")
         if not (math.isfinite(v) and inside(v)):
             raise argparse.ArgumentTypeError(f"{name} must be in {interval}, got {text}")
         return v
     return parse
 
 
-def _int_in(name, low, high=math.inf, rule=None):
+def int_in(name, low, high=math.inf, rule=None):
     """An int parser for option ``name`` accepting [low, high]; errors say the ``rule`` ("in
     [0, 2^63)", ...; default "in [low, high]", or ">= low" without a high bound)."""
     rule = rule or (f">= {low}" if high == math.inf else f"in [{low}, {high}]")
 
     def parse(text):
-        v = _parsed(text, int, f"{name} must be an integer {rule}")
+        v = parse_number(text, int, f"{name} must be an integer {rule}")
         if not low <= v <= high:
             raise argparse.ArgumentTypeError(f"{name} must be an integer {rule}, got {text}")
         return v
     return parse
 
 
-def _int_at_least(name, low):
-    return _int_in(name, low)
+def int_at_least(name, low):
+    """An int parser for option ``name`` accepting [low, inf)."""
+    return int_in(name, low)
 
 
 def decode_utf8(data: bytes, source: str) -> str:
-    """``data`` as UTF-8 text (a leading byte-order mark dropped); _UsageError naming ``source`` and the
+    """``data`` as UTF-8 text (a leading byte-order mark dropped); UsageError naming ``source`` and the
     offset of the first byte that is not UTF-8, rather than replacing it and going on."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise _UsageError(f"{source} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+        raise UsageError(f"{source} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
                           f"({e.reason})") from None
 
 
@@ -123,7 +124,7 @@ def read_text(path: str | None, option: str) -> str | None:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise _UsageError(f"cannot read {option} {path}: {e.strerror or e}") from None
+            raise UsageError(f"cannot read {option} {path}: {e.strerror or e}") from None
         return decode_utf8(data, f"{option} {path}")
     if sys.stdin is None or sys.stdin.isatty():
         return None
@@ -159,7 +160,7 @@ def run_cli(build: Callable[[], argparse.ArgumentParser], run: Callable[[argpars
         if prog:
             parser.prog = prog
         return run(parser.parse_args(argv))
-    except _UsageError as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -72,11 +73,10 @@ def _cache_key() -> str:
     return f"v{CACHE_VERSION}|{cpu_name()}|{' '.join(flags)}|torch {torch.__version__}|threads {threads}"
 
 
-def probe_dtypes() -> dict[str, tuple[float, ...]]:
+def probe_dtypes(linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, tuple[float, ...]]:
     """Seconds of gpt2's products for one token (``PROBE_SHAPES``, each a median, weighted by how
-    often a token runs it) through the eager backend, per dtype name, at each of ``PROBE_ROWS`` rows."""
-    from .backends import eager_linear
-
+    often a token runs it) through ``linear(x, weight)`` (the eager backend's, passed in: this module
+    sits below the backends), per dtype name, at each of ``PROBE_ROWS`` rows."""
     gen = torch.Generator().manual_seed(0)
     weights = [(0.02 * torch.randn(n, k, generator=gen), times) for n, k, times in PROBE_SHAPES]
     result = {}
@@ -87,11 +87,11 @@ def probe_dtypes() -> dict[str, tuple[float, ...]]:
             for w, times in weights:
                 w = w.to(dtype)
                 x = torch.randn(rows, w.shape[1], generator=gen).to(dtype)
-                eager_linear(x, w)  # warm-up
+                linear(x, w)  # warm-up
                 samples = []
                 for _ in range(PROBE_REPEATS):
                     start = time.perf_counter()
-                    eager_linear(x, w)
+                    linear(x, w)
                     samples.append(time.perf_counter() - start)
                 total += times * statistics.median(samples)
             per_rows.append(total)
@@ -111,8 +111,9 @@ def choose_dtype(times: dict[str, tuple[float, ...]]) -> str:
     return min(qualified, key=lambda n: statistics.geometric_mean(ratios(n)), default="float32")
 
 
-def default_cpu_dtype() -> tuple[torch.dtype, bool]:
-    """(the CPU default dtype for this machine, whether it was measured now rather than read from the cache)."""
+def default_cpu_dtype(linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.dtype, bool]:
+    """(the CPU default dtype for this machine, whether it was measured now rather than read from the
+    cache); a measurement times ``linear`` (``probe_dtypes``)."""
     path, key = _cache_file(), _cache_key()
     try:
         cached = json.loads(path.read_text())
@@ -120,7 +121,7 @@ def default_cpu_dtype() -> tuple[torch.dtype, bool]:
             return DTYPE_NAMES[cached["dtype"]], False
     except (OSError, ValueError, AttributeError):
         pass
-    times = probe_dtypes()
+    times = probe_dtypes(linear)
     choice = choose_dtype(times)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

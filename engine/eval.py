@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .cli import (EXIT_USER_ERROR, HelpFormatter, _int_at_least, _Parser, _UsageError, add_placement_options,
+from .cli import (EXIT_USER_ERROR, HelpFormatter, int_at_least, CommandParser, UsageError, add_placement_options,
                   read_text, run_cli)
 
 EXAMPLES = """examples:
@@ -18,20 +18,20 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m engine.eval", formatter_class=HelpFormatter,
+    p = CommandParser(prog="python -m engine.eval", formatter_class=HelpFormatter,
                 description="Perplexity of GPT-2 on a text: windows of --window tokens every --stride tokens, each "
                             "token scored once with the context its window gives (HF's perplexity guide's method; "
                             "the first token is not scored). Prints tokens scored, mean loss (nats), perplexity and "
                             "tokens/s.", epilog=EXAMPLES)
     p.add_argument("--model", default="gpt2", help="as for engine.generate (default: gpt2)")
     p.add_argument("--text-file", help="the text (UTF-8); default: standard input")
-    p.add_argument("--window", type=_int_at_least("--window", 2), default=None,
+    p.add_argument("--window", type=int_at_least("--window", 2), default=None,
                    help="tokens a window (default: the model's positions, 1024)")
-    p.add_argument("--stride", type=_int_at_least("--stride", 1), default=None,
+    p.add_argument("--stride", type=int_at_least("--stride", 1), default=None,
                    help="tokens between window starts, at most --window (default: half the window, 512)")
-    p.add_argument("--max-tokens", type=_int_at_least("--max-tokens", 2), default=None,
+    p.add_argument("--max-tokens", type=int_at_least("--max-tokens", 2), default=None,
                    help="score only the text's first N tokens")
-    p.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=1,
+    p.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=1,
                    help="windows a forward (default: 1)")
     add_placement_options(p, "default: float32 on CPU (as HF evaluates), float16 on a GPU",
                           "default: triton on a CUDA device (the fused lm_head + cross-entropy kernel), eager on CPU")
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_text(path: str | None) -> str:
     text = read_text(path, "--text-file")
     if text is None:
-        raise _UsageError("give --text-file, or pipe the text to standard input")
+        raise UsageError("give --text-file, or pipe the text to standard input")
     return text
 
 
@@ -56,11 +56,11 @@ def run(args) -> int:
 
     text = _read_text(args.text_file)
     if not text.strip():
-        raise _UsageError("the text is empty")
+        raise UsageError("the text is empty")
     try:
         device = torch.device(args.device) if args.device else default_device()
     except RuntimeError:
-        raise _UsageError(f"invalid device {args.device!r}: use cpu, cuda or cuda:N") from None
+        raise UsageError(f"invalid device {args.device!r}: use cpu, cuda or cuda:N") from None
     try:
         model = load_model(args.model, device=device, dtype=args.dtype or ("float32" if device.type == "cpu" else None),
                            backend=args.backend, quantize=args.quantize)

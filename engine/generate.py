@@ -18,8 +18,8 @@ import sys
 import threading
 import time
 
-from .cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, HelpFormatter, _float_in, _int_at_least, _int_in, _Parser,
-                  _UsageError, add_placement_options, read_text, run_cli, utf8_argument)
+from .cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, HelpFormatter, float_in, int_at_least, int_in, CommandParser,
+                  UsageError, add_placement_options, read_text, run_cli, utf8_argument)
 from .request import SEED_LIMIT
 
 EXAMPLES = """examples:
@@ -29,11 +29,11 @@ EXAMPLES = """examples:
 
 other commands: gpt2engine eval (perplexity of a text), gpt2engine serve (an OpenAI-compatible server);
 python -m engine works like gpt2engine"""
-_seed = _int_in("--seed", 0, SEED_LIMIT - 1, "in [0, 2^64)")  # check_seed's rule, in argparse's words
+_seed = int_in("--seed", 0, SEED_LIMIT - 1, "in [0, 2^64)")  # check_seed's rule, in argparse's words
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m engine.generate", formatter_class=HelpFormatter, epilog=EXAMPLES,
+    p = CommandParser(prog="python -m engine.generate", formatter_class=HelpFormatter, epilog=EXAMPLES,
                 description="Generate text with GPT-2: the prompt (echoed), then the completion streamed as it is\n"
                             "sampled, on stdout; one stats line on stderr.")
     p.add_argument("--model", default="gpt2",
@@ -42,28 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (default: standard input when it is not a terminal)")
     src.add_argument("--prompt-file", help="read the prompt from this file (UTF-8)")
-    p.add_argument("--max-new-tokens", type=_int_at_least("--max-new-tokens", 1), default=100,
+    p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 1), default=100,
                    help="tokens to generate at most per sample")
-    p.add_argument("--temperature", type=_float_in("--temperature", "[0, inf)", lambda v: v >= 0), default=1.0,
+    p.add_argument("--temperature", type=float_in("--temperature", "[0, inf)", lambda v: v >= 0), default=1.0,
                    help="0 means greedy")
-    p.add_argument("--top-k", type=_int_in("--top-k", 0, 2**63 - 1, "in [0, 2^63)"), default=0, help="0 disables")
-    p.add_argument("--top-p", type=_float_in("--top-p", "(0, 1]", lambda v: 0 < v <= 1), default=1.0,
+    p.add_argument("--top-k", type=int_in("--top-k", 0, 2**63 - 1, "in [0, 2^63)"), default=0, help="0 disables")
+    p.add_argument("--top-p", type=float_in("--top-p", "(0, 1]", lambda v: 0 < v <= 1), default=1.0,
                    help="nucleus mass in (0, 1]; 1 disables")
-    p.add_argument("--min-p", type=_float_in("--min-p", "[0, 1]", lambda v: 0 <= v <= 1), default=0.0,
+    p.add_argument("--min-p", type=float_in("--min-p", "[0, 1]", lambda v: 0 <= v <= 1), default=0.0,
                    help="drop tokens below this fraction of the top token's probability; 0 disables")
-    p.add_argument("--repetition-penalty", type=_float_in("--repetition-penalty", "(0, inf)", lambda v: v > 0),
+    p.add_argument("--repetition-penalty", type=float_in("--repetition-penalty", "(0, inf)", lambda v: v > 0),
                    default=1.0, help="HF's: > 1 discourages tokens of the prompt and output; 1 disables")
-    p.add_argument("--presence-penalty", type=_float_in("--presence-penalty", "[-2, 2]", lambda v: -2 <= v <= 2),
+    p.add_argument("--presence-penalty", type=float_in("--presence-penalty", "[-2, 2]", lambda v: -2 <= v <= 2),
                    default=0.0, help="OpenAI's, in [-2, 2]: subtracted once from every token already generated")
-    p.add_argument("--frequency-penalty", type=_float_in("--frequency-penalty", "[-2, 2]", lambda v: -2 <= v <= 2),
+    p.add_argument("--frequency-penalty", type=float_in("--frequency-penalty", "[-2, 2]", lambda v: -2 <= v <= 2),
                    default=0.0, help="OpenAI's, in [-2, 2]: subtracted per occurrence of a generated token")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the text where TEXT appears (left out); repeat for several")
-    p.add_argument("--max-time", type=_float_in("--max-time", "(0, inf)", lambda v: v > 0), default=None,
+    p.add_argument("--max-time", type=float_in("--max-time", "(0, inf)", lambda v: v > 0), default=None,
                    help="stop generating after this many seconds")
     p.add_argument("--seed", type=_seed, default=None,
                    help="seed for reproducible sampling (default: drawn at random and shown in the stats line)")
-    p.add_argument("--num-samples", type=_int_at_least("--num-samples", 1), default=1,
+    p.add_argument("--num-samples", type=int_at_least("--num-samples", 1), default=1,
                    help="samples of the prompt, one after another, each streamed under its header; sample i is "
                         "seeded with seed + i, so it equals a single run with that seed")
     p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print no text as it streams, but one JSON object (texts, tokens, seeds, timings) as the "
                         "last line of stdout, for scripts")
-    p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None,
+    p.add_argument("--threads", type=int_at_least("--threads", 1), default=None,
                    help="CPU threads for PyTorch (default: PyTorch's, one per physical core)")
     add_placement_options(p, "default: float16 on a GPU; on CPU the dtype measured fastest on this machine "
                              "(timed once, then cached; the stats line says so), float32 with --quantize")

@@ -6,17 +6,17 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, replace
-from numbers import Integral
 from typing import Callable, Sequence
 
 import torch
 
 from gpt2kernels.sampling import as_int64
 
-from .errors import ContextLengthError, ParameterError
+from .checks import check_int, check_prompt_ids, is_int
+from .errors import NumericalError, ParameterError
 from .model import GPT2
 from .request import SEED_LIMIT, Request, check_logprobs, check_max_time, check_seed, sampling_params, stop_strings
-from .runner import Runner, TokenReader
+from .scheduler import check_context, scheduler_for
 from .tokenizer import EOT_ID, encode
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
@@ -43,11 +43,6 @@ class GenerationOutput:
         return self.decode_steps * rows / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
-def _is_id(v) -> bool:
-    """An integer token id: int, numpy's integers, but not bool."""
-    return isinstance(v, Integral) and not isinstance(v, bool)
-
-
 def _prompt_ids(prompts: Prompts, allow_special: bool, vocab_size: int) -> tuple[list[list[int]], bool]:
     """Token ids per row, and whether the prompts were text; ParameterError("prompts") for anything
     else: other types, bools or floats as ids, a mix of text and ids, ids outside the vocabulary."""
@@ -58,7 +53,7 @@ def _prompt_ids(prompts: Prompts, allow_special: bool, vocab_size: int) -> tuple
             raise ParameterError("prompts", f"token prompts must be an integer tensor (B, T), "
                                             f"got {prompts.dtype} {list(prompts.shape)}")
         prompts = prompts.tolist()
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and all(map(_is_id, prompts))):
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and all(map(is_int, prompts))):
         prompts = [prompts]  # one prompt: a string, or a flat list of ids
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ParameterError("prompts", "prompts must be a string, a list of strings, a list of token-id lists "
@@ -68,17 +63,14 @@ def _prompt_ids(prompts: Prompts, allow_special: bool, vocab_size: int) -> tuple
         rows = [encode(p, allow_special=allow_special) for p in prompts]
     else:
         for r, p in enumerate(prompts):
-            if not isinstance(p, (list, tuple)) or not all(map(_is_id, p)):
+            if not isinstance(p, (list, tuple)) or not all(map(is_int, p)):
                 raise ParameterError("prompts", f"prompt {r} must be a string or a list of int token ids like the "
                                                 f"others, got {_describe(p)}")
         rows = [[int(t) for t in p] for p in prompts]
     rows = [ids or [EOT_ID] for ids in rows]  # an empty prompt starts from <|endoftext|>
     for r, ids in enumerate(rows):
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            start = " (an empty prompt starts from it)" if bad == EOT_ID else ""
-            raise ParameterError("prompts", f"prompt {r} holds token id {bad}{start}, outside the model's vocabulary "
-                                            f"of {vocab_size} tokens")
+        note = " (an empty prompt starts from it)" if ids == [EOT_ID] else ""
+        check_prompt_ids(ids, vocab_size, f"prompt {r}", "prompts", note)
     return rows, is_text
 
 
@@ -90,18 +82,6 @@ def _describe(v) -> str:
     return f"{type(v).__name__} {v!r}"[:80]
 
 
-def check_context(prompt_len: int, max_new_tokens: int, n_positions: int) -> None:
-    """Raise ContextLengthError unless the prompt and the new tokens fit the model's positions.
-
-    The last new token is sampled, never fed back, so it needs no position: as in HF, a prompt of
-    ``n_positions`` tokens may still get one new token.
-    """
-    if prompt_len + max_new_tokens - 1 > n_positions:
-        raise ContextLengthError(
-            f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens needs {prompt_len + max_new_tokens - 1} "
-            f"positions (the last new token needs none), more than the model's context of {n_positions}")
-
-
 def _seeds(seed: int | Sequence[int] | None, rows: int) -> list[int]:
     """Each row's seed in [0, 2^64): a list as given, an int s as s + r for row r (mod 2^64), None drawn at random."""
     if seed is None:
@@ -111,13 +91,6 @@ def _seeds(seed: int | Sequence[int] | None, rows: int) -> list[int]:
             raise ParameterError("seed", f"seed must be an int or a list of {rows} ints (one per prompt), got {seed!r}")
         return [check_seed(s) for s in seed]
     return [(check_seed(seed) + r) % SEED_LIMIT for r in range(rows)]
-
-
-def runner_for(model: GPT2) -> Runner:
-    """The model's runner, made on first use: its cache and CUDA graphs are reused by later calls."""
-    if getattr(model, "runner", None) is None:
-        model.runner = Runner(model)
-    return model.runner
 
 
 def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
@@ -151,8 +124,7 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     produced. ``seeds`` in the output reproduce an unseeded run.
     Bad parameters raise ``ParameterError`` (an ``EngineError``) naming them.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ParameterError("max_new_tokens", f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
     sampling = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                                frequency_penalty)
     stops = stop_strings(stop)
@@ -171,47 +143,20 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     seqs = [Request(ids, max_new_tokens, replace(sampling, seed=as_int64(s)), stop_at_eos, on_text=streamer(r), stop=stops,
                     max_time=max_time, keep_text=is_text, logprobs=want_logprobs)
             for r, (ids, s) in enumerate(zip(rows, seeds))]
-    runner = runner_for(model)
-    capture_seconds = runner.prepare(seqs, cuda_graph)
-    reader = TokenReader(len(seqs), model.device)
-    lp_reader = None if want_logprobs is None else \
-        TokenReader(len(seqs), model.device, runner.logprob_out.shape[1], torch.float32)
-
-    def submit(tokens: torch.Tensor) -> tuple:
-        return reader.submit(tokens), lp_reader and lp_reader.submit(runner.logprob_out[:len(seqs)])
-
-    def accept(ticket: tuple) -> None:
-        tokens = reader.read(ticket[0])
-        rows_lp = lp_reader.read(ticket[1]) if lp_reader else [None] * len(seqs)
-        for seq, tok, lp in zip(seqs, tokens, rows_lp):
-            seq.accept(tok, lp)
-
-    start = time.perf_counter()
-    accept(submit(runner.start(seqs)))
-    prefill_done = time.perf_counter()
-    # On CUDA the host reads step n while the device runs step n + 1 (so it never idles on Python);
-    # a batch that finished at step n then runs one step more, whose tokens are ignored.
-    lookahead = model.device.type == "cuda"
-    pending, steps = None, 0
-    while steps < max_new_tokens - 1 and not all(s.finished for s in seqs):
-        if cancel is not None and cancel.is_set():
-            for s in seqs:
-                s.finish("cancelled")
-            break
-        ticket = submit(runner.step())
-        steps += 1
-        if lookahead:
-            ticket, pending = pending, ticket
-        if ticket is not None:
-            accept(ticket)
-    if pending is not None:
-        accept(pending)
-    end = time.perf_counter()
-
+    scheduler = scheduler_for(model)
+    capture_seconds = scheduler.prepare(seqs, cuda_graph)
+    start = time.monotonic()
+    scheduler.submit(seqs, queue_limit=False)
+    scheduler.run(seqs, cancel)
+    end = time.monotonic()
+    failed = next((s for s in seqs if s.error is not None), None)
+    if failed is not None:
+        raise NumericalError(failed.error)
+    first_tokens = max((s.first_token_at for s in seqs if s.first_token_at is not None), default=end)
     return GenerationOutput(tokens=[s.tokens for s in seqs], texts=[s.text for s in seqs] if is_text else None,
-                            prompt_tokens=rows, prefill_seconds=prefill_done - start,
-                            decode_seconds=end - prefill_done, decode_steps=steps, capture_seconds=capture_seconds,
-                            finish_reasons=[s.finish_reason for s in seqs],
+                            prompt_tokens=rows, prefill_seconds=first_tokens - start,
+                            decode_seconds=end - first_tokens, decode_steps=max(len(s.tokens) for s in seqs) - 1,
+                            capture_seconds=capture_seconds, finish_reasons=[s.finish_reason for s in seqs],
                             logprobs=None if want_logprobs is None else [s.token_logprobs for s in seqs],
                             top_logprobs=None if not want_logprobs else [s.top_logprobs for s in seqs],
                             seeds=seeds)

@@ -10,7 +10,7 @@ import torch
 
 import gpt2kernels
 
-from .backends import get_backend
+from .backends import eager_linear, get_backend
 from .cpu import default_cpu_dtype
 from .errors import EngineError
 from .model import GPT2
@@ -36,7 +36,7 @@ def default_dtype(device: torch.device, quantize: str | None = None, backend: st
         return GPU_DEFAULT_DTYPE, "the GPU default"
     if quantize is not None and backend == "eager":
         return CPU_INT8_DTYPE, "int8 on CPU computes in float32"
-    dtype, measured = default_cpu_dtype()
+    dtype, measured = default_cpu_dtype(eager_linear)
     return dtype, "measured fastest on this CPU" if measured else "this CPU's measured fastest, cached"
 
 

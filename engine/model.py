@@ -72,18 +72,18 @@ class Block(nn.Module):
 
 
 def decode_layer(ops: Ops, blk: Block, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 lens: torch.Tensor, n_head: int, eps: float) -> torch.Tensor:
+                 cache_lens: torch.Tensor, n_head: int, eps: float) -> torch.Tensor:
     """One block of a decode step in five ops (five kernels on the triton backend).
 
     x: (B, C) residual stream; k_cache, v_cache: (B, H, max_len, D) views of this layer's cache;
-    lens: int32 (B,) lengths including the new token, whose key and value are stored at lens - 1.
+    cache_lens: int32 (B,) lengths including the new token, whose key and value are stored at cache_lens - 1.
     Returns the residual stream after the block, (B, C).
     """
     b, c = x.shape
     attn, mlp = blk.attn, blk.mlp
     q = ops.ln_qkv_append(x, blk.ln_1.weight, blk.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias,
-                          k_cache, v_cache, lens, eps, weight_scale=attn.c_attn.scale)
-    o = ops.decode_attention(q.view(b, 1, n_head, c // n_head).transpose(1, 2), k_cache, v_cache, lens)
+                          k_cache, v_cache, cache_lens, eps, weight_scale=attn.c_attn.scale)
+    o = ops.decode_attention(q.view(b, 1, n_head, c // n_head).transpose(1, 2), k_cache, v_cache, cache_lens)
     x = ops.linear(o.transpose(1, 2).reshape(b, c), attn.c_proj.weight, attn.c_proj.bias, residual=x,
                    weight_scale=attn.c_proj.scale)
     h = ops.ln_linear(x, blk.ln_2.weight, blk.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, "gelu_tanh", eps,
@@ -165,11 +165,11 @@ class GPT2(nn.Module):
         return weight if weight.dtype.is_floating_point else dequantize(weight, self.lm_head_scale, self.dtype)
 
     @torch.no_grad()  # not inference_mode: its tensors cannot be mutated by a torch.compile'd step
-    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
+    def prefill(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
         """Run right-padded prompts, fill their cache slots, return each row's next-token logits.
 
-        input_ids (B, T) int64, row b real up to lengths[b] and padded after; lengths int32 (B,) on
+        input_ids (B, T) int64, row b real up to prompt_lens[b] and padded after; prompt_lens int32 (B,) on
         the model device; slots int64 (B,) on the device, or None for slots [0, B). Writes positions
         [0, T) of those slots and sets their lengths. Returns (B, vocab) in the model dtype.
         """
@@ -181,8 +181,8 @@ class GPT2(nn.Module):
             return self.ops.attention(q, k, v, causal=True)
 
         h = self._layers(input_ids, positions, attend)
-        cache.set_lengths(lengths, slots)
-        return self._lm_head(h[torch.arange(b, device=h.device), lengths.long() - 1])
+        cache.set_lengths(prompt_lens, slots)
+        return self._lm_head(h[torch.arange(b, device=h.device), prompt_lens.long() - 1])
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
@@ -200,9 +200,9 @@ class GPT2(nn.Module):
         """
         ops, cfg, eps = self.ops, self.config, self.config.layer_norm_epsilon
         b = tokens.shape[0]
-        lens = cache.lens[:b]
-        x = ops.decode_embed(tokens, lens, self.wte.weight, self.wpe.weight)  # lens now count the new token
+        cache_lens = cache.cache_lens[:b]
+        x = ops.decode_embed(tokens, cache_lens, self.wte.weight, self.wpe.weight)  # now counting the new token
         for i, blk in enumerate(self.h):
-            x = decode_layer(ops, blk, x, *cache.layer(i, b, kv_len), lens, cfg.n_head, eps)
+            x = decode_layer(ops, blk, x, *cache.layer(i, b, kv_len), cache_lens, cfg.n_head, eps)
         return ops.ln_linear(x, self.ln_f.weight, self.ln_f.bias, self._lm_head_weight(), None, None, eps,
                              weight_scale=self.lm_head_scale)

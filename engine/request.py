@@ -119,17 +119,23 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
 class Request:
     """A prompt to continue, and the state of its continuation.
 
-    ``accept`` takes each sampled token. The request finishes (``finish_reason``) at EOS or a stop
-    string ("stop"), after ``max_new_tokens`` ("length"), once ``max_time`` seconds have passed
-    since it was admitted ("time"), when ``cancel`` was called ("cancelled"), or when the model
-    failed it ("error", e.g. NaN logits in a scheduler, which keeps serving the others). ``text`` is the
-    output so far as text, without the EOS and without a stop string and what followed it; text
-    that might be the start of a stop string is held back until it cannot be. ``on_text`` receives
-    each new piece of ``text``.
+    Two sides, which may run on two threads. The engine side (the scheduler's thread) ``record``s
+    each sampled token and ends the request at EOS ("stop"), after ``max_new_tokens`` ("length"),
+    once ``max_time`` seconds have passed since admission ("time"), when ``cancel`` was called
+    ("cancelled"), or when the model failed it ("error", e.g. NaN logits, while the others go on):
+    ``end_reason``. The text side (one consumer: the caller of ``generate``, or the server's event
+    loop) ``drain``s the recorded tokens into ``text``, matches stop strings and streams pieces to
+    ``on_text``; it sets ``finished`` and ``finish_reason`` ("stop" too where a stop string ended
+    the text, which also cancels the engine side) and calls ``on_finish`` once. ``accept`` does both.
+
+    ``text`` is the output so far, without the EOS and without a stop string and what followed it;
+    text that might be the start of a stop string is held back until it cannot be.
 
     With ``logprobs`` (None: off; n in [0, 20]: the chosen token's and the n likeliest tokens'),
     ``token_logprobs`` holds each output token's log-probability and ``top_logprobs`` the n
-    (token, log-probability) pairs, likeliest first, of each step (see ``Runner._logprobs``).
+    (token, log-probability) pairs, likeliest first, of each step (see ``Runner.logprobs``).
+    ``arrived``, ``first_token_at`` and ``ended_at`` are ``time.monotonic()`` stamps (the server's
+    TTFT and inter-token metrics).
     """
     prompt: list[int]
     max_new_tokens: int
@@ -147,8 +153,14 @@ class Request:
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None
-    cancelled: bool = False  # set from any thread; the owner of the runner finishes the request
+    end_reason: str | None = None  # the engine side's: set once, after the last token is recorded
+    error: str | None = None  # why the model failed it (end_reason "error")
+    cancelled: bool = False  # set from any thread; the owner of the runner ends the request
+    arrived: float = field(default_factory=time.monotonic)
     started: float | None = None
+    first_token_at: float | None = None
+    ended_at: float | None = None
+    _drained: int = 0
     _decoder: StreamDecoder | None = None
     _held: str = ""
 
@@ -159,37 +171,74 @@ class Request:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def accept(self, token: int, logprobs: Sequence[float] | None = None) -> None:
-        """Take the next sampled token (and its row of ``Runner.logprob_out`` when the request
-        asked for ``logprobs``); stream its text; finish when a limit is reached."""
-        if self.finished:
+    # --- the engine side ----------------------------------------------------------------------------
+    def record(self, token: int, logprobs: Sequence[float] | None = None) -> None:
+        """Take the next sampled token (and its row of ``Runner.logprob_out`` when the request asked
+        for ``logprobs``); end the request when a limit is reached. A request that has ended
+        ignores it (the token of the step that ran while its end was being read)."""
+        if self.end_reason is not None:
             return
         if token < 0:
             raise NumericalError("the model produced NaN or all -inf logits: its activations overflow in this "
                                  "dtype (try float32) or the weights are broken")
-        self.tokens.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         if self.logprobs is not None and logprobs is not None:
             k = (len(logprobs) - 1) // 2  # [log p(token), k top log p, their k ids]
             self.token_logprobs.append(logprobs[0])
             self.top_logprobs.append([(int(i), lp) for lp, i in zip(logprobs[1:1 + self.logprobs],
                                                                       logprobs[1 + k:1 + k + self.logprobs])])
+        self.tokens.append(token)
         if self.stop_at_eos and token == EOT_ID:
-            self.finish("stop")
-            return
-        if self.keep_text or self.on_text is not None or self.stop:
-            self._decoder = self._decoder or StreamDecoder()
-            self._push(self._decoder.push(token))
-            if self.finished:
-                return
-        if len(self.tokens) >= self.max_new_tokens:
-            self.finish("length")
+            self.end("stop")
+        elif len(self.tokens) >= self.max_new_tokens:
+            self.end("length")
         elif self.max_time is not None and time.monotonic() - (self.started or 0.0) >= self.max_time:
-            self.finish("time")
+            self.end("time")
 
-    def finish(self, reason: str) -> None:
-        """End the request, releasing held-back text (unless a stop string ended it)."""
+    def end(self, reason: str) -> None:
+        """End the engine side (the first reason stays)."""
+        if self.end_reason is None:
+            self.ended_at = time.monotonic()
+            self.end_reason = reason
+
+    def fail(self, message: str) -> None:
+        """End the engine side with "error", keeping why."""
+        if self.end_reason is None:
+            self.error = message
+            self.end("error")
+
+    # --- the text side ------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Turn the tokens recorded since the last call into text (streamed to ``on_text``) and,
+        once the engine side has ended and every token is drained, finish. One thread at a time."""
         if self.finished:
             return
+        reason = self.end_reason  # read before the tokens: every token recorded before the end is there
+        tokens = self.tokens[self._drained:]
+        self._drained += len(tokens)
+        if self.keep_text or self.on_text is not None or self.stop:
+            for token in tokens:
+                if self.stop_at_eos and token == EOT_ID:
+                    break  # the last token: its text is not part of the output
+                self._decoder = self._decoder or StreamDecoder()
+                self._push(self._decoder.push(token))
+                if self.finished:  # a stop string: the engine side stops at its next step
+                    self.cancelled = True
+                    return
+        if reason is not None:
+            self.finish(reason)
+
+    def accept(self, token: int, logprobs: Sequence[float] | None = None) -> None:
+        """``record`` then ``drain``: both sides on one thread."""
+        self.record(token, logprobs)
+        self.drain()
+
+    def finish(self, reason: str) -> None:
+        """End the text, releasing held-back text (unless a stop string ended it)."""
+        if self.finished:
+            return
+        self.end(reason)
         if self._decoder is not None:
             self._push(self._decoder.flush())
             if self.finished:  # the decoder's tail completed a stop string

@@ -1,14 +1,15 @@
-"""The decode core: a persistent KV cache, per-request state and a static decode step, replayed as
-a CUDA graph on GPUs.
+"""The decode core: a persistent KV cache, every slot's state and a static decode step, replayed as
+a CUDA graph on GPUs. The scheduler (``engine.scheduler``) is its one driver.
 
-``Runner.step()`` = decode -> sample, with the same ops on the same shapes every step,
-every input in a persistent device buffer and no host sync, so one capture per batch-size bucket
-replays it. The host reads each step's tokens outside the step (``TokenReader``).
+``Runner.step(plan)`` = decode -> sample, with the same ops on the same shapes every step, every
+input in a persistent device buffer and no host sync, so one capture per ``StepPlan`` replays it.
+The host reads each step's tokens outside the step (``TokenReader``).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -18,16 +19,15 @@ from gpt2kernels.sampling import prepare_sampler, sample_next_
 from .cache import KVCache
 from .errors import EngineError
 from .model import GPT2
-from .request import Request, SamplingParams
+from .request import Request
+from .slots import TOP_LOGPROBS, SlotState
 
-__all__ = ["CACHE_LEN_STEP", "GRAPH_BUCKETS", "TOP_LOGPROBS", "Request", "Runner", "SamplingParams", "TokenReader",
-           "graph_bucket"]
+__all__ = ["CACHE_LEN_STEP", "GRAPH_BUCKETS", "TOP_LOGPROBS", "Runner", "StepPlan", "TokenReader", "admit_batch",
+           "graph_bucket", "rounded_len", "runner_for"]
 
 # Batch sizes a CUDA graph is captured for; a batch runs in the smallest bucket that holds it, with
 # padding rows. Powers of two: at most 2x wasted rows, and seven captures cover 1..64.
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-# Alternatives a step with log-probabilities records per row (OpenAI's API allows up to 20).
-TOP_LOGPROBS = 20
 # Cache lengths round up to a multiple of this (capped at the model's positions): at most four
 # cache shapes for GPT-2's 1024 positions (each a separate capture), and at most 255 idle slots a row.
 CACHE_LEN_STEP = 256
@@ -42,64 +42,73 @@ def graph_bucket(batch: int) -> int:
     return -(-batch // GRAPH_BUCKETS[-1]) * GRAPH_BUCKETS[-1]
 
 
-def _rounded_len(needed: int, n_positions: int) -> int:
+def rounded_len(needed: int, n_positions: int) -> int:
+    """The cache length a request needing ``needed`` positions gets: a multiple of ``CACHE_LEN_STEP``,
+    at most ``n_positions``."""
     return min(n_positions, -(-needed // CACHE_LEN_STEP) * CACHE_LEN_STEP)
 
 
-class Runner:
-    """Owns a model's KV cache, every slot's sampling state and one CUDA graph per batch bucket.
+@dataclass(frozen=True)
+class StepPlan:
+    """One decode step: slots [0, rows) run; ``penalized``: the step applies penalties (some row has
+    them) and counts tokens; ``logprobs``: it records log-probabilities into ``logprob_out``. It
+    keys the step's CUDA graph."""
+    rows: int
+    penalized: bool = False
+    logprobs: bool = False
 
-    Persistent across calls: the cache grows (and its graphs are recaptured) only when a batch
-    needs more slots or positions than it has. A batch: ``prepare(requests)``, ``start(requests)``
-    (prefill + first token), then ``step()`` until every request is finished. Continuous batching
-    (``engine.scheduler``): ``reserve`` once, then ``admit`` requests into free slots, ``step(rows)``
-    and ``release`` slots as requests come and go. ``tokens`` holds each slot's latest token.
+
+def runner_for(model: GPT2) -> "Runner":
+    """The model's one runner (and so its one KV cache), made on first use."""
+    if getattr(model, "runner", None) is None:
+        model.runner = Runner(model)
+    return model.runner
+
+
+class Runner:
+    """Owns a model's KV cache, every slot's state (``slots``, a ``SlotState``) and one CUDA graph per
+    ``StepPlan``.
+
+    The scheduler drives it: ``reserve`` (and ``capture``) while no request runs, then ``admit``
+    requests into free slots, ``step`` every running slot, and ``release`` slots as requests end.
+    The cache grows (dropping the graphs) only at a ``reserve`` that needs more slots or positions.
     """
 
     def __init__(self, model: GPT2):
         self.model = model
         self.device = model.device
         self.cache: KVCache | None = None
-        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}  # (rows, penalized, logprobs)
+        self.slots: SlotState | None = None
+        self.graphs: dict[StepPlan, torch.cuda.CUDAGraph] = {}
         self._pool = None
-        self.rows = 0          # rows the decode step runs (the batch, padded to a bucket with graphs)
-        self.batch = 0         # real rows
-        self.use_graph = False
-        self.penalized = False  # the step applies penalties (some row has them) and counts tokens
-        self.logprobs = False   # the step records log-probabilities into ``logprob_out``
-        self._lens: list[int] = []  # each slot's cache length, as the host knows it
+        self.host_cache_lens: list[int] = []  # each slot's cache length, as the host knows it
         self.decode_step = self._decode_step  # benchmarks may swap in torch.compile(self._decode_step)
 
     # --- persistent state ---------------------------------------------------------------------------
-    def _allocate(self, slots: int, max_len: int) -> None:
+    def reserve(self, slots: int, max_len: int) -> None:
+        """Have a cache of at least ``slots`` rows of ``max_len`` positions. Only while no request
+        runs: growing it moves every buffer (and drops the graphs, which captured their addresses)."""
         if self.cache is not None and self.cache.fits(slots, max_len):
             return
         if self.cache is not None:
             slots, max_len = max(slots, self.cache.slots), max(max_len, self.cache.max_len)
-        self.drop_graphs()  # they captured the old buffers' addresses
-        self.cache = None
+        self.drop_graphs()
+        self.cache = self.slots = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.cache = KVCache(self.model.config, slots, max_len, self.model.dtype, self.device)
-        dev, vocab = self.device, self.model.config.vocab_size
-        self._lens = [0] * slots
-        self.tokens = torch.zeros(slots, dtype=torch.int64, device=dev)
-        # Free and padding rows: greedy, no penalties (cheapest, and always valid).
-        self.temperature = torch.zeros(slots, dtype=torch.float32, device=dev)
-        self.top_k = torch.zeros(slots, dtype=torch.int64, device=dev)
-        self.top_p = torch.ones(slots, dtype=torch.float64, device=dev)
-        self.min_p = torch.zeros(slots, dtype=torch.float64, device=dev)
-        self.seed = torch.zeros(slots, dtype=torch.int64, device=dev)
-        self.offset = torch.zeros(slots, dtype=torch.int64, device=dev)  # each row's next token index
-        self.repetition = torch.ones(slots, dtype=torch.float32, device=dev)
-        self.presence = torch.zeros(slots, dtype=torch.float32, device=dev)
-        self.frequency = torch.zeros(slots, dtype=torch.float32, device=dev)
-        self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=dev)  # output tokens, per slot
-        self.prompt_mask = torch.zeros(slots, vocab, dtype=torch.bool, device=dev)
-        # Per slot, after a step with logprobs: [log p(token), the top k log p, their ids (as floats:
-        # exact below 2^24)], k = min(TOP_LOGPROBS, vocab); one buffer, so the host reads it in one copy.
-        self.top_k_logprobs = min(TOP_LOGPROBS, vocab)
-        self.logprob_out = torch.zeros(slots, 1 + 2 * self.top_k_logprobs, dtype=torch.float32, device=dev)
+        self.slots = SlotState(slots, self.model.config.vocab_size, self.device)
+        self.host_cache_lens = [0] * slots
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """int64 (slots,): each slot's latest token."""
+        return self.slots.tokens
+
+    @property
+    def logprob_out(self) -> torch.Tensor:
+        """float32 (slots, 1 + 2k): each slot's log-probabilities after a step that records them."""
+        return self.slots.logprob_out
 
     def drop_graphs(self) -> None:
         """Forget every captured graph and their memory pool. A pool whose graphs are all gone is
@@ -109,10 +118,18 @@ class Runner:
         self.graphs.clear()
         self._pool = None
 
+    def check_device(self, cuda_graph: bool) -> None:
+        """EngineError for graphs off CUDA; load the sampler and the kernels' counters (never inside a step)."""
+        if cuda_graph and self.device.type != "cuda":
+            raise EngineError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
+        prepare_sampler(self.device)  # outside the step: a build without this device's kernel fails here
+        prepare_device(self.device)
+
     def _decode_step(self, rows: int, penalized: bool = False, logprobs: bool = False) -> None:
         """The static step over slots [0, rows): only device buffers in, only device buffers out."""
-        logits = self.model.decode(self.tokens[:rows], self.cache, self._kv_len(rows))
-        self._sample(logits, slice(0, rows), penalized, last=self.tokens[:rows], logprobs=logprobs)
+        tokens = self.slots.tokens[:rows]
+        logits = self.model.decode(tokens, self.cache, self._kv_len(rows))
+        self._sample(logits, slice(0, rows), penalized, last=tokens, logprobs=logprobs)
 
     def _kv_len(self, rows: int) -> int | None:
         """How much of the cache the step's attention reads: all of it on GPUs (the kernels stop at
@@ -120,7 +137,7 @@ class Runner:
         attention reads every position it is given, only the prefix some row uses, in steps of 64."""
         if self.device.type != "cpu":
             return None
-        return min(self.cache.max_len, -(-(max(self._lens[:rows]) + 1) // 64) * 64)
+        return min(self.cache.max_len, -(-(max(self.host_cache_lens[:rows]) + 1) // 64) * 64)
 
     def _sample(self, logits: torch.Tensor, rows: slice | torch.Tensor, penalized: bool,
                 last: torch.Tensor | None = None, logprobs: bool = False) -> None:
@@ -128,20 +145,22 @@ class Runner:
         offsets: one kernel. With ``penalized``, one more before it: count each row's ``last``
         token (the step's input; None: nothing to count, as after a prefill) and penalise. With
         ``logprobs``, also write the rows of ``logprob_out`` (``_logprobs``)."""
+        state = self.slots
         gathered = isinstance(rows, torch.Tensor)  # indexing by a tensor copies: write the results back
-        offset, tokens = self.offset[rows], self.tokens[rows]
+        offset, tokens = state.offset[rows], state.tokens[rows]
         if penalized:
-            counts = self.counts[rows]
+            counts = state.counts[rows]
             if last is None:
                 last = torch.full((logits.shape[0],), -1, dtype=torch.int64, device=self.device)
-            logits = self.model.ops.apply_penalties(logits, counts, self.prompt_mask[rows], last,
-                                                    self.repetition[rows], self.presence[rows], self.frequency[rows])
-        sample_next_(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], self.seed[rows],
-                     offset, tokens, self.min_p[rows])
+            logits = self.model.ops.apply_penalties(logits, counts, state.prompt_mask[rows], last,
+                                                    *state.penalty_args(rows))
+            if gathered:
+                state.counts[rows] = counts
+        sample_next_(logits, *state.sampling_args(rows), state.seed[rows], offset, tokens)
         if logprobs:
-            self.logprob_out[rows] = self._logprobs(logits, self.temperature[rows], tokens)
+            state.logprob_out[rows] = self._logprobs(logits, state.temperature[rows], tokens)
         if gathered:
-            self.offset[rows], self.tokens[rows] = offset, tokens
+            state.offset[rows], state.tokens[rows] = offset, tokens
 
     def _logprobs(self, logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Rows of ``logprob_out`` for sampled ``tokens``: log-probabilities under the distribution
@@ -150,110 +169,45 @@ class Runner:
         Device ops only (a log-softmax, a gather, a top-k): no host sync, capturable."""
         scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
         lp = torch.log_softmax(scaled, dim=-1)
-        top_lp, top_ids = lp.topk(self.top_k_logprobs, dim=-1)
+        top_lp, top_ids = lp.topk(self.slots.top_logprobs, dim=-1)
         return torch.cat([lp.gather(1, tokens[:, None]), top_lp, top_ids.float()], dim=1)
 
-    def _capture(self, rows: int, penalized: bool, logprobs: bool = False) -> None:
-        """Record the decode step of ``rows`` rows as a CUDA graph. Only while no request is running:
-        the warm-up steps write into those rows' cache (the caller's prefill resets them after)."""
-        self.cache.lens[:rows] = 0
-        self.tokens[:rows] = 0
+    # --- CUDA graphs ---------------------------------------------------------------------------------
+    def capture(self, plans: list[StepPlan]) -> float:
+        """Capture the graphs of ``plans`` not yet recorded; seconds spent (0.0: none was missing).
+        Only while no request runs: the warm-up steps write into the slots' cache and state, which
+        are reset after."""
+        missing = [p for p in plans if p not in self.graphs]
+        if not missing:
+            return 0.0
+        start = time.perf_counter()
+        for plan in missing:
+            self._capture(plan)
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def _capture(self, plan: StepPlan) -> None:
+        rows = plan.rows
+        self.cache.cache_lens[:rows] = 0
+        self.slots.free(range(rows))
         stream = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(stream)
         with torch.cuda.stream(side):  # warm-up: every kernel variant compiles and autotunes here
             for _ in range(2):
-                self._decode_step(rows, penalized, logprobs)
+                self._decode_step(rows, plan.penalized, plan.logprobs)
         stream.wait_stream(side)
         self._pool = self._pool or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._decode_step(rows, penalized, logprobs)
-        self.graphs[rows, penalized, logprobs] = graph
-        self.cache.lens[:rows] = 0
-        self.counts[:rows] = 0
-        self._lens[:rows] = [0] * rows
+            self._decode_step(rows, plan.penalized, plan.logprobs)
+        self.graphs[plan] = graph
+        self.release(range(rows))
 
-    def _capture_missing(self, buckets: list[int], modes: list[tuple[bool, bool]]) -> float:
-        """Capture the graphs of ``buckets`` x ``modes`` ((penalized, logprobs) pairs) not yet
-        recorded; seconds spent (0.0: none was missing)."""
-        missing = [(rows, *mode) for rows in buckets for mode in modes if (rows, *mode) not in self.graphs]
-        if not missing:
-            return 0.0
-        start = time.perf_counter()
-        for rows, penalized, logprobs in missing:
-            self._capture(rows, penalized, logprobs)
-        torch.cuda.synchronize(self.device)
-        return time.perf_counter() - start
-
-    def _check_device(self, cuda_graph: bool) -> None:
-        if cuda_graph and self.device.type != "cuda":
-            raise EngineError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
-        prepare_sampler(self.device)  # outside the step: a build without this device's kernel fails here
-        prepare_device(self.device)  # the kernels' counters: never allocated inside a step
-
-    # --- a batch: prepare, start, step ---------------------------------------------------------------
-    def prepare(self, requests: list[Request], cuda_graph: bool) -> float:
-        """Size the cache for ``requests`` and capture the step's graph if missing. Returns seconds spent capturing."""
-        self._check_device(cuda_graph)
-        batch = len(requests)
-        self.use_graph = cuda_graph
-        self.penalized = any(r.sampling.penalized for r in requests)
-        self.logprobs = any(r.logprobs is not None for r in requests)
-        self.batch, self.rows = batch, graph_bucket(batch) if cuda_graph else batch
-        needed = max(len(s.prompt) + s.max_new_tokens for s in requests)
-        self._allocate(self.rows, _rounded_len(needed, self.model.config.n_positions))
-        if not cuda_graph:
-            return 0.0
-        return self._capture_missing([self.rows], [(self.penalized, self.logprobs)])
-
-    def start(self, requests: list[Request]) -> torch.Tensor:
-        """Prefill ``requests`` (as prepared) into slots [0, B) and sample each one's first token.
-
-        Returns the tokens, int64 (B,) on the device (a view of ``tokens``).
-        """
-        self.release(range(len(requests), self.rows))  # padding rows
-        self.admit(requests, list(range(len(requests))))
-        return self.tokens[:self.batch]
-
-    def step(self, rows: int | None = None) -> torch.Tensor:
-        """One decode step for slots [0, rows) (default: the prepared batch's), finished and free
-        rows too: shapes stay static. Returns the new tokens, int64 (rows,) on the device (a view of
-        ``tokens``, overwritten by the next step); a prepared batch's padding rows are left out."""
-        batch = self.batch if rows is None else rows
-        rows = self.rows if rows is None else rows
-        overflowing = [s for s in range(rows) if self._lens[s] >= self.cache.max_len]
-        if overflowing:  # only free rows get here (a request's length is checked at admission)
-            self.release(overflowing)
-        if self.use_graph:
-            self.graphs[rows, self.penalized, self.logprobs].replay()
-        else:
-            if self.penalized or self.logprobs:
-                self.decode_step(rows, self.penalized, self.logprobs)
-            else:  # as benchmarks call it (a torch.compile'd step is traced for this call)
-                self.decode_step(rows)
-        for s in range(rows):
-            self._lens[s] += 1
-        return self.tokens[:batch]
-
-    # --- continuous batching: reserve, admit, release ------------------------------------------------
-    def reserve(self, slots: int, max_len: int, cuda_graph: bool) -> float:
-        """Size the cache for ``slots`` rows of ``max_len`` positions and, with ``cuda_graph``,
-        capture every bucket up to ``slots`` with and without penalties and log-probabilities (four
-        graphs a bucket), all before any request is admitted (a capture mid-flight would disturb
-        running rows). Returns seconds spent capturing."""
-        self._check_device(cuda_graph)
-        self.use_graph = cuda_graph
-        self._allocate(slots, max_len)
-        self.release(range(self.cache.slots))
-        if not cuda_graph:
-            return 0.0
-        modes = [(penalized, logprobs) for penalized in (False, True) for logprobs in (False, True)]
-        return self._capture_missing(sorted({graph_bucket(b) for b in range(1, slots + 1)}), modes)
-
+    # --- requests in slots ---------------------------------------------------------------------------
     def admit(self, requests: list[Request], slots: list[int]) -> None:
-        """Prefill ``requests`` into ``slots`` (free, distinct), set their sampling state and sample
-        each one's first token into ``tokens[slots]``; the host reads it from there.
+        """Prefill ``requests`` into ``slots`` (free, distinct), set their state and sample each one's
+        first token into ``tokens[slots]``; the host reads it from there.
 
         Requests with the same prompt share one prefill: it runs once and its cache is copied.
         """
@@ -267,80 +221,95 @@ class Runner:
         ids = torch.zeros((len(unique), longest), dtype=torch.int64)  # right padding, never attended
         for row, i in enumerate(unique):
             ids[row, :len(requests[i].prompt)] = torch.tensor(requests[i].prompt)
-        lengths = torch.tensor([len(requests[i].prompt) for i in unique], dtype=torch.int32)
+        prompt_lens = torch.tensor([len(requests[i].prompt) for i in unique], dtype=torch.int32)
         slot_ids = torch.tensor(slots, dtype=torch.int64, device=dev)
-        logits = self.model.prefill(ids.to(dev), lengths.to(dev), self.cache, slot_ids[unique])
+        logits = self.model.prefill(ids.to(dev), prompt_lens.to(dev), self.cache, slot_ids[unique])
         shared = [i for i in range(len(requests)) if i not in unique]
         if shared:
             self.cache.copy_slots(slot_ids[[unique[source[i]] for i in shared]], slot_ids[shared], longest)
-
-        def column(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev)
-
         params = [r.sampling for r in requests]
-        self.temperature[slot_ids] = column([p.temperature for p in params], torch.float32)
-        self.top_k[slot_ids] = column([p.top_k for p in params], torch.int64)
-        self.top_p[slot_ids] = column([p.top_p for p in params], torch.float64)
-        self.min_p[slot_ids] = column([p.min_p for p in params], torch.float64)
-        self.seed[slot_ids] = column([p.seed for p in params], torch.int64)
-        self.repetition[slot_ids] = column([p.repetition_penalty for p in params], torch.float32)
-        self.presence[slot_ids] = column([p.presence_penalty for p in params], torch.float32)
-        self.frequency[slot_ids] = column([p.frequency_penalty for p in params], torch.float32)
-        self.offset[slot_ids] = 0
-        self.counts[slot_ids] = 0
-        mask = torch.zeros(len(requests), self.model.config.vocab_size, dtype=torch.bool)
-        for i, r in enumerate(requests):
-            mask[i, r.prompt] = True
-        self.prompt_mask[slot_ids] = mask.to(dev)
+        self.slots.assign(slots, params, [r.prompt for r in requests])
         for r, slot in zip(requests, slots):
-            self._lens[slot] = len(r.prompt)
+            self.host_cache_lens[slot] = len(r.prompt)
             r.begin()
         self._sample(logits[source], slot_ids, any(p.penalized for p in params),
                      logprobs=any(r.logprobs is not None for r in requests))
 
+    def step(self, plan: StepPlan, use_graph: bool) -> None:
+        """One decode step for slots [0, plan.rows), free rows too (static shapes): each slot's next
+        token lands in ``tokens`` (and its log-probabilities in ``logprob_out`` with ``plan.logprobs``).
+        Replays the plan's graph with ``use_graph`` when it was captured, else runs op by op."""
+        rows = plan.rows
+        overflowing = [s for s in range(rows) if self.host_cache_lens[s] >= self.cache.max_len]
+        if overflowing:  # only free rows get here (a request's length is checked at admission)
+            self.release(overflowing)
+        graph = self.graphs.get(plan) if use_graph else None
+        if graph is not None:
+            graph.replay()
+        else:
+            self.decode_step(rows, plan.penalized, plan.logprobs)
+        for s in range(rows):
+            self.host_cache_lens[s] += 1
+
     def release(self, slots) -> None:
-        """Reset ``slots`` to free rows: empty, greedy, no penalties (their later tokens are ignored)."""
+        """Reset ``slots`` to free rows: an empty cache row and every per-slot tensor at its free
+        value (``SlotState.free``); their later tokens are ignored."""
         slots = list(slots)
         if not slots:
             return
-        index = torch.tensor(slots, dtype=torch.int64, device=self.device)
-        self.cache.lens[index] = 0
-        self.temperature[index] = 0.0
-        self.repetition[index] = 1.0
-        self.presence[index] = 0.0
-        self.frequency[index] = 0.0
+        self.cache.cache_lens[torch.tensor(slots, dtype=torch.int64, device=self.device)] = 0
+        self.slots.free(slots)
         for s in slots:
-            self._lens[s] = 0
+            self.host_cache_lens[s] = 0
+
+
+def admit_batch(runner: Runner, requests: list[Request], cuda_graph: bool = False) -> StepPlan:
+    """Admit ``requests`` into slots [0, B) of a ``runner`` no scheduler is driving (benchmarks and
+    tests that time or trace the bare step): size its cache, capture the step's graph with
+    ``cuda_graph``, prefill. Returns the plan of their decode steps, for ``runner.step``."""
+    rows = graph_bucket(len(requests)) if cuda_graph else len(requests)
+    needed = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    runner.check_device(cuda_graph)
+    runner.reserve(rows, rounded_len(needed, runner.model.config.n_positions))
+    plan = StepPlan(rows, any(r.sampling.penalized for r in requests), any(r.logprobs is not None for r in requests))
+    if cuda_graph:
+        runner.capture([plan])
+    runner.release(range(runner.cache.slots))
+    runner.admit(requests, list(range(len(requests))))
+    return plan
 
 
 class TokenReader:
-    """Copies each step's tokens to the host without stalling the device.
+    """Copies tensors of a step to the host without stalling the device.
 
-    On CUDA: a non-blocking copy into one of two pinned buffers and an event, so the host can read
-    step n while the device runs step n + 1. Elsewhere: a plain copy.
+    On CUDA: a non-blocking copy into one of ``depth`` pinned buffers (a ring) and an event, so the
+    host can read step n while the device runs step n + 1; at most ``depth`` copies may be unread.
+    Elsewhere: a plain copy.
     """
 
-    def __init__(self, rows: int, device: torch.device, columns: int = 0, dtype: torch.dtype = torch.int64):
-        """Reads (rows,) tensors, or (rows, columns) with ``columns`` (e.g. ``logprob_out``), of ``dtype``."""
+    def __init__(self, rows: int, device: torch.device, columns: int = 0, dtype: torch.dtype = torch.int64,
+                 depth: int = 2):
+        """Reads (n,) tensors, n <= rows, or (n, columns) with ``columns`` (e.g. ``logprob_out``), of ``dtype``."""
         self.cuda = device.type == "cuda"
         if self.cuda:
             shape = (rows, columns) if columns else (rows,)
-            self._buffers = [torch.empty(shape, dtype=dtype, pin_memory=True) for _ in range(2)]
-            self._events = [torch.cuda.Event() for _ in range(2)]
+            self._buffers = [torch.empty(shape, dtype=dtype, pin_memory=True) for _ in range(depth)]
+            self._events = [torch.cuda.Event() for _ in range(depth)]
         self._next = 0
 
-    def submit(self, tokens: torch.Tensor) -> int | list:
-        """Start copying ``tokens`` (as constructed: int64 (B,) by default); returns a ticket for ``read``."""
+    def submit(self, values: torch.Tensor) -> tuple[int, int] | list:
+        """Start copying ``values`` (as constructed: int64 (n,) by default); returns a ticket for ``read``."""
         if not self.cuda:
-            return tokens.tolist()
-        i, self._next = self._next, 1 - self._next
-        self._buffers[i].copy_(tokens, non_blocking=True)
+            return values.tolist()
+        i, self._next = self._next, (self._next + 1) % len(self._buffers)
+        self._buffers[i][:values.shape[0]].copy_(values, non_blocking=True)
         self._events[i].record()
-        return i
+        return i, values.shape[0]
 
-    def read(self, ticket: int | list) -> list:
-        """The tokens (a list of the rows' values) of a submitted copy, waiting for it if needed."""
+    def read(self, ticket: tuple[int, int] | list) -> list:
+        """The values (a list of the rows') of a submitted copy, waiting for it if needed."""
         if not self.cuda:
             return ticket
-        self._events[ticket].synchronize()
-        return self._buffers[ticket].tolist()
+        i, n = ticket
+        self._events[i].synchronize()
+        return self._buffers[i][:n].tolist()

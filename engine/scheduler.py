@@ -1,66 +1,155 @@
-"""Continuous batching: requests wait in a bounded queue, are prefilled into free slots between
-decode steps, and leave their slot the step they finish, so a long request never holds up a
-short one and a new one never waits for a whole batch to end.
+"""Continuous batching, the one driver of a model's runner: requests wait in a bounded queue, are
+prefilled into free slots between decode steps, and leave their slot once they end, so a long
+request never holds up a short one and a new one never waits for a whole batch to end.
 
-One thread drives it (``step``); ``submit`` and ``Request.cancel`` may come from any thread.
+``generate()``, the CLI, the scoring-free API and the server all run requests through it. Any
+thread may ``submit`` or cancel; ``step`` may be called from several threads (one runs at a time),
+so ``generate()`` on a model that a server is also serving simply shares its batch.
+
+On CUDA the host reads step n's tokens while the device runs step n + 1 (``TokenReader``): a
+request's end is seen one step late, and its token of that extra step is ignored.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .errors import EngineError, NumericalError, QueueFullError
-from .generation import check_context
+from .checks import check_int, check_prompt_ids
+from .errors import ContextLengthError, EngineError, NumericalError, QueueFullError
 from .model import GPT2
 from .request import Request
-from .runner import Runner, graph_bucket
+from .runner import GRAPH_BUCKETS, StepPlan, TokenReader, graph_bucket, rounded_len, runner_for
+
+# Copies in flight at once: a step's admission and decode reads, and the previous step's.
+READ_DEPTH = 4
+
+
+def check_context(prompt_len: int, max_new_tokens: int, n_positions: int, limit: str = "the model's context") -> None:
+    """Raise ContextLengthError unless the prompt and the new tokens fit in ``n_positions``.
+
+    The last new token is sampled, never fed back, so it needs no position: as in HF, a prompt of
+    ``n_positions`` tokens may still get one new token.
+    """
+    if prompt_len + max_new_tokens - 1 > n_positions:
+        raise ContextLengthError(
+            f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens needs {prompt_len + max_new_tokens - 1} "
+            f"positions (the last new token needs none), more than {limit} of {n_positions}")
+
+
+@dataclass
+class _Read:
+    """Tokens (and log-probabilities) of one step on their way to the host, and whose they are."""
+    owners: dict[int, Request]  # slot -> the request it held when the step ran
+    slots: list[int]            # the rows copied, in order
+    tokens: object
+    logprobs: object | None
 
 
 class Scheduler:
     """Runs up to ``max_batch`` requests at once over one model; up to ``max_waiting`` more wait.
 
-    The cache is allocated once, at full context (``n_positions``) for every slot, and with
-    ``cuda_graph`` every batch bucket's decode step is captured here, before any request runs.
+    A model has one scheduler and one runner (one KV cache): making a scheduler closes the model's
+    previous one (ending its requests, "cancelled") and ``scheduler_for(model)`` returns the latest.
+    With ``allocate`` (the server's case) the cache is sized now for ``max_batch`` slots of
+    ``max_context`` positions (default: the model's), and with ``cuda_graph`` every batch
+    bucket's decode step is captured now, before any request runs; otherwise ``prepare`` sizes
+    them for each ``generate()`` call.
+
+    ``on_step(requests)``, when set, receives each step's requests that got tokens or ended
+    (called on the stepping thread; the server hands them to its event loop in one wake-up);
+    without it the scheduler turns their tokens into text itself (``Request.drain``).
     """
 
-    def __init__(self, model: GPT2, max_batch: int = 16, max_waiting: int = 256, cuda_graph: bool | None = None):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise EngineError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
-            raise EngineError(f"max_waiting must be an integer >= 0, got {max_waiting!r}")
+    def __init__(self, model: GPT2, max_batch: int = 16, max_waiting: int = 256, cuda_graph: bool | None = None,
+                 max_context: int | None = None, allocate: bool = True):
+        self.max_batch = check_int("max_batch", max_batch, 1)
+        self.max_waiting = check_int("max_waiting", max_waiting, 0)
+        positions = model.config.n_positions
+        self.max_context = positions if max_context is None else check_int("max_context", max_context, 1, positions)
+        previous = getattr(model, "scheduler", None)
+        if previous is not None:
+            previous.close()
         self.model = model
-        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.runner = runner_for(model)  # the model's one runner, shared with the retired scheduler
         self.cuda_graph = model.device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.runner = Runner(model)  # its own cache: generate() on the same model does not disturb it
-        # With graphs every step runs a bucket's rows, which may pass max_batch (12 -> 16): allocate them.
-        capacity = graph_bucket(max_batch) if self.cuda_graph else max_batch
-        self.capture_seconds = self.runner.reserve(capacity, model.config.n_positions, self.cuda_graph)
+        self.runner.check_device(self.cuda_graph)
         self.active: dict[int, Request] = {}  # slot -> request
         self.waiting: deque[Request] = deque()
-        self._lock = threading.Lock()
-        self.wakeup = threading.Event()  # set by submit and cancel: work may be waiting
+        self.retired = False
+        self.on_step: Callable[[list[Request]], None] | None = None
+        self.capture_seconds = 0.0
         self.steps = 0
+        self.wakeup = threading.Event()  # set by submit and cancel: work may be waiting
+        self._queue_lock = threading.Lock()
+        self._step_lock = threading.RLock()
+        self._unread: list[_Read] = []
+        self._produced: dict[int, int] = {}  # slot -> tokens its request has had sampled (read or not)
+        self._readers: dict[tuple[int, int, torch.dtype], TokenReader] = {}
+        if allocate:
+            self._allocate(self.max_batch, self.max_context, all_modes=True)
+        model.scheduler = self
 
+    # --- sizing --------------------------------------------------------------------------------------
+    def _capacity(self, batch: int) -> int:
+        """Slots a batch of ``batch`` rows needs: with graphs every step runs a bucket's rows (12 -> 16)."""
+        return graph_bucket(batch) if self.cuda_graph else batch
+
+    def _allocate(self, batch: int, max_len: int, all_modes: bool, modes: list[tuple[bool, bool]] = ()) -> None:
+        self.runner.reserve(self._capacity(batch), max_len)
+        if not self.cuda_graph:
+            return
+        buckets = sorted({graph_bucket(b) for b in range(1, batch + 1)}) if all_modes else [graph_bucket(batch)]
+        if all_modes:
+            modes = [(penalized, logprobs) for penalized in (False, True) for logprobs in (False, True)]
+        self.capture_seconds += self.runner.capture([StepPlan(b, *m) for b in buckets for m in modes])
+
+    def prepare(self, requests: list[Request], cuda_graph: bool) -> float:
+        """Before ``generate()`` submits ``requests``: while the scheduler is idle, grow the batch and
+        the cache to hold them all at once and capture the one graph their steps replay. Returns
+        seconds spent capturing (0.0 when busy or nothing was missing: they then queue as any
+        request does)."""
+        with self._step_lock:
+            if not self.idle:
+                return 0.0
+            self._read_all([])
+            if cuda_graph != self.cuda_graph:
+                self.runner.check_device(cuda_graph)
+                self.cuda_graph = cuda_graph
+            self.max_batch = max(self.max_batch, len(requests))
+            needed = max(len(r.prompt) + r.max_new_tokens for r in requests)
+            mode = (any(r.sampling.penalized for r in requests), any(r.logprobs is not None for r in requests))
+            before = self.capture_seconds
+            self._allocate(len(requests), rounded_len(needed, self.model.config.n_positions), False, [mode])
+            return self.capture_seconds - before
+
+    # --- requests in ---------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
-        """Raise EngineError (ContextLengthError for the context) if ``request`` cannot run on this model."""
-        cfg = self.model.config
-        if not request.prompt:
-            raise EngineError("the prompt is empty (start from <|endoftext|> instead)")
-        bad = [t for t in request.prompt if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise EngineError(f"prompt token {bad[0]} is outside the model's vocabulary [0, {cfg.vocab_size})")
-        check_context(len(request.prompt), request.max_new_tokens, cfg.n_positions)
+        """Raise ParameterError (prompt) or ContextLengthError if ``request`` cannot run here."""
+        check_prompt_ids(request.prompt, self.model.config.vocab_size)
+        cache = self.runner.cache
+        busy = not self.idle
+        if cache is not None and (busy or self.max_context < self.model.config.n_positions):
+            limit = min(cache.max_len, self.max_context) if busy else self.max_context
+            what = "this server's --max-context" if limit == self.max_context < self.model.config.n_positions \
+                else "the cache (sized by the requests running now)"
+            check_context(len(request.prompt), request.max_new_tokens, limit, what)
+        check_context(len(request.prompt), request.max_new_tokens, self.model.config.n_positions)
 
-    def submit(self, requests: list[Request]) -> None:
-        """Queue ``requests`` (all or none): EngineError if one cannot run, QueueFullError if they do
-        not all fit in the waiting queue. Thread-safe."""
+    def submit(self, requests: list[Request], queue_limit: bool = True) -> None:
+        """Queue ``requests`` (all or none): ParameterError or ContextLengthError if one cannot run,
+        QueueFullError if they do not all fit in the waiting queue (unless not ``queue_limit``).
+        Thread-safe."""
+        if self.retired:
+            raise EngineError("this scheduler was replaced by a newer one for the same model (scheduler_for(model))")
         for r in requests:
             self.check(r)
-        with self._lock:
-            if len(self.waiting) + len(requests) > self.max_waiting:
+        with self._queue_lock:
+            if queue_limit and len(self.waiting) + len(requests) > self.max_waiting:
                 raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests); try again later")
             self.waiting.extend(requests)
         self.wakeup.set()
@@ -69,35 +158,62 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.active and not self.waiting
 
-    def step(self) -> None:
-        """Free the slots of cancelled requests, prefill waiting ones into free slots, then run one
-        decode step for every running request. Each request learns of its tokens and its end
-        through its own callbacks."""
-        for slot, r in list(self.active.items()):
-            if r.cancelled:
-                r.finish("cancelled")
-                self._free(slot)
-        self._admit()
-        if not self.active:
-            return
-        rows = max(self.active) + 1
-        if self.cuda_graph:
-            rows = graph_bucket(rows)
-        self.runner.penalized = any(r.sampling.penalized for r in self.active.values())
-        self.runner.logprobs = any(r.logprobs is not None for r in self.active.values())
-        tokens = self.runner.step(rows).tolist()
-        logprobs = self.runner.logprob_out[:rows].tolist() if self.runner.logprobs else None
-        self.steps += 1
-        self._hand_out(list(self.active), tokens, logprobs)
+    # --- the step ------------------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """End the running requests that were cancelled (or whose text hit a stop string), prefill
+        waiting ones into free slots, run one decode step for every running request, and hand each
+        request its tokens (those of the step before, on CUDA). Returns the requests that got
+        tokens or ended (also given to ``on_step``)."""
+        with self._step_lock:
+            updated: list[Request] = []
+            for slot, r in list(self.active.items()):
+                if r.cancelled:
+                    r.end("cancelled")
+                    updated.append(r)
+                    self._free(slot)
+            self._admit(updated)
+            plan = self._plan()
+            if plan is not None:
+                self.runner.step(plan, self.cuda_graph)
+                for slot in self.active:
+                    self._produced[slot] += 1
+                self._submit_read(list(range(plan.rows)), plan.logprobs, index=None)
+                self.steps += 1
+            lookahead = self.runner.device.type == "cuda" and plan is not None
+            unread, self._unread = (self._unread[:-1], self._unread[-1:]) if lookahead else (self._unread, [])
+            for read in unread:
+                self._hand_out(read, updated)
+            self._notify(updated)
+            return updated
 
-    def _admit(self) -> None:
+    def _plan(self) -> StepPlan | None:
+        """The decode step the running requests need, or None when none needs another token (each
+        has had ``max_new_tokens`` sampled, some still unread)."""
+        needing = [s for s, r in self.active.items() if self._produced[s] < r.max_new_tokens]
+        if not needing:
+            return None
+        rows = max(self.active) + 1
+        running = self.active.values()
+        plan = StepPlan(rows, any(r.sampling.penalized for r in running), any(r.logprobs is not None for r in running))
+        if not self.cuda_graph:
+            return plan
+        # The smallest captured graph that covers the step: more rows, or a mode that does more
+        # (penalties at their free values and unread log-probabilities change no token).
+        covering = [p for p in self.runner.graphs if p.rows >= rows and p.penalized >= plan.penalized
+                    and p.logprobs >= plan.logprobs]
+        if covering:
+            return min(covering, key=lambda p: (p.rows, p.penalized + p.logprobs))
+        return StepPlan(graph_bucket(rows), plan.penalized, plan.logprobs)  # run op by op
+
+    def _admit(self, updated: list[Request]) -> None:
         free = [s for s in range(self.max_batch) if s not in self.active]
         admitted: list[tuple[int, Request]] = []
-        with self._lock:
+        with self._queue_lock:
             while self.waiting and len(admitted) < len(free):
                 r = self.waiting.popleft()
                 if r.cancelled:
-                    r.finish("cancelled")
+                    r.end("cancelled")
+                    updated.append(r)
                 else:
                     admitted.append((free[len(admitted)], r))
         if not admitted:
@@ -105,35 +221,126 @@ class Scheduler:
         slots = [s for s, _ in admitted]
         self.runner.admit([r for _, r in admitted], slots)
         self.active.update(admitted)
+        self._produced.update((s, 1) for s in slots)
         index = torch.tensor(slots, device=self.runner.device)
-        tokens = dict(zip(slots, self.runner.tokens[index].tolist()))
-        with_logprobs = any(r.logprobs is not None for _, r in admitted)
-        logprobs = dict(zip(slots, self.runner.logprob_out[index].tolist())) if with_logprobs else None
-        self._hand_out(slots, tokens, logprobs)
+        self._submit_read(slots, any(r.logprobs is not None for _, r in admitted), index)
 
-    def _hand_out(self, slots: list[int], tokens, logprobs) -> None:
-        """Give each of ``slots`` its token (and its row of log-probabilities): ``tokens`` and
-        ``logprobs`` (or None) are indexed by slot."""
-        for slot in slots:
-            r = self.active[slot]
+    def _reader(self, columns: int, dtype: torch.dtype) -> TokenReader:
+        slots = self.runner.cache.slots
+        key = (slots, columns, dtype)
+        if key not in self._readers:
+            self._readers[key] = TokenReader(slots, self.runner.device, columns, dtype, depth=READ_DEPTH)
+        return self._readers[key]
+
+    def _submit_read(self, slots: list[int], logprobs: bool, index: torch.Tensor | None) -> None:
+        """Start copying the tokens (and log-probabilities) of ``slots`` (rows [0, n) when ``index``
+        is None, else the slots ``index`` names) for the host; ``_hand_out`` reads them."""
+        rows = slice(0, len(slots)) if index is None else index
+        tokens = self._reader(0, torch.int64).submit(self.runner.tokens[rows])
+        lp = None
+        if logprobs:
+            out = self.runner.logprob_out
+            lp = self._reader(out.shape[1], torch.float32).submit(out[rows])
+        self._unread.append(_Read({s: self.active[s] for s in slots if s in self.active}, slots, tokens, lp))
+
+    def _hand_out(self, read: _Read, updated: list[Request]) -> None:
+        """Give each request of ``read`` its token (and its row of log-probabilities); free the
+        slots of the requests that ended."""
+        tokens = self._reader(0, torch.int64).read(read.tokens)
+        logprobs = None
+        if read.logprobs is not None:
+            logprobs = self._reader(self.runner.logprob_out.shape[1], torch.float32).read(read.logprobs)
+        for i, slot in enumerate(read.slots):
+            r = read.owners.get(slot)
+            if r is None or r.end_reason is not None:
+                continue  # a free row, or the extra step of a request that had ended
             try:
-                r.accept(tokens[slot], None if logprobs is None else logprobs[slot])
-            except NumericalError:  # NaN logits: this request fails, the others go on
-                r.finish("error")
-            if r.finished:
+                r.record(tokens[i], None if logprobs is None else logprobs[i])
+            except NumericalError as e:  # NaN logits: this request fails, the others go on
+                r.fail(str(e))
+            updated.append(r)
+            if r.end_reason is not None and self.active.get(slot) is r:
                 self._free(slot)
+
+    def _notify(self, updated: list[Request]) -> None:
+        if not updated:
+            return
+        if self.on_step is not None:
+            self.on_step(updated)
+        else:
+            for r in updated:
+                r.drain()
 
     def _free(self, slot: int) -> None:
         del self.active[slot]
+        self._produced.pop(slot, None)
         self.runner.release([slot])
 
     def fail_running(self) -> None:
         """End every running request with "error" and free its slot (after a failed step)."""
-        for slot, r in list(self.active.items()):
-            r.finish("error")
-            self._free(slot)
+        with self._step_lock:
+            failed = list(self.active.values())
+            for slot, r in list(self.active.items()):
+                r.end("error")
+                self._free(slot)
+            self._unread.clear()
+            self._notify(failed)
+
+    def _read_all(self, updated: list[Request]) -> None:
+        unread, self._unread = self._unread, []
+        for read in unread:
+            self._hand_out(read, updated)
+
+    def run(self, requests: list[Request], cancel=None) -> None:
+        """Step until every one of ``requests`` (submitted) has finished, its text included, and left
+        its slot; their text is drained on this thread. ``cancel`` (anything with ``is_set()``)
+        cancels them all once set. The scheduler may be a server's, stepped by its thread too:
+        whoever steps serves every request."""
+        def running(r):
+            return any(a is r for a in self.active.values()) or any(w is r for w in self.waiting)
+
+        while True:
+            if cancel is not None and cancel.is_set():
+                for r in requests:
+                    r.cancel()
+            for r in requests:
+                r.drain()
+            if all(r.finished for r in requests) and not any(map(running, requests)):
+                return
+            self.step()
 
     def run_until_idle(self) -> None:
-        """Step until no request is running or waiting (for callers without a loop of their own)."""
-        while not self.idle:
+        """Step until no request is running or waiting and every token is read (for callers without a
+        loop of their own)."""
+        while not self.idle or self._unread:
             self.step()
+
+    def close(self, reason: str = "cancelled") -> list[Request]:
+        """Refuse new requests and end every running and waiting one with ``reason`` (a server's
+        shutdown). Returns them; their text is drained as after any step."""
+        with self._step_lock:
+            self.retired = True
+            with self._queue_lock:
+                waiting, self.waiting = list(self.waiting), deque()
+            for r in waiting:
+                r.end(reason)
+            running = list(self.active.values())
+            for r in running:
+                r.end(reason)
+            for slot in list(self.active):
+                self._free(slot)
+            self._unread.clear()
+            self._notify(waiting + running)
+            return waiting + running
+
+
+def scheduler_for(model: GPT2) -> Scheduler:
+    """The model's scheduler: the latest made for it (a server's), else one made now that sizes
+    itself per ``generate()`` call (``Scheduler.prepare``)."""
+    scheduler = getattr(model, "scheduler", None)
+    if scheduler is None or scheduler.retired:
+        scheduler = Scheduler(model, max_batch=1, max_waiting=0, allocate=False)
+    return scheduler
+
+
+__all__ = ["GRAPH_BUCKETS", "Scheduler", "check_context", "scheduler_for"]

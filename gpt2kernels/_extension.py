@@ -34,11 +34,11 @@ def _cuda_build_possible() -> bool:
 def _register_fake() -> None:
     """Shape rules for torch.compile: one int64 token per row; sample_next_ only mutates its inputs."""
     @torch.library.register_fake(f"{LIB}::sample")
-    def _(logits, temperature, top_k, top_p, seed, offset, min_p):
+    def _(logits, temperature, top_k, top_p, min_p, seed, offset):
         return logits.new_empty((logits.shape[0],), dtype=torch.long)
 
     @torch.library.register_fake(f"{LIB}::sample_next_")
-    def _(logits, temperature, top_k, top_p, seed, offset, out, min_p):
+    def _(logits, temperature, top_k, top_p, min_p, seed, offset, out):
         return None
 
 

@@ -103,16 +103,16 @@ def _combine_splits(part_o_ptr, part_ml_ptr, base, num_splits, active, BLOCK_Q: 
     for s in range(num_splits):  # .cg: read from L2, where the other programs' partials are
         m = tl.maximum(m, tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + rq, mask=active, other=0.0,
                                   cache_modifier=".cg"))
-    l = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    denom = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # the softmax's sum of exp
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for s in range(num_splits):
         m_s = tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + rq, mask=active, other=0.0, cache_modifier=".cg")
         w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m))  # an empty split weighs nothing
-        l += w * tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + BLOCK_Q + rq, mask=active, other=0.0,
+        denom += w * tl.load(part_ml_ptr + (base + s) * 2 * BLOCK_Q + BLOCK_Q + rq, mask=active, other=0.0,
                          cache_modifier=".cg")
         acc += w[:, None] * tl.load(part_o_ptr + (base + s) * BLOCK_Q * BLOCK_D + rq[:, None] * BLOCK_D + rd[None, :],
                                     mask=active[:, None], other=0.0, cache_modifier=".cg")
-    return acc / tl.where(active, l, 1.0)[:, None]  # inactive: no 0 / 0
+    return acc / tl.where(active, denom, 1.0)[:, None]  # inactive: no 0 / 0
 
 
 # The cache length and the split count are fixed per cache, but differ between caches; as runtime

@@ -25,9 +25,20 @@ import triton.language as tl
 from torch import Tensor
 
 from ._ops import check_tensor, kernel_op
+from .sampling import SamplingControl
 
 BLOCK_V = 1024  # 50 programs a row at GPT-2's vocabulary: a decode batch of 1 already fills 50 SMs
 WARPS = 4       # 8 tokens a thread: an elementwise pass over fp32 rows needs no more
+
+# The penalties' per-row controls, in ``apply_penalties``' order (see ``SAMPLING_CONTROLS``).
+PENALTY_CONTROLS = (
+    SamplingControl("repetition_penalty", torch.float32, 1.0, 1.0,
+                    "HF's: > 1 discourages tokens of the prompt and output; 1 disables"),
+    SamplingControl("presence_penalty", torch.float32, 0.0, 0.0,
+                    "OpenAI's, in [-2, 2]: subtracted once from every token already generated"),
+    SamplingControl("frequency_penalty", torch.float32, 0.0, 0.0,
+                    "OpenAI's, in [-2, 2]: subtracted per occurrence of a generated token"),
+)
 
 
 def check_penalties(repetition_penalty: float = 1.0, presence_penalty: float = 0.0,

@@ -30,6 +30,7 @@ Semantics (HF's ``generate``, written once here and matched by every implementat
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Number
 
 import numpy as np
@@ -38,6 +39,30 @@ import torch
 from . import _extension
 
 Param = float | int | torch.Tensor
+
+
+@dataclass(frozen=True)
+class SamplingControl:
+    """One sampling control: its name (as ``sample`` and OpenAI's API spell it), the dtype of its
+    per-row tensor, the value that turns it off (every entry point's default), the value a free or
+    padding row of a decode batch holds (the cheapest valid one), and a line of help."""
+    name: str
+    dtype: torch.dtype
+    off: float | int
+    free: float | int
+    help: str
+
+
+# Every per-row control the samplers read, in the order of the compiled ops' schema (csrc/, checked
+# by a test), of ``sample_unchecked`` and of ``sample_next_``. A new control is a row here, a
+# check in ``check_sampling_params`` and its arithmetic in the samplers.
+SAMPLING_CONTROLS = (
+    SamplingControl("temperature", torch.float32, 1.0, 0.0, "0 means greedy"),
+    SamplingControl("top_k", torch.int64, 0, 0, "keep the k likeliest tokens; 0 disables"),
+    SamplingControl("top_p", torch.float64, 1.0, 1.0, "nucleus mass in (0, 1]; 1 disables"),
+    SamplingControl("min_p", torch.float64, 0.0, 0.0,
+                    "drop tokens below this fraction of the top token's probability; 0 disables"),
+)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 INT64_MAX = 2**63 - 1
 
@@ -261,35 +286,36 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
     _extension.check_device(dev)
     return sample_unchecked(
         logits, _row_tensor(temperature, rows, torch.float32, dev), _row_tensor(top_k, rows, torch.int64, dev),
-        _row_tensor(top_p, rows, torch.float64, dev), row_seeds(seed, rows, dev), row_offsets(offset, rows, dev),
-        _row_tensor(min_p, rows, torch.float64, dev))
+        _row_tensor(top_p, rows, torch.float64, dev), _row_tensor(min_p, rows, torch.float64, dev),
+        row_seeds(seed, rows, dev), row_offsets(offset, rows, dev))
 
 
 def sample_unchecked(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                     seed: torch.Tensor, offset: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+                     min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """``sample`` for a decode loop or a CUDA graph: no checks, no allocation beside the output, no host sync.
 
-    Every parameter is a per-row tensor on the logits' device, already valid (``check_sampling_params``):
-    temperature float32 (B,), top_k int64 (B,), top_p float64 (B,), seed int64 (B,), offset int64 (B,),
-    min_p float64 (B,). Returns int64 (B,). Where the compiled sampler cannot be built, this is
-    ``sample_ref`` (which syncs).
+    Every parameter is a per-row tensor on the logits' device, already valid (``check_sampling_params``),
+    in ``SAMPLING_CONTROLS``' order and dtypes (temperature float32, top_k int64, top_p and min_p
+    float64), then seed and offset int64, each (B,). Returns int64 (B,). Where the compiled sampler
+    cannot be built, this is ``sample_ref`` (which syncs).
     """
     if _extension.SAMPLE_OP is None and not load_extension():
         return sample_ref(logits, temperature, top_k, top_p, seed, offset, min_p)
-    return _extension.SAMPLE_OP(logits, temperature, top_k, top_p, seed, offset, min_p)
+    return _extension.SAMPLE_OP(logits, temperature, top_k, top_p, min_p, seed, offset)
 
 
 def sample_next_(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 seed: torch.Tensor, offset: torch.Tensor, out: torch.Tensor, min_p: torch.Tensor) -> None:
+                 min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, out: torch.Tensor) -> None:
     """A decode step's sampling as one kernel: ``out[r]`` = row r's token drawn at ``offset[r]``,
     then ``offset[r] += 1`` (the index of the request's next token), both in place.
 
-    Unchecked, like ``sample_unchecked`` (same per-row parameters, min_p last); ``offset`` and ``out`` must be
-    contiguous int64 (B,) tensors on the logits' device (the compiled op raises otherwise). Where the
-    compiled sampler cannot be built, this is ``sample_ref`` plus two in-place updates (and syncs).
+    Unchecked, like ``sample_unchecked`` (the same per-row parameters, in the same order); ``offset``
+    and ``out`` must be contiguous int64 (B,) tensors on the logits' device (the compiled op raises
+    otherwise). Where the compiled sampler cannot be built, this is ``sample_ref`` plus two in-place
+    updates (and syncs).
     """
     if _extension.SAMPLE_NEXT_OP is None and not load_extension():
         out.copy_(sample_ref(logits, temperature, top_k, top_p, seed, offset, min_p))
         offset += 1
         return
-    _extension.SAMPLE_NEXT_OP(logits, temperature, top_k, top_p, seed, offset, out, min_p)
+    _extension.SAMPLE_NEXT_OP(logits, temperature, top_k, top_p, min_p, seed, offset, out)

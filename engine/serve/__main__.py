@@ -9,7 +9,7 @@ import argparse
 import socket
 import sys
 
-from ..cli import HelpFormatter, _int_at_least, _int_in, _Parser, _UsageError, add_placement_options, run_cli
+from ..cli import HelpFormatter, int_at_least, int_in, CommandParser, UsageError, add_placement_options, run_cli
 
 
 def server_dtype(device: str | None) -> str | None:
@@ -26,7 +26,7 @@ def server_dtype(device: str | None) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m engine.serve", formatter_class=HelpFormatter,
+    p = CommandParser(prog="python -m engine.serve", formatter_class=HelpFormatter,
                 description="Serve GPT-2 over HTTP: POST /v1/completions (OpenAI's format, streamed with "
                             "stream=true), GET /v1/models, GET /health. Requests join the running batch "
                             "between decode steps (continuous batching).",
@@ -36,12 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt2", help="hub name, local HF directory, or random:<size>")
     p.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=_int_in("--port", 0, 65535), default=8000, help="TCP port (0: any free one)")
+    p.add_argument("--port", type=int_in("--port", 0, 65535), default=8000, help="TCP port (0: any free one)")
     add_placement_options(p, "default: float16 on CUDA; on CPU bfloat16 where the processor has native bf16, "
                              "else float32; float32 with --quantize on CPU")
-    p.add_argument("--max-batch", type=_int_at_least("--max-batch", 1), default=None,
+    p.add_argument("--max-batch", type=int_at_least("--max-batch", 1), default=None,
                    help="requests decoded together (default: 64 on CUDA, 16 on CPU)")
-    p.add_argument("--max-waiting", type=_int_at_least("--max-waiting", 0), default=256,
+    p.add_argument("--max-waiting", type=int_at_least("--max-waiting", 0), default=256,
                    help="requests queued beyond the batch before the server answers 503")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` as uvicorn binds one (IPv6 when the host has a colon,
-    SO_REUSEADDR); _UsageError naming both when the host is no address of this machine or the
+    SO_REUSEADDR); UsageError naming both when the host is no address of this machine or the
     port is taken. Bound before the model loads, so that such a mistake costs no load, and handed
     to uvicorn, so that no other process can take the port in between."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -62,7 +62,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:  # gaierror for a name that does not resolve, EADDRINUSE, EADDRNOTAVAIL, EACCES
         sock.close()
-        raise _UsageError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}") from None
     return sock
 
 
@@ -73,7 +73,7 @@ def run(args) -> int:
 
         from .app import create_app
     except ImportError as e:
-        raise _UsageError(f"the server needs the 'serve' extra ({e.name} is missing): pip install -e \".[serve]\"") \
+        raise UsageError(f"the server needs the 'serve' extra ({e.name} is missing): pip install -e \".[serve]\"") \
             from None
     import torch
 
@@ -88,7 +88,7 @@ def run(args) -> int:
         max_batch = args.max_batch or (64 if model.device.type == "cuda" else 16)
         scheduler = Scheduler(model, max_batch=max_batch, max_waiting=args.max_waiting, cuda_graph=args.cuda_graph)
     except (EngineError, torch.cuda.OutOfMemoryError) as e:
-        raise _UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     name = args.served_model_name or args.model
     dtype = str(model.dtype).removeprefix("torch.")
     weights = f"{model.quantize} weights, {dtype}" if model.quantize else dtype

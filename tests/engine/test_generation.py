@@ -144,9 +144,9 @@ def test_stop_at_eos(model, monkeypatch):
 
     real = engine.runner.sample_next_
 
-    def fake(logits, temperature, top_k, top_p, seed, offset, out, min_p):
+    def fake(logits, temperature, top_k, top_p, min_p, seed, offset, out):
         at_third = (torch.arange(len(out)) == 0) & (offset == 2)
-        real(logits, temperature, top_k, top_p, seed, offset, out, min_p)
+        real(logits, temperature, top_k, top_p, min_p, seed, offset, out)
         out.copy_(torch.where(at_third, EOT_ID, out))
 
     monkeypatch.setattr(engine.runner, "sample_next_", fake)

@@ -79,7 +79,7 @@ def test_default_cpu_dtype_is_this_machines_measured_choice(tiny_checkpoint):
     """No dtype on CPU: the one engine.cpu measured (and cached) for this processor; its accuracy is
     that dtype's, checked by test_low_precision_tracks_fp32."""
     model = engine.load_model(tiny_checkpoint, device="cpu")
-    assert model.dtype == engine.cpu.default_cpu_dtype()[0] and "CPU" in model.dtype_reason
+    assert model.dtype == engine.cpu.default_cpu_dtype(engine.backends.eager_linear)[0] and "CPU" in model.dtype_reason
 
 
 def test_fp16_greedy_matches_fp32(tiny_checkpoint, model32):
@@ -132,4 +132,4 @@ def test_fused_decode_logits_match_eager_and_full_recompute(small_vocab_checkpoi
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
         recompute = torch.stack([eager(ids[b:b + 1, :int(pos[b]) + 1])[0, -1].float() for b in range(3)])
         torch.testing.assert_close(got, recompute, atol=tol, rtol=tol)
-    assert torch.equal(caches[fused].lens, caches[eager].lens)
+    assert torch.equal(caches[fused].cache_lens, caches[eager].cache_lens)

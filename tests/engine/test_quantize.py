@@ -7,6 +7,7 @@ import torch
 
 import engine
 from engine import cpu
+from engine.backends import eager_linear
 from engine.errors import EngineError
 from engine.quantize import PackedInt8Linear, dequantize
 from gpt2kernels import dequantize_int8, quantize_int8
@@ -126,18 +127,18 @@ def test_choose_dtype_never_picks_one_slower_than_fp32(times, want):
 def test_default_dtype_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
-    monkeypatch.setattr(cpu, "probe_dtypes", lambda: calls.append(1) or
+    monkeypatch.setattr(cpu, "probe_dtypes", lambda linear: calls.append(linear) or
                         {"float32": (1.0, 1.0), "float16": (0.5, 2.0), "bfloat16": (0.8, 0.7)})
-    assert cpu.default_cpu_dtype() == (torch.bfloat16, True)
-    assert cpu.default_cpu_dtype() == (torch.bfloat16, False) and len(calls) == 1
+    assert cpu.default_cpu_dtype(eager_linear) == (torch.bfloat16, True)
+    assert cpu.default_cpu_dtype(eager_linear) == (torch.bfloat16, False) and len(calls) == 1
     cached = json.loads((tmp_path / "gpt2engine" / "cpu_dtype.json").read_text())
     assert cached["dtype"] == "bfloat16" and f"threads {torch.get_num_threads()}" in cached["key"]
     (tmp_path / "gpt2engine" / "cpu_dtype.json").write_text("{not json")  # a damaged cache is measured again
-    assert cpu.default_cpu_dtype() == (torch.bfloat16, True) and len(calls) == 2
+    assert cpu.default_cpu_dtype(eager_linear) == (torch.bfloat16, True) and len(calls) == 2
 
 
 def test_probe_times_every_dtype_at_both_row_counts():
-    times = cpu.probe_dtypes()
+    times = cpu.probe_dtypes(eager_linear)
     assert set(times) == {"float32", "float16", "bfloat16"}
     assert all(len(t) == len(cpu.PROBE_ROWS) and all(v > 0 for v in t) for t in times.values())
 

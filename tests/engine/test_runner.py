@@ -7,8 +7,9 @@ import engine
 from benchmarks.step_trace import kernel_budget, trace_step
 from engine import EOT_ID
 from engine.errors import EngineError
-from engine.generation import runner_for
-from engine.runner import GRAPH_BUCKETS, Request, Runner, SamplingParams, graph_bucket
+from engine.request import Request, SamplingParams
+from engine.runner import GRAPH_BUCKETS, Runner, admit_batch, graph_bucket, runner_for
+from engine.scheduler import Scheduler
 from gpt2kernels.sampling import sample_ref
 
 
@@ -16,12 +17,22 @@ def _model(checkpoint, backend, dtype="float32", device="cpu"):
     return engine.load_model(str(checkpoint), device=device, dtype=dtype, backend=backend)
 
 
+class _Started:
+    """A runner with ``prompts`` admitted into slots [0, B), stepped directly (as the scheduler does)."""
+
+    def __init__(self, model, prompts, max_new=12, cuda_graph=False, **sampling):
+        self.runner = Runner(model)
+        requests = [Request(p, max_new, SamplingParams(seed=10 + r, **sampling)) for r, p in enumerate(prompts)]
+        self.plan, self.cuda_graph = admit_batch(self.runner, requests, cuda_graph), cuda_graph
+        self.rows = self.plan.rows
+        self.tokens, self.cache = self.runner.tokens, self.runner.cache
+
+    def step(self):
+        self.runner.step(self.plan, self.cuda_graph)
+
+
 def _started_runner(model, prompts, max_new=12, cuda_graph=False, **sampling):
-    runner = Runner(model)
-    requests = [Request(p, max_new, SamplingParams(seed=10 + r, **sampling)) for r, p in enumerate(prompts)]
-    runner.prepare(requests, cuda_graph)
-    runner.start(requests)
-    return runner
+    return _Started(model, prompts, max_new, cuda_graph, **sampling)
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
@@ -70,12 +81,12 @@ def test_decode_step_traces_as_one_graph(small_vocab_checkpoint, backend):
     runner = _started_runner(model, [[1, 2], [3, 4, 5, 6]], temperature=1.0)
     twin = _started_runner(model, [[1, 2], [3, 4, 5, 6]], temperature=1.0)
     torch._dynamo.reset()
-    compiled = torch.compile(runner._decode_step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(runner.runner._decode_step, fullgraph=True, backend="aot_eager")
     for _ in range(2):
         compiled(runner.rows)
         twin.step()
         assert torch.equal(runner.tokens[:2], twin.tokens[:2])
-    assert torch.equal(runner.cache.lens, twin.cache.lens)
+    assert torch.equal(runner.cache.cache_lens, twin.cache.cache_lens)
 
 
 def _plain_loop(model, prompt, n, seed, **sampling):
@@ -120,11 +131,35 @@ def test_cache_is_allocated_once_and_reused(tiny_checkpoint, monkeypatch):
     engine.generate(model, ["one", "two", "three"], 6, temperature=0)
     runner = runner_for(model)
     k_ptr = runner.cache.k.data_ptr()
+    assert model.scheduler.runner is runner
     engine.generate(model, ["again"], 20, temperature=0.5, seed=1)
     engine.generate(model, ["x", "y"], 3, temperature=0)
     assert allocations == [(3, 128)] and runner.cache.k.data_ptr() == k_ptr  # TINY: 128 positions
     engine.generate(model, ["a"] * 5, 3, temperature=0)  # more rows than slots: grows once
     assert allocations == [(3, 128), (5, 128)]
+
+
+def test_one_cache_per_model_whoever_drives_it(tiny_checkpoint, monkeypatch):
+    """generate() and a server's scheduler on one model share its runner: one KV cache is alive."""
+    import gc
+    import weakref
+
+    made = []
+    real_init = engine.cache.KVCache.__init__
+
+    def tracking_init(self, *args):
+        made.append(weakref.ref(self))
+        real_init(self, *args)
+
+    monkeypatch.setattr(engine.cache.KVCache, "__init__", tracking_init)
+    model = _model(tiny_checkpoint, "eager")
+    engine.generate(model, ["one", "two"], 4, temperature=0)
+    server = Scheduler(model, max_batch=4)
+    out = engine.generate(model, ["three"], 4, temperature=0)  # runs through the server's scheduler
+    gc.collect()
+    alive = [ref() for ref in made if ref() is not None]
+    assert alive == [runner_for(model).cache] and server.runner is runner_for(model) and model.scheduler is server
+    assert len(out.tokens[0]) == 4
 
 
 def test_graph_buckets():
@@ -161,7 +196,7 @@ def test_graph_replay_equals_the_eager_step(small_vocab_checkpoint, backend):
         plain.step()
         assert torch.equal(graphed.tokens[:3], plain.tokens[:3])
     layer_k = graphed.cache.k[:, :3, :, :60]
-    assert torch.equal(layer_k, plain.cache.k[:, :3, :, :60]) and torch.equal(graphed.cache.lens[:3], plain.cache.lens)
+    assert torch.equal(layer_k, plain.cache.k[:, :3, :, :60]) and torch.equal(graphed.cache.cache_lens[:3], plain.cache.cache_lens)
 
 
 @pytest.mark.gpu
@@ -205,9 +240,9 @@ def test_graphs_with_ragged_batches_and_eos(tiny_checkpoint, monkeypatch):
     assert again.capture_seconds == 0  # the 4-row graph is reused
     real = engine.runner.sample_next_
 
-    def eos_at_third(logits, temperature, top_k, top_p, seed, offset, out, min_p):  # row 1 stops at its 3rd token
+    def eos_at_third(logits, temperature, top_k, top_p, min_p, seed, offset, out):  # row 1 stops at its 3rd token
         at_third = (torch.arange(len(out), device=out.device) == 1) & (offset == 2)
-        real(logits, temperature, top_k, top_p, seed, offset, out, min_p)
+        real(logits, temperature, top_k, top_p, min_p, seed, offset, out)
         out.copy_(torch.where(at_third, EOT_ID, out))
 
     monkeypatch.setattr(engine.runner, "sample_next_", eos_at_third)

@@ -62,15 +62,15 @@ def test_a_finished_request_frees_its_slot_for_a_waiting_one(model):
 
 def test_a_free_row_at_the_end_of_the_cache_is_reset_not_overflowed(model):
     """Free rows keep stepping with the batch; one that reaches the cache's end starts over."""
-    from engine.runner import Runner
+    from engine.runner import Runner, StepPlan
 
     runner = Runner(model)
-    runner.reserve(2, 128, cuda_graph=False)  # TINY: 128 positions
+    runner.reserve(2, 128)  # TINY: 128 positions
     runner.admit([Request([1, 2], 5, SamplingParams(temperature=0))], [1])
-    runner.cache.lens[0] = 128  # as if slot 0 had idled for the whole context
-    runner._lens[0] = 128
-    runner.step(2)  # would write position 128 of slot 0
-    assert runner.cache.lens.tolist() == [1, 3]
+    runner.cache.cache_lens[0] = 128  # as if slot 0 had idled for the whole context
+    runner.host_cache_lens[0] = 128
+    runner.step(StepPlan(2), use_graph=False)  # would write position 128 of slot 0
+    assert runner.cache.cache_lens.tolist() == [1, 3]
 
 
 def test_cancel_frees_the_slot_at_the_next_step(model):
@@ -109,8 +109,8 @@ def test_nan_logits_fail_one_request_only(model, monkeypatch):
 
     real = engine.runner.sample_next_
 
-    def flag_slot_0(logits, temperature, top_k, top_p, seed, offset, out, min_p):
-        real(logits, temperature, top_k, top_p, seed, offset, out, min_p)
+    def flag_slot_0(logits, temperature, top_k, top_p, min_p, seed, offset, out):
+        real(logits, temperature, top_k, top_p, min_p, seed, offset, out)
         if len(out) > 1:
             out[0] = -1
 

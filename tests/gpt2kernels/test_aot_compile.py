@@ -59,15 +59,14 @@ def gpt2_width_checkpoint(tmp_path_factory):
 def _run_requests(model, prompts, steps: int, **sampling) -> None:
     """What ``engine.generate`` launches for ``prompts``: the runner's prefill, first draw and decode
     steps (tokens are not read: with launches recorded but not executed they are meaningless)."""
-    from engine.generation import runner_for
-    from engine.runner import Request, SamplingParams
+    from engine.request import Request, SamplingParams
+    from engine.runner import admit_batch, runner_for
 
     runner = runner_for(model)
     requests = [Request(p, steps + 1, SamplingParams(**sampling)) for p in prompts]
-    runner.prepare(requests, cuda_graph=False)
-    runner.start(requests)
+    plan = admit_batch(runner, requests)
     for _ in range(steps):
-        runner.step()
+        runner.step(plan, use_graph=False)
 
 
 @pytest.mark.parametrize("quantize", [None, "int8-all"])

@@ -127,18 +127,18 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda q, k, v, l: gpt2kernels.flash_attention(q, k[:, :1], v), r"k \[2, 1, 8, 32\]"),
-    (lambda q, k, v, l: gpt2kernels.flash_attention(q[..., :0], k[..., :0], v[..., :0]), "head dim D = 0"),
-    (lambda q, k, v, l: gpt2kernels.flash_attention(_rand((2, 2, 8, 256), torch.float32, "cpu", 0).to(q.device),
+    (lambda q, k, v, lens: gpt2kernels.flash_attention(q, k[:, :1], v), r"k \[2, 1, 8, 32\]"),
+    (lambda q, k, v, lens: gpt2kernels.flash_attention(q[..., :0], k[..., :0], v[..., :0]), "head dim D = 0"),
+    (lambda q, k, v, lens: gpt2kernels.flash_attention(_rand((2, 2, 8, 256), torch.float32, "cpu", 0).to(q.device),
                                                 _rand((2, 2, 8, 256), torch.float32, "cpu", 1).to(q.device),
                                                 _rand((2, 2, 8, 256), torch.float32, "cpu", 2).to(q.device)), "D = 256"),
-    (lambda q, k, v, l: gpt2kernels.flash_attention(q, k[:, :, :4], v[:, :, :4]), "Tq <= Tk"),
-    (lambda q, k, v, l: gpt2kernels.flash_attention(q, k.half(), v), "k has dtype torch.float16"),
-    (lambda q, k, v, l: gpt2kernels.decode_attention(q[:, :, :1], k, v, l + 1), r"cache_lens must be in .* = \[1, 8\]"),
-    (lambda q, k, v, l: gpt2kernels.decode_attention(q[:, :, :1], k, v, l * 0), r"cache_lens must be in .* = \[1, 8\]"),
-    (lambda q, k, v, l: gpt2kernels.decode_attention(q[:, :, :1], k, v, l.long()), "cache_lens has dtype torch.int64"),
-    (lambda q, k, v, l: gpt2kernels.decode_attention(q[:, :, :1], k, v, l[:1]), r"cache_lens has shape \[1\], expected \[2\]"),
-    (lambda q, k, v, l: gpt2kernels.decode_attention(torch.cat([q] * 3, 2), k, v, l), "1 to 16 queries"),
+    (lambda q, k, v, lens: gpt2kernels.flash_attention(q, k[:, :, :4], v[:, :, :4]), "Tq <= Tk"),
+    (lambda q, k, v, lens: gpt2kernels.flash_attention(q, k.half(), v), "k has dtype torch.float16"),
+    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens + 1), r"cache_lens must be in .* = \[1, 8\]"),
+    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens * 0), r"cache_lens must be in .* = \[1, 8\]"),
+    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens.long()), "cache_lens has dtype torch.int64"),
+    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens[:1]), r"cache_lens has shape \[1\], expected \[2\]"),
+    (lambda q, k, v, lens: gpt2kernels.decode_attention(torch.cat([q] * 3, 2), k, v, lens), "1 to 16 queries"),
 ])
 def test_bad_input(call, match, device):
     q, k, v = (_rand((2, 2, 8, 32), torch.float32, device, i) for i in range(3))

@@ -301,8 +301,22 @@ def test_sample_next_draws_into_out_and_advances_offsets(compiled, device, monke
     want = sample(x, temperature, top_k, top_p, seed, offset, min_p)
     out = torch.full((4,), -5, dtype=torch.long, device=device)
     before = offset.clone()
-    sampling.sample_next_(x, temperature, top_k, top_p, seed, offset, out, min_p)
+    sampling.sample_next_(x, temperature, top_k, top_p, min_p, seed, offset, out)
     assert torch.equal(out, want) and torch.equal(offset, before + 1)
+
+
+def test_the_compiled_ops_take_the_controls_in_the_tables_order():
+    """csrc/'s schemas, sample_unchecked and sample_next_ list the controls as SAMPLING_CONTROLS does."""
+    import inspect
+
+    from gpt2kernels import _extension, sampling
+
+    controls = [c.name for c in sampling.SAMPLING_CONTROLS]
+    assert _extension.load(), "the sampler extension did not load"
+    for op, tail in ((_extension.SAMPLE_OP, ["seed", "offset"]), (_extension.SAMPLE_NEXT_OP, ["seed", "offset", "out"])):
+        assert [a.name for a in op.default._schema.arguments] == ["logits", *controls, *tail]
+    for fn, tail in ((sampling.sample_unchecked, ["seed", "offset"]), (sampling.sample_next_, ["seed", "offset", "out"])):
+        assert list(inspect.signature(fn).parameters) == ["logits", *controls, *tail]
 
 
 def test_sample_next_needs_contiguous_int64_outputs(device):

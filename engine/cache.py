@@ -32,6 +32,11 @@ class KVCache:
         return self.k.shape[1]
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values."""
+        return self.k.nbytes + self.v.nbytes
+
+    @property
     def max_len(self) -> int:
         return self.k.shape[3]
 

@@ -159,6 +159,31 @@ class GPT2(nn.Module):
         h = self._hidden_states(input_ids).reshape(b * t, -1)
         return self.ops.target_logprobs(h, self._float_lm_head(), targets.reshape(-1)).view(b, t)
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, ids: torch.Tensor, top: int = 0, chunk: int = 256
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """How likely one prompt is, token by token: ``ids`` (T,) int64, T <= n_positions.
+
+        Returns fp32 (T - 1,) log p(ids[t] | ids[:t]) for t = 1 .. T - 1 and, with ``top`` > 0, the
+        ``top`` likeliest tokens' log p (fp32) and ids (int64) at each of those positions, (T - 1,
+        top) each, likeliest first (empty with ``top`` 0). With ``top`` 0 the lm_head and the
+        log-softmax run fused (``target_logprobs``); otherwise on ``chunk`` positions' logits at a
+        time, never (T, vocab) of them.
+        """
+        h = self._hidden_states(ids[None])[0, :-1]
+        targets = ids[1:]
+        if top == 0:
+            empty = torch.zeros(len(targets), 0)
+            return self.ops.target_logprobs(h, self._float_lm_head(), targets).float().cpu(), empty, empty.long()
+        parts = []
+        for start in range(0, len(targets), chunk):
+            lp = torch.log_softmax(self._lm_head(h[start:start + chunk]).float(), dim=-1)
+            values, top_ids = lp.topk(top, dim=-1)
+            parts.append((lp.gather(1, targets[start:start + chunk, None])[:, 0], values, top_ids))
+        if not parts:
+            return torch.zeros(0), torch.zeros(0, top), torch.zeros(0, top, dtype=torch.int64)
+        return tuple(torch.cat([p[i] for p in parts]).cpu() for i in range(3))
+
     def _float_lm_head(self) -> torch.Tensor:
         """The lm_head in the model dtype: a quantised one (``int8-all``) dequantised for this call."""
         weight = self._lm_head_weight()  # a tensor, or on CPU a PackedInt8Linear (not a tensor, has a dtype)

@@ -115,13 +115,13 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
     return 0
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared and hashed by identity
 class Request:
     """A prompt to continue, and the state of its continuation.
 
     Two sides, which may run on two threads. The engine side (the scheduler's thread) ``record``s
     each sampled token and ends the request at EOS ("stop"), after ``max_new_tokens`` ("length"),
-    once ``max_time`` seconds have passed since admission ("time"), when ``cancel`` was called
+    once ``max_time`` seconds have passed since admission or at ``deadline`` ("time"), when ``cancel`` was called
     ("cancelled"), or when the model failed it ("error", e.g. NaN logits, while the others go on):
     ``end_reason``. The text side (one consumer: the caller of ``generate``, or the server's event
     loop) ``drain``s the recorded tokens into ``text``, matches stop strings and streams pieces to
@@ -145,6 +145,7 @@ class Request:
     on_finish: Callable[["Request"], None] | None = None  # called once, when the request ends
     stop: tuple[str, ...] = ()
     max_time: float | None = None
+    deadline: float | None = None  # a ``time.monotonic()`` past which the request ends ("time"), queued or not
     keep_text: bool = True  # False: tokens only (ids a tokenizer may not know are never decoded)
     logprobs: int | None = None
     tokens: list[int] = field(default_factory=list)
@@ -193,8 +194,14 @@ class Request:
             self.end("stop")
         elif len(self.tokens) >= self.max_new_tokens:
             self.end("length")
-        elif self.max_time is not None and time.monotonic() - (self.started or 0.0) >= self.max_time:
+        elif self.out_of_time():
             self.end("time")
+
+    def out_of_time(self) -> bool:
+        """Past ``max_time`` since admission, or past ``deadline``."""
+        now = time.monotonic()
+        return (self.max_time is not None and self.started is not None and now - self.started >= self.max_time) or \
+            (self.deadline is not None and now >= self.deadline)
 
     def end(self, reason: str) -> None:
         """End the engine side (the first reason stays)."""

@@ -167,8 +167,8 @@ class Scheduler:
         with self._step_lock:
             updated: list[Request] = []
             for slot, r in list(self.active.items()):
-                if r.cancelled:
-                    r.end("cancelled")
+                if r.cancelled or r.out_of_time():
+                    r.end("cancelled" if r.cancelled else "time")
                     updated.append(r)
                     self._free(slot)
             self._admit(updated)
@@ -209,13 +209,13 @@ class Scheduler:
         free = [s for s in range(self.max_batch) if s not in self.active]
         admitted: list[tuple[int, Request]] = []
         with self._queue_lock:
+            expired = [r for r in self.waiting if r.cancelled or r.out_of_time()]
+            for r in expired:  # a queued request past its deadline is not kept waiting for a slot
+                self.waiting.remove(r)
+                r.end("cancelled" if r.cancelled else "time")
+                updated.append(r)
             while self.waiting and len(admitted) < len(free):
-                r = self.waiting.popleft()
-                if r.cancelled:
-                    r.end("cancelled")
-                    updated.append(r)
-                else:
-                    admitted.append((free[len(admitted)], r))
+                admitted.append((free[len(admitted)], self.waiting.popleft()))
         if not admitted:
             return
         slots = [s for s, _ in admitted]

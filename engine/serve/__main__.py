@@ -9,7 +9,8 @@ import argparse
 import socket
 import sys
 
-from ..cli import HelpFormatter, int_at_least, int_in, CommandParser, UsageError, add_placement_options, run_cli
+from ..cli import (CommandParser, HelpFormatter, UsageError, add_placement_options, float_in, int_at_least, int_in,
+                   run_cli)
 
 
 def server_dtype(device: str | None) -> str | None:
@@ -43,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together (default: 64 on CUDA, 16 on CPU)")
     p.add_argument("--max-waiting", type=int_at_least("--max-waiting", 0), default=256,
                    help="requests queued beyond the batch before the server answers 503")
+    p.add_argument("--max-context", type=int_at_least("--max-context", 1), default=None,
+                   help="positions a request may use, prompt and new tokens (default: the model's, 1024): the KV "
+                        "cache holds max-batch x max-context positions, and its size is said at start-up")
+    p.add_argument("--request-timeout", type=float_in("--request-timeout", "(0, inf)", lambda v: v > 0), default=None,
+                   help="seconds from a request's arrival after which it ends, queued or running, with the text so "
+                        "far (finish_reason length)")
+    p.add_argument("--shutdown-timeout", type=float_in("--shutdown-timeout", "[0, inf)", lambda v: v >= 0),
+                   default=30.0, help="on SIGTERM or Ctrl-C: seconds the running requests may take to finish "
+                                      "before they are cut (finish_reason abort); new ones get 503 meanwhile")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                    help="on CUDA, run every decode step op by op instead of replaying CUDA graphs")
@@ -71,7 +81,8 @@ def run(args) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from .app import ServerState, create_app
+        from .shutdown import DrainingServer
     except ImportError as e:
         raise UsageError(f"the server needs the 'serve' extra ({e.name} is missing): pip install -e \".[serve]\"") \
             from None
@@ -86,7 +97,11 @@ def run(args) -> int:
         dtype = args.dtype or (None if args.quantize else server_dtype(args.device))
         model = load_model(args.model, device=args.device, dtype=dtype, backend=args.backend, quantize=args.quantize)
         max_batch = args.max_batch or (64 if model.device.type == "cuda" else 16)
-        scheduler = Scheduler(model, max_batch=max_batch, max_waiting=args.max_waiting, cuda_graph=args.cuda_graph)
+        if args.max_context is not None and args.max_context > model.config.n_positions:
+            raise UsageError(f"--max-context must be at most the model's context of {model.config.n_positions}, "
+                             f"got {args.max_context}")
+        scheduler = Scheduler(model, max_batch=max_batch, max_waiting=args.max_waiting, cuda_graph=args.cuda_graph,
+                              max_context=args.max_context)
     except (EngineError, torch.cuda.OutOfMemoryError) as e:
         raise UsageError(str(e)) from None
     name = args.served_model_name or args.model
@@ -95,11 +110,20 @@ def run(args) -> int:
     graphs = f", graphs captured in {scheduler.capture_seconds:.1f} s" if scheduler.capture_seconds else ""
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
+    cache = scheduler.runner.cache
     print(f"serving {name} ({model.config.n_layer}L/{model.config.n_embd}d {weights} {model.device} "
-          f"{model.backend}, batch {max_batch}{graphs}) on http://{url_host}:{port}", file=sys.stderr)
-    app = create_app(scheduler, name, args.api_key)
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+          f"{model.backend}, batch {max_batch}, KV cache {_megabytes(cache.nbytes)} MB for {cache.slots} x "
+          f"{scheduler.max_context} positions{graphs}) on http://{url_host}:{port}", file=sys.stderr)
+    state = ServerState()
+    app = create_app(scheduler, name, args.api_key, args.request_timeout, state)
+    server = DrainingServer(uvicorn.Config(app, log_level=args.log_level), scheduler, state, args.shutdown_timeout)
+    server.run(sockets=[sock])
     return 0
+
+
+def _megabytes(n: int) -> str:
+    mb = n / 2**20
+    return f"{mb:.0f}" if mb >= 10 else f"{mb:.1f}"
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -1,8 +1,10 @@
 """The engine thread: the one owner of the model, stepping the scheduler while there is work.
 
 HTTP handlers run on the asyncio loop and never touch the model: they submit requests (a
-thread-safe call) and receive each request's text and end through an asyncio queue, fed from this
-thread with ``call_soon_threadsafe``.
+thread-safe call) and receive each request's text and end through an asyncio queue. The engine
+thread only records tokens: once per step it hands the step's requests to the event loop in one
+``call_soon_threadsafe`` (one wake-up for 64 clients, not 64), where their tokens become text,
+stop strings are matched and events are queued (``Request.drain``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from concurrent.futures import Future
+from typing import Callable
 
 from ..request import Request
 from ..scheduler import Scheduler
@@ -20,24 +24,82 @@ IDLE_POLL_SECONDS = 0.5  # how often an idle loop looks at its stop flag (work w
 
 
 class EngineLoop:
-    """Runs ``scheduler.step()`` in a daemon thread from ``start()`` to ``stop()``."""
+    """Runs ``scheduler.step()`` in a daemon thread from ``start()`` to ``stop()``; ``call`` runs a
+    function on that thread between steps (prompt scoring uses the model too)."""
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._calls: list[tuple[Callable, Future]] = []
+        self._calls_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: dict[int, asyncio.Queue] = {}  # id(request) -> its job's event queue
 
-    def start(self) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start stepping; each step's requests are handed to ``loop``."""
+        self._loop = loop
+        self.scheduler.on_step = self._post
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
         self.scheduler.wakeup.set()
         self._thread.join(timeout=30)
+        self.scheduler.on_step = None
+
+    def call(self, fn: Callable[[], object]) -> asyncio.Future:
+        """``fn()`` run on the engine thread between two steps; an awaitable of its result."""
+        future: Future = Future()
+        with self._calls_lock:
+            self._calls.append((fn, future))
+        self.scheduler.wakeup.set()
+        return asyncio.wrap_future(future)
+
+    def attach(self, requests: list[Request], stream: bool) -> asyncio.Queue:
+        """Route each request's events to one asyncio queue (call on the event loop): ``("text", i,
+        (piece, tokens))`` when ``stream`` (``tokens``: how many the request had when that text
+        came) and ``("end", i, request)``, i the request's index."""
+        events: asyncio.Queue = asyncio.Queue()
+        for i, r in enumerate(requests):
+            if stream:
+                r.on_text = lambda piece, i=i, r=r: events.put_nowait(("text", i, (piece, len(r.tokens))))
+            r.on_finish = lambda req, i=i: self._finished(req, events, i)
+            self._listeners[id(r)] = events
+        return events
+
+    def _finished(self, request: Request, events: asyncio.Queue, i: int) -> None:
+        self._listeners.pop(id(request), None)
+        events.put_nowait(("end", i, request))
+
+    def _post(self, requests: list[Request]) -> None:
+        """On the engine thread, once a step: hand the step's requests to the event loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, requests)
+        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody listens
+            pass
+
+    def _deliver(self, requests: list[Request]) -> None:
+        """On the event loop: the step's tokens become text and events (requests of this server only:
+        a ``generate()`` sharing the model drains its own)."""
+        for r in requests:
+            if id(r) in self._listeners:
+                r.drain()
+
+    def _run_calls(self) -> None:
+        with self._calls_lock:
+            calls, self._calls = self._calls, []
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # handed to the awaiting handler
+                    future.set_exception(e)
 
     def _run(self) -> None:
         sched = self.scheduler
         while not self._stopping.is_set():
+            self._run_calls()
             if sched.idle:
                 sched.wakeup.wait(IDLE_POLL_SECONDS)
                 sched.wakeup.clear()
@@ -47,22 +109,3 @@ class EngineLoop:
             except Exception:  # a bug or an out-of-memory: fail what runs, keep serving
                 log.exception("the decode step failed; failing the running requests")
                 sched.fail_running()
-
-
-def attach(requests: list[Request], loop: asyncio.AbstractEventLoop, stream: bool) -> asyncio.Queue:
-    """Route each request's events to one asyncio queue, from the engine thread: ``("text", i,
-    (piece, tokens))`` (when ``stream``; ``tokens``: how many the request had when that text came)
-    and ``("end", i, request)``, i the request's index."""
-    events: asyncio.Queue = asyncio.Queue()
-
-    def put(item):
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, item)
-        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody listens
-            pass
-
-    for i, r in enumerate(requests):
-        if stream:
-            r.on_text = lambda piece, i=i, r=r: put(("text", i, (piece, len(r.tokens))))
-        r.on_finish = lambda req, i=i: put(("end", i, req))
-    return events

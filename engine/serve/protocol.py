@@ -46,6 +46,11 @@ class Completion:
     echo: bool
     logprobs: int | None = None  # alternatives a token, as asked; None: no logprobs in the answer
 
+    @property
+    def scores_prompt(self) -> bool:
+        """The answer carries the prompt's log-probabilities (``echo`` with ``logprobs``)."""
+        return self.echo and self.logprobs is not None
+
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(len(r.tokens) for r in self.requests)
@@ -74,8 +79,29 @@ def choice_logprobs(request: Request, start: int, end: int, offset: int = 0) -> 
 
 
 def finish_reason(request: Request) -> str:
-    """OpenAI's two reasons: "stop" (EOS or a stop string) and "length" (max_tokens, or max_time)."""
-    return "stop" if request.finish_reason == "stop" else "length"
+    """OpenAI's two reasons, "stop" (EOS or a stop string) and "length" (max_tokens, max_time or
+    the server's request timeout), and vLLM's "abort" (cut by the server's shutdown)."""
+    return request.finish_reason if request.finish_reason in ("stop", "abort") else "length"
+
+
+def prompt_logprobs(tokens: list[int], token_logprobs: list[float], top: list[list[tuple[int, float]]] | None,
+                    ) -> dict:
+    """OpenAI's legacy ``echo`` + ``logprobs`` object for a prompt: every token's text, its
+    log-probability given the ones before (None for the first: nothing predicts it), the top
+    alternatives ({text: log p}, None first; empty dicts when ``top`` is None) and its offset."""
+    texts = [decode([t]) for t in tokens]
+    offsets, offset = [], 0
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    alternatives = [{decode([i]): lp for i, lp in row} for row in top] if top is not None else [{} for _ in tokens[1:]]
+    return {"tokens": texts, "token_logprobs": [None, *token_logprobs], "top_logprobs": [None, *alternatives],
+            "text_offset": offsets}
+
+
+def join_logprobs(first: dict, second: dict) -> dict:
+    """Two ``logprobs`` objects of consecutive text, as one (``second``'s offsets already continue)."""
+    return {key: first[key] + second[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
 def _typed(body: dict, name: str, kinds: tuple, default, what: str):
@@ -123,9 +149,12 @@ def parse_completion(body, served_model: str) -> Completion:
         if body.get(name):  # None, "" and {} are their defaults
             raise APIError(400, f"'{name}' is not supported by this server", name)
     prompts, texts = _prompts(body.get("prompt"))
-    max_tokens = _typed(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS, "an integer >= 1")
-    if max_tokens < 1:
-        raise APIError(400, f"'max_tokens' must be an integer >= 1, got {max_tokens}", "max_tokens")
+    echo = _typed(body, "echo", (bool,), False, "a boolean")
+    max_tokens = _typed(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS, "an integer >= 1 (>= 0 with echo)")
+    if max_tokens < (0 if echo else 1):
+        raise APIError(400, f"'max_tokens' must be an integer >= {0 if echo else 1}"
+                            f"{'' if echo else ' (0 only with echo: scoring the prompt)'}, got {max_tokens}",
+                       "max_tokens")
     n = _typed(body, "n", (int,), 1, f"an integer in [1, {MAX_N}]")
     if not 1 <= n <= MAX_N:
         raise APIError(400, f"'n' must be an integer in [1, {MAX_N}], got {n}", "n")
@@ -152,19 +181,20 @@ def parse_completion(body, served_model: str) -> Completion:
     except ParameterError as e:
         raise APIError(400, str(e), e.param) from None
     stream = _typed(body, "stream", (bool,), False, "a boolean")
-    echo = _typed(body, "echo", (bool,), False, "a boolean")
     options = _typed(body, "stream_options", (dict,), {}, "an object")
     ignore_eos = _typed(body, "ignore_eos", (bool,), False, "a boolean")  # vLLM's extension, for benchmarks
     logprobs = _typed(body, "logprobs", (int,), None, f"an integer in [0, {MAX_LOGPROBS}]")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
-    if logprobs is not None and echo:
-        raise APIError(400, "'logprobs' together with 'echo' (the prompt's log-probabilities) is not supported",
-                       "logprobs")
+    if logprobs is not None and echo and stream:
+        raise APIError(400, "the prompt's log-probabilities ('echo' with 'logprobs') are not streamed: set "
+                            "'stream' to false", "stream")
+    if max_tokens == 0 and stream:
+        raise APIError(400, "'max_tokens': 0 (scoring the prompt) is not streamed: set 'stream' to false", "stream")
     first = secrets.randbits(63) if seed is None else seed
     requests = [Request(p, max_tokens, replace(sampling, seed=as_int64(first + k)), stop_at_eos=not ignore_eos,
                         stop=stop, max_time=max_time, logprobs=logprobs)
-                for k, p in enumerate(p for p in prompts for _ in range(n))]
+                for k, p in enumerate(p for p in prompts for _ in range(n))] if max_tokens else []
     return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served_model, prompts=prompts,
                       prompt_texts=texts, n=n, max_tokens=max_tokens, requests=requests, stream=stream,
                       include_usage=bool(options.get("include_usage")) and stream, echo=echo, logprobs=logprobs)

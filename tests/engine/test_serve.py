@@ -18,50 +18,9 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from engine.serve.app import create_app  # noqa: E402
 
+from .serving import KEY, Server, http_request as _http  # noqa: E402
+
 NAME = "tiny-gpt2"
-KEY = "sk-test"
-
-
-class Response:
-    def __init__(self, status, headers, text):
-        self.status_code, self.headers, self.text = status, headers, text
-
-    def json(self):
-        return json.loads(self.text)
-
-
-def _http(url, method, path, body=None, key=KEY, raw=None):
-    """One plain HTTP request (the standard library's client: no dependency of our own)."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
-    conn.request(method, path, body=raw if raw is not None else (None if body is None else json.dumps(body)),
-                 headers=headers)
-    r = conn.getresponse()
-    out = Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode())
-    conn.close()
-    return out
-
-
-class Server:
-    """uvicorn in a thread on a free loopback port, stopped at the end of the module."""
-
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +178,8 @@ def test_queue_limit_answers_503(served, model):
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
     ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
     ({"prompt": "x", "logprobs": "2"}, 400, "logprobs"),
-    ({"prompt": "x", "logprobs": 1, "echo": True}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 1, "echo": True, "stream": True}, 400, "stream"),
+    ({"prompt": "x", "max_tokens": 0, "echo": True, "stream": True}, 400, "stream"),
     ({"prompt": [1, 2, 60000]}, 400, "prompt"),
     ({"prompt": 5}, 400, "prompt"),
     ({}, 400, "prompt"),
@@ -278,8 +238,8 @@ def test_the_command_serves_and_reports_mistakes_in_one_line(tiny_checkpoint):
         proc.terminate()
         proc.wait(timeout=30)
     started = [line for line in proc.stderr.read().splitlines() if line.startswith("serving")]
-    assert started == [f"serving {tiny_checkpoint} (2L/96d int8 weights, float32 cpu eager, batch 2) "
-                       f"on http://127.0.0.1:{port}"], started  # the dtype and quantisation as generate says them
+    assert started == [f"serving {tiny_checkpoint} (2L/96d int8 weights, float32 cpu eager, batch 2, KV cache "
+                       f"0.4 MB for 2 x 128 positions) on http://127.0.0.1:{port}"], started  # the dtype and quantisation as generate says them
     bad = subprocess.run([sys.executable, "-m", "engine.serve", "--model", "gpt5"], cwd=root, capture_output=True,
                          text=True, timeout=120)
     lines = [line for line in bad.stderr.splitlines() if line.strip()]

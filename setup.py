@@ -56,10 +56,13 @@ setup(
     entry_points={"console_scripts": ["gpt2engine = engine.cli:entry"]},  # = python -m engine
     extras_require={
         "hub": ["huggingface_hub>=0.23"],
-        "serve": ["starlette>=0.40", "uvicorn>=0.30"],
+        "serve": ["starlette>=0.40", "uvicorn>=0.30", "prometheus-client>=0.17"],
+        # Ray Serve replicas of the server (engine/serve/ray.py)
+        "ray": ["starlette>=0.40", "uvicorn>=0.30", "prometheus-client>=0.17", "ray[serve]>=2.9"],
         # openai: the official client, the server's tests talk through it
-        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark", "transformers>=4.40", "scipy", "huggingface_hub>=0.23",
-                 "starlette>=0.40", "uvicorn>=0.30", "openai>=1.40"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark", "transformers>=4.40", "scipy",
+                 "huggingface_hub>=0.23", "starlette>=0.40", "uvicorn>=0.30", "prometheus-client>=0.17",
+                 "ray[serve]>=2.9", "openai>=1.40"],
         # ctranslate2: the CPU peer of benchmarks.e2e (its rows are left out, with a note, without it)
         "bench": ["matplotlib", "transformers>=4.40", "huggingface_hub>=0.23", "ctranslate2>=4.0"],
     },

@@ -131,6 +131,43 @@ def read_text(path: str | None, option: str) -> str | None:
     return decode_utf8(sys.stdin.buffer.read(), "standard input")
 
 
+def _control_parser(control):
+    """The parser of ``--<control>``: a number (an integer for an integer control) that the
+    control's own check accepts; errors name the option and the control's interval."""
+    import gpt2kernels
+
+    flag, integer = "--" + control.name.replace("_", "-"), not control.dtype.is_floating_point
+    check = gpt2kernels.check_penalties if control in gpt2kernels.PENALTY_CONTROLS else gpt2kernels.check_sampling_params
+
+    def parse(text):
+        kind = "an integer" if integer else "a number"
+        v = parse_number(text, int if integer else float, f"{flag} must be {kind} in {control.interval}")
+        try:
+            check(**{control.name: v})
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be {'an integer ' if integer else ''}in "
+                                             f"{control.interval}, got {text}") from None
+        return v
+    return parse
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """One option per sampling and penalty control (``gpt2kernels``' tables), named, checked,
+    defaulted and explained by its row."""
+    import gpt2kernels
+
+    for control in gpt2kernels.SAMPLING_CONTROLS + gpt2kernels.PENALTY_CONTROLS:
+        p.add_argument("--" + control.name.replace("_", "-"), type=_control_parser(control), default=control.off,
+                       help=control.help)
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The values of ``add_sampling_options``' options, by control name (``generate``'s keywords)."""
+    import gpt2kernels
+
+    return {c.name: getattr(args, c.name) for c in gpt2kernels.SAMPLING_CONTROLS + gpt2kernels.PENALTY_CONTROLS}
+
+
 def add_placement_options(p: argparse.ArgumentParser, dtype_help: str,
                           backend_help: str = "default: triton on a CUDA device, eager on CPU") -> None:
     """--device, --dtype, --backend and --quantize, as every command takes them (each says its dtype's default)."""

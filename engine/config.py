@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass, fields
 
+from .checks import is_int, is_number
 from .errors import ConfigError
 
 
@@ -30,9 +31,9 @@ class GPT2Config:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name == "layer_norm_epsilon":
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                ok = is_number(v) and v > 0
             else:
-                ok = (isinstance(v, int) and not isinstance(v, bool)) or (f.name == "n_inner" and v is None)
+                ok = is_int(v) or (f.name == "n_inner" and v is None)
             if not ok:
                 kind = "a number > 0" if f.name == "layer_norm_epsilon" else "an integer"
                 raise ConfigError(f"{f.name} must be {kind}, got {v!r}")

@@ -18,8 +18,9 @@ import sys
 import threading
 import time
 
-from .cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, HelpFormatter, float_in, int_at_least, int_in, CommandParser,
-                  UsageError, add_placement_options, read_text, run_cli, utf8_argument)
+from .cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, CommandParser, HelpFormatter, add_placement_options,
+                  add_sampling_options, float_in, int_at_least, int_in, read_text, run_cli, sampling_options,
+                  utf8_argument)
 from .request import SEED_LIMIT
 
 EXAMPLES = """examples:
@@ -44,19 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", help="read the prompt from this file (UTF-8)")
     p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 1), default=100,
                    help="tokens to generate at most per sample")
-    p.add_argument("--temperature", type=float_in("--temperature", "[0, inf)", lambda v: v >= 0), default=1.0,
-                   help="0 means greedy")
-    p.add_argument("--top-k", type=int_in("--top-k", 0, 2**63 - 1, "in [0, 2^63)"), default=0, help="0 disables")
-    p.add_argument("--top-p", type=float_in("--top-p", "(0, 1]", lambda v: 0 < v <= 1), default=1.0,
-                   help="nucleus mass in (0, 1]; 1 disables")
-    p.add_argument("--min-p", type=float_in("--min-p", "[0, 1]", lambda v: 0 <= v <= 1), default=0.0,
-                   help="drop tokens below this fraction of the top token's probability; 0 disables")
-    p.add_argument("--repetition-penalty", type=float_in("--repetition-penalty", "(0, inf)", lambda v: v > 0),
-                   default=1.0, help="HF's: > 1 discourages tokens of the prompt and output; 1 disables")
-    p.add_argument("--presence-penalty", type=float_in("--presence-penalty", "[-2, 2]", lambda v: -2 <= v <= 2),
-                   default=0.0, help="OpenAI's, in [-2, 2]: subtracted once from every token already generated")
-    p.add_argument("--frequency-penalty", type=float_in("--frequency-penalty", "[-2, 2]", lambda v: -2 <= v <= 2),
-                   default=0.0, help="OpenAI's, in [-2, 2]: subtracted per occurrence of a generated token")
+    add_sampling_options(p)
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the text where TEXT appears (left out); repeat for several")
     p.add_argument("--max-time", type=float_in("--max-time", "(0, inf)", lambda v: v > 0), default=None,
@@ -168,13 +157,10 @@ def run(args) -> int:
                     _write(held + piece)
                     held, wrote = "", True
 
-                out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, seed=as_int64(seed + i), stop_at_eos=args.stop_at_eos,
-                               on_text=on_text if stream else None, allow_special=args.allow_special,
-                               cuda_graph=args.cuda_graph, min_p=args.min_p,
-                               repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                               frequency_penalty=args.frequency_penalty, stop=args.stop, max_time=args.max_time,
-                               cancel=cancel)
+                out = generate(model, prompt, args.max_new_tokens, seed=as_int64(seed + i),
+                               stop_at_eos=args.stop_at_eos, on_text=on_text if stream else None,
+                               allow_special=args.allow_special, cuda_graph=args.cuda_graph, stop=args.stop,
+                               max_time=args.max_time, cancel=cancel, **sampling_options(args))
                 outputs.append(out)
                 if stream:
                     on_text(0, "\n")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, fields
-from numbers import Number
 from typing import Callable, Sequence
 
 from gpt2kernels import check_penalties, check_sampling_params
 
+from .checks import check_int, is_int, is_number
 from .errors import NumericalError, ParameterError
 from .tokenizer import EOT_ID, StreamDecoder
 
@@ -20,9 +20,7 @@ SEED_LIMIT = 2**64  # a seed is the 64 bits of a Philox key
 def check_seed(seed) -> int:
     """``seed`` when it is an integer in [0, 2^64); ParameterError naming it otherwise. The one rule
     for ``generate``'s seeds, the CLI's ``--seed`` and the server's ``"seed"``."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ParameterError("seed", f"seed must be an integer in [0, 2^64), got {seed!r}")
-    return seed
+    return check_int("seed", seed, 0, SEED_LIMIT - 1, "an integer in [0, 2^64)")
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class SamplingParams:
             except ValueError as e:
                 raise ParameterError(f.name, str(e)) from None
             object.__setattr__(self, f.name, int(value) if f.name == "top_k" else float(value))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise ParameterError("seed", f"seed must be an int, got {self.seed!r}")
 
     @property
@@ -85,8 +83,7 @@ def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 def check_logprobs(logprobs: bool, top_logprobs: int) -> int | None:
     """A ``Request.logprobs`` value (None: off) from ``generate``'s two options; ParameterError unless
     ``top_logprobs`` is an integer in [0, 20] and, when > 0, ``logprobs`` is on (as OpenAI's API)."""
-    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
-        raise ParameterError("top_logprobs", f"top_logprobs must be an integer in [0, 20], got {top_logprobs!r}")
+    check_int("top_logprobs", top_logprobs, 0, 20)
     if top_logprobs and not logprobs:
         raise ParameterError("top_logprobs", "top_logprobs needs logprobs=True")
     return top_logprobs if logprobs else None
@@ -96,7 +93,7 @@ def check_max_time(max_time: float | None) -> None:
     """ParameterError unless ``max_time`` is None or a finite number of seconds > 0."""
     if max_time is None:
         return
-    if isinstance(max_time, bool) or not isinstance(max_time, Number) or not (math.isfinite(max_time) and max_time > 0):
+    if not is_number(max_time) or not (math.isfinite(max_time) and max_time > 0):
         raise ParameterError("max_time", f"max_time must be a number of seconds > 0, got {max_time!r}")
 
 

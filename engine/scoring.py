@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .errors import EngineError
+from .checks import check_int, check_prompt_ids, is_int
+from .errors import EngineError, ParameterError
 from .model import GPT2
 from .tokenizer import encode
 
@@ -46,20 +47,17 @@ def windows(n_tokens: int, window: int, stride: int) -> list[Window]:
 
 def check_window(model: GPT2, window: int | None, stride: int | None) -> tuple[int, int]:
     """(window, stride) with defaults filled in (the model's positions; half of it, as HF's guide's
-    512 at GPT-2's 1024); raises EngineError naming a bad one."""
+    512 at GPT-2's 1024); raises ParameterError naming a bad one."""
     positions = model.config.n_positions
     window = positions if window is None else window
-    if isinstance(window, bool) or not isinstance(window, int) or not 2 <= window <= positions:
-        raise EngineError(f"window must be an integer in [2, {positions}] (the model's positions), got {window}")
+    check_int("window", window, 2, positions, f"an integer in [2, {positions}] (the model's positions)")
     stride = max(1, window // 2) if stride is None else stride
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= window:
-        raise EngineError(f"stride must be an integer in [1, window = {window}], got {stride}")
+    check_int("stride", stride, 1, window, f"an integer in [1, window = {window}]")
     return window, stride
 
 
 def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EngineError(f"batch_size must be an integer >= 1, got {batch_size}")
+    check_int("batch_size", batch_size, 1)
 
 
 def _window_logprobs(model: GPT2, spans: list[tuple[Sequence[int], Window]], batch_size: int
@@ -84,14 +82,11 @@ def _window_logprobs(model: GPT2, spans: list[tuple[Sequence[int], Window]], bat
 def _token_ids(model: GPT2, text: str | Sequence[int], what: str) -> list[int]:
     if isinstance(text, str):
         ids = encode(text)
-    elif isinstance(text, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in text):
-        ids = list(text)
+    elif isinstance(text, (list, tuple)) and all(map(is_int, text)):
+        ids = [int(t) for t in text]
     else:
-        raise EngineError(f"{what} must be a string or a list of token ids, got {type(text).__name__}")
-    vocab = model.config.vocab_size
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise EngineError(f"{what} holds token id {bad}, outside the model's vocabulary [0, {vocab})")
+        raise ParameterError("texts", f"{what} must be a string or a list of token ids, got {type(text).__name__}")
+    check_prompt_ids(ids, model.config.vocab_size, what, "texts", allow_empty=True)
     return ids
 
 
@@ -114,10 +109,10 @@ def score(model: GPT2, texts: str | Sequence[int] | Sequence[str | Sequence[int]
     if isinstance(texts, str) or (isinstance(texts, (list, tuple)) and texts and isinstance(texts[0], int)):
         texts = [texts]
     if not isinstance(texts, (list, tuple)) or not texts:
-        raise EngineError("texts must be a non-empty list of strings or of token-id lists")
+        raise ParameterError("texts", "texts must be a non-empty list of strings or of token-id lists")
     window, stride = check_window(model, window, stride)
     if stride >= window:
-        raise EngineError(f"stride must be < window ({window}) to score every token, got {stride}")
+        raise ParameterError("stride", f"stride must be < window ({window}) to score every token, got {stride}")
     _check_batch_size(batch_size)
     all_ids = [_token_ids(model, t, f"texts[{i}]") for i, t in enumerate(texts)]
     owned = [(i, (ids, w)) for i, ids in enumerate(all_ids) for w in windows(len(ids), window, stride)]

@@ -32,11 +32,11 @@ WARPS = 4       # 8 tokens a thread: an elementwise pass over fp32 rows needs no
 
 # The penalties' per-row controls, in ``apply_penalties``' order (see ``SAMPLING_CONTROLS``).
 PENALTY_CONTROLS = (
-    SamplingControl("repetition_penalty", torch.float32, 1.0, 1.0,
+    SamplingControl("repetition_penalty", torch.float32, 1.0, 1.0, "(0, inf)",
                     "HF's: > 1 discourages tokens of the prompt and output; 1 disables"),
-    SamplingControl("presence_penalty", torch.float32, 0.0, 0.0,
+    SamplingControl("presence_penalty", torch.float32, 0.0, 0.0, "[-2, 2]",
                     "OpenAI's, in [-2, 2]: subtracted once from every token already generated"),
-    SamplingControl("frequency_penalty", torch.float32, 0.0, 0.0,
+    SamplingControl("frequency_penalty", torch.float32, 0.0, 0.0, "[-2, 2]",
                     "OpenAI's, in [-2, 2]: subtracted per occurrence of a generated token"),
 )
 

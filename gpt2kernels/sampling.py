@@ -45,11 +45,13 @@ Param = float | int | torch.Tensor
 class SamplingControl:
     """One sampling control: its name (as ``sample`` and OpenAI's API spell it), the dtype of its
     per-row tensor, the value that turns it off (every entry point's default), the value a free or
-    padding row of a decode batch holds (the cheapest valid one), and a line of help."""
+    padding row of a decode batch holds (the cheapest valid one), its valid values as an interval
+    (for messages; the check itself is ``check_sampling_params`` / ``check_penalties``) and a line of help."""
     name: str
     dtype: torch.dtype
     off: float | int
     free: float | int
+    interval: str
     help: str
 
 
@@ -57,10 +59,10 @@ class SamplingControl:
 # by a test), of ``sample_unchecked`` and of ``sample_next_``. A new control is a row here, a
 # check in ``check_sampling_params`` and its arithmetic in the samplers.
 SAMPLING_CONTROLS = (
-    SamplingControl("temperature", torch.float32, 1.0, 0.0, "0 means greedy"),
-    SamplingControl("top_k", torch.int64, 0, 0, "keep the k likeliest tokens; 0 disables"),
-    SamplingControl("top_p", torch.float64, 1.0, 1.0, "nucleus mass in (0, 1]; 1 disables"),
-    SamplingControl("min_p", torch.float64, 0.0, 0.0,
+    SamplingControl("temperature", torch.float32, 1.0, 0.0, "[0, inf)", "0 means greedy"),
+    SamplingControl("top_k", torch.int64, 0, 0, "[0, 2^63)", "keep the k likeliest tokens; 0 disables"),
+    SamplingControl("top_p", torch.float64, 1.0, 1.0, "(0, 1]", "nucleus mass in (0, 1]; 1 disables"),
+    SamplingControl("min_p", torch.float64, 0.0, 0.0, "[0, 1]",
                     "drop tokens below this fraction of the top token's probability; 0 disables"),
 )
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)

@@ -36,10 +36,12 @@ class EngineLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: dict[int, asyncio.Queue] = {}  # id(request) -> its job's event queue
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start stepping; each step's requests are handed to ``loop``."""
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start stepping; each step's requests are handed to ``loop`` (without one, their text is
+        made on the engine thread and their callbacks run there: an in-process driver)."""
         self._loop = loop
-        self.scheduler.on_step = self._post
+        if loop is not None:
+            self.scheduler.on_step = self._post
         self._thread.start()
 
     def stop(self) -> None:

@@ -8,8 +8,10 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
+from gpt2kernels import PENALTY_CONTROLS, SAMPLING_CONTROLS
 from gpt2kernels.sampling import as_int64
 
+from ..checks import has_type, is_int
 from ..errors import ParameterError
 from ..request import Request, check_max_time, check_seed, sampling_params, stop_strings
 from ..tokenizer import EOT_ID, VOCAB_SIZE, decode, encode
@@ -108,7 +110,7 @@ def _typed(body: dict, name: str, kinds: tuple, default, what: str):
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+    if not has_type(value, kinds):
         raise APIError(400, f"'{name}' must be {what}, got {value!r}", name)
     return value
 
@@ -125,7 +127,7 @@ def _prompts(prompt) -> tuple[list[list[int]], list[str]]:
             # <|endoftext|> in a prompt is the special token, as OpenAI's and HF's tokenizers read it.
             ids.append(encode(p, allow_special=True) or [EOT_ID])
             texts.append(p)
-        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        elif isinstance(p, list) and p and all(map(is_int, p)):
             ids.append(list(p))
             texts.append(decode(p) if all(0 <= t < VOCAB_SIZE for t in p) else "")
         else:
@@ -161,17 +163,15 @@ def parse_completion(body, served_model: str) -> Completion:
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:
         raise APIError(400, "'best_of' is not supported (other than equal to n)", "best_of")
-    number = (int, float)
-    top_k = _typed(body, "top_k", (int,), 0, "an integer >= 0 (0 or -1: off)")
+    controls = {}
+    for c in SAMPLING_CONTROLS + PENALTY_CONTROLS:  # each one by its own name, as vLLM accepts them
+        integer = not c.dtype.is_floating_point
+        controls[c.name] = _typed(body, c.name, (int,) if integer else (int, float), c.off,
+                                  f"{'an integer' if integer else 'a number'} in {c.interval}")
+    if controls["top_k"] == -1:
+        controls["top_k"] = 0  # vLLM's spelling of "off"
     try:
-        sampling = sampling_params(
-            temperature=_typed(body, "temperature", number, 1.0, "a number"),
-            top_k=0 if top_k == -1 else top_k,  # vLLM's spelling of "off"
-            top_p=_typed(body, "top_p", number, 1.0, "a number"),
-            min_p=_typed(body, "min_p", number, 0.0, "a number"),
-            repetition_penalty=_typed(body, "repetition_penalty", number, 1.0, "a number"),
-            presence_penalty=_typed(body, "presence_penalty", number, 0.0, "a number"),
-            frequency_penalty=_typed(body, "frequency_penalty", number, 0.0, "a number"))
+        sampling = sampling_params(**controls)
         stop = stop_strings(body.get("stop"))
         max_time = body.get("max_time")
         check_max_time(max_time)

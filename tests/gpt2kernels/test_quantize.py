@@ -115,11 +115,36 @@ def test_int8_split_k_decode_is_exercised_and_deterministic(device):
     assert all(torch.equal(first, gpt2kernels.linear(x, q, b, "gelu_tanh", weight_scale=scale)) for _ in range(2))
 
 
-def test_int8_opcheck(device):
+def _int8_op_cases(device):
+    """Int8-weight arguments of every op that takes a weight scale, by op name."""
     x, q, scale, b, r = _int8_inputs(3, 80, 96, torch.float32, device, seed=5)
-    opcheck(getattr(torch.ops, NS).linear.default, (x, q, b, "gelu_tanh", r, scale))
     ln = (torch.ones(80, device=device), torch.zeros(80, device=device))
-    opcheck(getattr(torch.ops, NS).ln_linear.default, (x, *ln, q, b, None, 1e-5, scale))
+    q_proj, s_proj = (t.to(device) for t in quantize_int8(torch.randn(80, 96) / 96**0.5))
+    h, d = 2, 16  # C = 32: the QKV projection has 96 outputs
+    xq, qq, sq, bq, _ = _int8_inputs(2, 32, 96, torch.float32, device, seed=6)
+    store = torch.zeros(2, 3, h, 9, d, device=device)
+    lens = torch.tensor([3, 7], dtype=torch.int32, device=device)
+    ln32 = (torch.ones(32, device=device), torch.zeros(32, device=device))
+    return {
+        "linear": (x, q, b, "gelu_tanh", r, scale),
+        "ln_linear": (x, *ln, q, b, None, 1e-5, scale),
+        "gelu_mlp": (x, q, b, q_proj, ln[1], x.clone(), scale, s_proj),
+        "ln_qkv_append": (xq, *ln32, qq, bq, store[0, :2], store[1, :2], lens, 1e-5, sq),
+    }
+
+
+def test_int8_opcheck_of_every_op_with_a_weight_scale(device):
+    """The fakes (torch.compile's shape rules) of int8 calls: a fake lacking the scale broke
+    torch.compile of an int8 triton step. The op list comes from the signatures, so a new op
+    with a scale must join the cases."""
+    import inspect
+
+    with_scale = {name for name in gpt2kernels.__all__ if hasattr(getattr(gpt2kernels, name), "op")
+                  and any(p.endswith("scale") and p != "scale" for p in inspect.signature(getattr(gpt2kernels, name)).parameters)}
+    cases = _int8_op_cases(device)
+    assert with_scale == set(cases)
+    for name, args in cases.items():
+        opcheck(getattr(torch.ops, NS).__getattr__(name).default, args)
 
 
 @pytest.mark.parametrize("call,match", [

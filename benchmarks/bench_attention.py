@@ -104,11 +104,13 @@ def main(argv=None):
                         notes="fp16, D=64. Prefill is causal (TFLOP/s count the causal half); decode has every row "
                               "at length T (GB/s = K+V bytes / time).")
     pre = [r for r in rows if r["kind"] == "prefill"]
-    bar_plot(out / "attention_prefill.png", "causal prefill, fp16, D=64", [f"B{r['B']} H{r['H']} T{r['T']}" for r in pre],
+    bar_plot(out / "attention_prefill.png", "causal prefill, fp16, D=64",
+             [f"B{r['B']} H{r['H']} T{r['T']}" for r in pre],
              {k: [r[f"{k}_tflops"] for r in pre] for k in ("ours", "sdpa_flash", "sdpa_math", "eager")}, "TFLOP/s")
     dec = [r for r in rows if r["kind"] == "decode"]
     bar_plot(out / "attention_decode.png", f"decode, fp16, D=64 (copy {roof:.0f} GB/s)",
-             [f"B{r['B']} T{r['T']}" for r in dec], {k: [r[f"{k}_gbps"] for r in dec] for k in ("ours", "sdpa", "eager")},
+             [f"B{r['B']} T{r['T']}" for r in dec],
+             {k: [r[f"{k}_gbps"] for r in dec] for k in ("ours", "sdpa", "eager")},
              "GB/s")
     print(f"results written to {out}")
 

@@ -5,9 +5,9 @@
 
 Per width and batch, one decode step through one layer (a new token per row over a cache holding
 ``--kv-len`` tokens), three ways:
-- ``fused``: ``engine.model.decode_layer``, what ``GPT2.decode`` runs, on the triton backend: ``ln_qkv_append`` (LayerNorm + QKV +
-  cache write), ``decode_attention``, c_proj + residual, ``ln_linear`` (LayerNorm + c_fc + GELU),
-  MLP c_proj + residual: five kernels;
+- ``fused``: ``engine.model.decode_layer``, what ``GPT2.decode`` runs, on the triton backend:
+  ``ln_qkv_append`` (LayerNorm + QKV + cache write), ``decode_attention``, c_proj + residual,
+  ``ln_linear`` (LayerNorm + c_fc + GELU), MLP c_proj + residual: five kernels;
 - ``unfused``: the same math through the separate kernels the prefill path uses: ``layer_norm``,
   ``linear``, an ``index_put`` per cache, ``decode_attention``, ``linear``, ``add_layer_norm``,
   ``gelu_mlp`` (two linears), ``add_layer_norm``;
@@ -54,7 +54,8 @@ def unfused_layer(x, blk, k_cache, v_cache, lens, h, eps=1e-5):
     b, c = x.shape
     rows, pos = torch.arange(b, device=x.device), lens.long() - 1
     attn, mlp = blk.attn, blk.mlp
-    qkv = gpt2kernels.linear(gpt2kernels.layer_norm(x, blk.ln_1.weight, blk.ln_1.bias, eps), attn.c_attn.weight, attn.c_attn.bias)
+    qkv = gpt2kernels.linear(gpt2kernels.layer_norm(x, blk.ln_1.weight, blk.ln_1.bias, eps), attn.c_attn.weight,
+                             attn.c_attn.bias)
     q, k, v = qkv.view(b, 3, h, c // h).unbind(1)
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
@@ -95,7 +96,8 @@ def kernel_fns(blocks, caches, x, lens, h) -> dict:
         "attn_c_proj": (lambda: [TRITON.linear(o, blk.attn.c_proj.weight, blk.attn.c_proj.bias, residual=x)
                                  for blk in blocks], c * c * e),
         "ln_c_fc_gelu": (lambda: [TRITON.ln_linear(x, blk.ln_2.weight, blk.ln_2.bias, blk.mlp.c_fc.weight,
-                                                   blk.mlp.c_fc.bias, "gelu_tanh", EPS) for blk in blocks], 4 * c * c * e),
+                                                   blk.mlp.c_fc.bias, "gelu_tanh", EPS) for blk in blocks],
+                         4 * c * c * e),
         "mlp_c_proj": (lambda: [TRITON.linear(mid, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias, residual=x)
                                 for blk in blocks], 4 * c * c * e),
     }
@@ -130,7 +132,8 @@ def main(argv=None):
                      "eager": lambda blk, kc, vc, y: decode_layer(EAGER, blk, y, kc, vc, lens, h, EPS)}
             want = layer["eager"](blocks[0], *caches["eager"][0], x).float()
             for name in ("fused", "unfused"):
-                torch.testing.assert_close(layer[name](blocks[0], *caches[name][0], x).float(), want, atol=5e-2, rtol=5e-2)
+                torch.testing.assert_close(layer[name](blocks[0], *caches[name][0], x).float(), want, atol=5e-2,
+                                           rtol=5e-2)
 
             def stack(name):
                 def run():
@@ -141,7 +144,8 @@ def main(argv=None):
                 return run
 
             t = {name: graph_bench(stack(name), device, **reps)["ms"] / layers for name in layer}
-            host = bench(stack("fused"), device, **reps)["ms"] / layers  # through Python, as the triton backend without graphs
+            # through Python, as the triton backend without graphs
+            host = bench(stack("fused"), device, **reps)["ms"] / layers
             nbytes = layer_bytes(c, batch, kv_len, x.element_size())
             row = {"model": model, "C": c, "batch": batch, "kv_len": kv_len,
                    **{f"{name}_us": v * 1e3 for name, v in t.items()}, "fused_python_us": host * 1e3,

@@ -70,9 +70,11 @@ def main(argv=None):
 
     if interpreted(device):
         return
-    cols = ["op", "dtype", "rows", "width", "ours_ms", "eager_ms", "ours_gbps", "eager_gbps", "ours_pct_copy", "speedup"]
+    cols = ["op", "dtype", "rows", "width", "ours_ms", "eager_ms", "ours_gbps", "eager_gbps", "ours_pct_copy",
+            "speedup"]
     out = write_results("layernorm", device, results, cols, {"copy_gbps": roof},
-                        notes="GB/s = bytes moved / median time (do_bench). ours_pct_copy: share of the measured copy bandwidth.")
+                        notes="GB/s = bytes moved / median time (do_bench). ours_pct_copy: share of the measured "
+                              "copy bandwidth.")
     big = [r for r in results if r["rows"] == max(rows)]
     labels = [f"{r['op'].replace('layer_norm', 'ln')} {r['dtype']} {r['width']}" for r in big]
     bar_plot(out / "layernorm.png", f"LayerNorm at {max(rows)} rows (copy roofline {roof:.0f} GB/s)", labels,

@@ -46,7 +46,8 @@ def eager(x, w, b, act, r):
 
 
 def main(argv=None):
-    args, device, smoke = parse(__doc__, argv, lambda p: p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"]))
+    args, device, smoke = parse(__doc__, argv,
+                                lambda p: p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"]))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if smoke:
         models, rows, vocab = {"tiny": 96}, [1, 33], 1000
@@ -87,7 +88,8 @@ def main(argv=None):
         f = 4 * c
         for m in rows:
             x, r = rand(m, c, seed=m), rand(m, c, seed=m + 1)
-            fc_w, fc_b, pw, pb = rand(f, c, seed=1, scale=c**-0.5), rand(f, seed=2), rand(c, f, seed=3, scale=f**-0.5), rand(c, seed=4)
+            fc_w, fc_b = rand(f, c, seed=1, scale=c**-0.5), rand(f, seed=2)
+            pw, pb = rand(c, f, seed=3, scale=f**-0.5), rand(c, seed=4)
             fns = {"ours": lambda: gpt2kernels.gelu_mlp(x, fc_w, fc_b, pw, pb, r),
                    "eager": lambda: F.linear(F.gelu(F.linear(x, fc_w, fc_b), approximate="tanh"), pw, pb) + r,
                    "cublas": lambda: F.linear(F.linear(x, fc_w, fc_b), pw, pb)}

@@ -49,7 +49,8 @@ def main(argv=None):
                    "torch_multinomial": lambda: torch.multinomial(torch.softmax(logits / 0.8, -1), 1)}
             row = {"batch": batch, "setting": name}
             for impl, fn in fns.items():
-                row[f"{impl}_us"] = bench(fn, device, warmup=1 if args.smoke else 3, reps=3 if args.smoke else 20)["ms"] * 1e3
+                row[f"{impl}_us"] = bench(fn, device, warmup=1 if args.smoke else 3,
+                                          reps=3 if args.smoke else 20)["ms"] * 1e3
             row["speedup_vs_sort"] = row["torch_sort_us"] / row["ours_us"]
             rows.append(row)
             print_row(row)

@@ -120,7 +120,8 @@ class HF:
 
         dtype = DTYPES[dtype_name][0]
         self.impl, self.dtype, self.device = impl, dtype_name, device
-        self.model, self.load_s = wall(lambda: GPT2LMHeadModel.from_pretrained(ckpt, dtype=dtype).to(device).eval(), device)
+        self.model, self.load_s = wall(lambda: GPT2LMHeadModel.from_pretrained(ckpt, dtype=dtype).to(device).eval(),
+                                       device)
         self.kwargs = {}
         if impl == "hf static+compile":  # HF's documented recipe for a static cache with a compiled forward
             self.kwargs = {"cache_implementation": "static"}
@@ -227,7 +228,8 @@ def _has_ctranslate2() -> bool:
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(engine.CONFIGS) if cuda else ["gpt2"], choices=list(engine.CONFIGS))
+    p.add_argument("--models", nargs="+", default=list(engine.CONFIGS) if cuda else ["gpt2"],
+                   choices=list(engine.CONFIGS))
     p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"] if cuda else ["fp32", "fp16", "bf16", "int8"],
                    choices=list(DTYPES), help="the first is the reference of greedy_same_as_ref")
     p.add_argument("--impls", nargs="+", default=CUDA_IMPLS if cuda else CPU_IMPLS, choices=CUDA_IMPLS + CPU_IMPLS)

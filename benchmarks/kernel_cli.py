@@ -37,9 +37,11 @@ def print_row(row: dict) -> None:
 
 
 def interpreted(device: torch.device, quiet: bool = False) -> bool:
-    """True (after saying so, unless ``quiet``) when the kernels ran in the interpreter and timings must not be written."""
+    """True (after saying so, unless ``quiet``) when the kernels ran in the interpreter and timings must not be
+    written."""
     if device.type == "cpu":
         if not quiet:
-            print("CPU run: kernels ran in the Triton interpreter; timings are not performance figures, nothing written")
+            print("CPU run: kernels ran in the Triton interpreter; timings are not performance figures, "
+                  "nothing written")
         return True
     return False

@@ -35,7 +35,8 @@ def device_slug(device: torch.device | str) -> str:
 
 
 def environment(device: torch.device | str) -> dict:
-    env = {"device": device_name(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    env = {"device": device_name(device),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "python": platform.python_version()}
     try:
         import triton

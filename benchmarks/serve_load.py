@@ -205,7 +205,8 @@ def main(argv=None) -> None:
         loop.stop()
     agg = {(r["path"], r["clients"]): r["out_tok_per_s"] for r in rows}
     n = args.clients
-    extra = {"model": args.model, "dtype": str(model.dtype), "backend": model.backend, "threads": torch.get_num_threads(),
+    extra = {"model": args.model, "dtype": str(model.dtype), "backend": model.backend,
+             "threads": torch.get_num_threads(),
              "clients": n, "requests_per_client": args.requests, "prompt_tokens": args.prompt_tokens,
              "max_tokens": args.max_tokens, "cuda_graph": scheduler.cuda_graph,
              "aggregate_over_single_stream_http": agg["http", n] / agg["http", 1],

@@ -117,7 +117,8 @@ class Ops:
     attention: Callable         # (q, k, v, causal=True) -> o, prefill
     # decode: one new token per row
     decode_embed: Callable      # (tokens, cache_lens, wte, wpe) -> x, and cache_lens += 1
-    ln_qkv_append: Callable     # (x, ln_w, ln_b, w, b, k_cache, v_cache, cache_lens, eps, weight_scale) -> q; writes k, v
+    # (x, ln_w, ln_b, w, b, k_cache, v_cache, cache_lens, eps, weight_scale) -> q; writes k, v
+    ln_qkv_append: Callable
     ln_linear: Callable         # (x, ln_w, ln_b, w, b, activation, eps, weight_scale) -> y
     decode_attention: Callable  # (q, k_cache, v_cache, cache_lens) -> o
     # before the sampler, in steps whose batch has penalties

@@ -137,7 +137,8 @@ def _control_parser(control):
     import gpt2kernels
 
     flag, integer = "--" + control.name.replace("_", "-"), not control.dtype.is_floating_point
-    check = gpt2kernels.check_penalties if control in gpt2kernels.PENALTY_CONTROLS else gpt2kernels.check_sampling_params
+    penalty = control in gpt2kernels.PENALTY_CONTROLS
+    check = gpt2kernels.check_penalties if penalty else gpt2kernels.check_sampling_params
 
     def parse(text):
         kind = "an integer" if integer else "a number"

@@ -203,7 +203,8 @@ def _summary(args, model, prompt: str, seed: int, outputs: list, total_seconds: 
 
 
 def _stats_line(s: dict) -> str:
-    dtype = s["dtype"] + (f" ({s['dtype_reason']})" if s["dtype_reason"] != "requested" and s["device"] == "cpu" else "")
+    explained = s["dtype_reason"] != "requested" and s["device"] == "cpu"
+    dtype = s["dtype"] + (f" ({s['dtype_reason']})" if explained else "")
     weights = f"{s['quantize']} weights, {dtype}" if s["quantize"] else dtype
     where = f"{s['layers']}L/{s['width']}d {weights} {s['device']} {s['backend']}"
     where += "+graph" if s["cuda_graph"] else ""

@@ -140,7 +140,8 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
     def streamer(r):
         return None if on_text is None else lambda piece: on_text(r, piece)
 
-    seqs = [Request(ids, max_new_tokens, replace(sampling, seed=as_int64(s)), stop_at_eos, on_text=streamer(r), stop=stops,
+    seqs = [Request(ids, max_new_tokens, replace(sampling, seed=as_int64(s)), stop_at_eos, on_text=streamer(r),
+                    stop=stops,
                     max_time=max_time, keep_text=is_text, logprobs=want_logprobs)
             for r, (ids, s) in enumerate(zip(rows, seeds))]
     scheduler = scheduler_for(model)

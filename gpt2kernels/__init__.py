@@ -15,7 +15,8 @@ from .penalties import PENALTY_CONTROLS, apply_penalties, apply_penalties_ref, c
 from .sampling import SAMPLING_CONTROLS, SamplingControl, check_sampling_params, sample, sample_ref
 
 __all__ = [
-    "PENALTY_CONTROLS", "SAMPLING_CONTROLS", "SamplingControl", "add_layer_norm", "add_layer_norm_ref", "apply_penalties", "apply_penalties_ref", "check_penalties",
+    "PENALTY_CONTROLS", "SAMPLING_CONTROLS", "SamplingControl", "add_layer_norm", "add_layer_norm_ref",
+    "apply_penalties", "apply_penalties_ref", "check_penalties",
     "check_sampling_params", "cross_entropy", "cross_entropy_ref", "decode_attention", "decode_attention_ref",
     "decode_embed", "decode_embed_ref", "dequantize_int8",
     "flash_attention", "flash_attention_ref", "layer_norm",

@@ -30,7 +30,8 @@ from typing import Any, Iterator
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns unless the (default) choice is explicit
 
-MODULES = ["gpt2kernels.embedding", "gpt2kernels.layernorm", "gpt2kernels.linear", "gpt2kernels.attention", "gpt2kernels.penalties",
+MODULES = ["gpt2kernels.embedding", "gpt2kernels.layernorm", "gpt2kernels.linear", "gpt2kernels.attention",
+           "gpt2kernels.penalties",
            "gpt2kernels.loss"]
 ARCHS = (80, 90)
 GPT2_SIZES = ((768, 12), (1024, 16), (1280, 20), (1600, 25))  # (n_embd, n_head): gpt2 ... gpt2-xl, head dim 64
@@ -192,7 +193,8 @@ def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
         gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(src), "-o", str(src.with_suffix(".cubin"))],
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(src), "-o",
+                              str(src.with_suffix(".cubin"))],
                              capture_output=True, text=True, check=True).stderr
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return {"FRAME": int(frame[1]), "SPILL": int(frame[2]) + int(frame[3])} if frame else {}
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
         results = pool.map(_compile_one, range(len(_JOBS)), chunksize=4)
     failures = 0
-    which = "every kernel variant" if args.subset is None else f"a subset ({args.subset} per arch) of the kernel variants"
+    which = "every kernel variant" if args.subset is None else \
+        f"a subset ({args.subset} per arch) of the kernel variants"
     print(f"# python -m gpt2kernels.aot, {datetime.date.today()}, triton {triton.__version__}, ahead of time (no GPU): "
           f"{which} the launchers produce at GPT-2 shapes, as the JIT specialises them")
     print(f"{'sm':>3} {'REG':>4} {'SHARED':>7} {'STACK':>5} {'SPILL':>5} {'LOCAL':>5}  kernel variant")
@@ -265,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         spills = r.get("LOCAL", 0) > 0 or r.get("SPILL", 0) > 0
         failures += spills
-        print(f"{job.arch:>3} {r.get('REG', -1):>4} {max(r.get('SHARED', 0), r['shared_meta']):>7} {r.get('STACK', 0):>5} "
+        shared = max(r.get("SHARED", 0), r["shared_meta"])
+        print(f"{job.arch:>3} {r.get('REG', -1):>4} {shared:>7} {r.get('STACK', 0):>5} "
               f"{r.get('SPILL', 0):>5} {r.get('LOCAL', 0):>5}  {job.label}" + ("  SPILLS" if spills else ""))
     print(f"{len(_JOBS)} compiles, {failures} failure(s)")
     return 1 if failures else 0

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from ._ops import arrival_counters, check_tensor, dot_precision, kernel_op, sm_count
 
-HEAD_DIMS = (32, 64, 80, 128)  # any D up to 128 works; these (one per block size and alignment) are compiled ahead of time
+# any D up to 128 works; these (one per block size and alignment) are compiled ahead of time
+HEAD_DIMS = (32, 64, 80, 128)
 MAX_HEAD_DIM = 128
 MAX_DECODE_QUERIES = 16
 LOG2E = 1.4426950408889634

@@ -400,7 +400,8 @@ def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, targets: Tensor, bi
 
 
 def aot_launches() -> None:
-    """The kernel at GPT-2's vocabulary, fp16/bf16/fp32 logits, with and without the gradient. For ``gpt2kernels.aot``."""
+    """The kernel at GPT-2's vocabulary, fp16/bf16/fp32 logits, with and without the gradient. For
+    ``gpt2kernels.aot``."""
     from .aot import GPT2_VOCAB
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -196,7 +196,8 @@ def test_graph_replay_equals_the_eager_step(small_vocab_checkpoint, backend):
         plain.step()
         assert torch.equal(graphed.tokens[:3], plain.tokens[:3])
     layer_k = graphed.cache.k[:, :3, :, :60]
-    assert torch.equal(layer_k, plain.cache.k[:, :3, :, :60]) and torch.equal(graphed.cache.cache_lens[:3], plain.cache.cache_lens)
+    assert torch.equal(layer_k, plain.cache.k[:, :3, :, :60]) and torch.equal(graphed.cache.cache_lens[:3],
+                                                                              plain.cache.cache_lens)
 
 
 @pytest.mark.gpu

@@ -30,7 +30,8 @@ def test_requests_joining_mid_flight_get_the_tokens_they_get_alone(model):
         (engine.encode("Once upon a time there was"), 3, SamplingParams(temperature=1.0, top_p=0.9, seed=7)),
         (engine.encode("A"), 14, SamplingParams(temperature=0.8, min_p=0.05, seed=8)),
         (engine.encode("The cat"), 5, SamplingParams(temperature=1.0, repetition_penalty=1.3, seed=9)),
-        (engine.encode("Zebra"), 6, SamplingParams(temperature=0.9, presence_penalty=1.0, frequency_penalty=0.5, seed=1)),
+        (engine.encode("Zebra"), 6, SamplingParams(temperature=0.9, presence_penalty=1.0, frequency_penalty=0.5,
+                                                   seed=1)),
     ]
     requests = [Request(p, n, s, stop_at_eos=False) for p, n, s in specs]
     sched.submit(requests[:2])

@@ -239,7 +239,8 @@ def test_the_command_serves_and_reports_mistakes_in_one_line(tiny_checkpoint):
         proc.wait(timeout=30)
     started = [line for line in proc.stderr.read().splitlines() if line.startswith("serving")]
     assert started == [f"serving {tiny_checkpoint} (2L/96d int8 weights, float32 cpu eager, batch 2, KV cache "
-                       f"0.4 MB for 2 x 128 positions) on http://127.0.0.1:{port}"], started  # the dtype and quantisation as generate says them
+                       # the dtype and quantisation as generate says them
+                       f"0.4 MB for 2 x 128 positions) on http://127.0.0.1:{port}"], started
     bad = subprocess.run([sys.executable, "-m", "engine.serve", "--model", "gpt5"], cwd=root, capture_output=True,
                          text=True, timeout=120)
     lines = [line for line in bad.stderr.splitlines() if line.strip()]

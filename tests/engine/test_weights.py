@@ -128,8 +128,10 @@ def test_untied_lm_head_is_loaded(tmp_path, tiny_checkpoint, hf_model):
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda s: s.pop("transformer.h.1.mlp.c_fc.bias"), r"missing tensor h\.1\.mlp\.c_fc\.bias \(expected shape \[384\]\)"),
-    (lambda s: s.__setitem__("transformer.h.0.extra", torch.zeros(3)), r"unexpected tensor h\.0\.extra with shape \[3\]"),
+    (lambda s: s.pop("transformer.h.1.mlp.c_fc.bias"),
+     r"missing tensor h\.1\.mlp\.c_fc\.bias \(expected shape \[384\]\)"),
+    (lambda s: s.__setitem__("transformer.h.0.extra", torch.zeros(3)),
+     r"unexpected tensor h\.0\.extra with shape \[3\]"),
     (lambda s: s.__setitem__("transformer.h.0.attn.c_attn.weight", torch.zeros(288, 96)),
      r"h\.0\.attn\.c_attn\.weight has shape \[288, 96\], expected \[96, 288\]"),
     (lambda s: s.__setitem__("lm_head.weight", torch.zeros(50257, 95)),
@@ -219,7 +221,8 @@ def _offline_hub_cache(monkeypatch, cache):
 
 def test_hub_name_offline_and_uncached_is_clear(tmp_path, monkeypatch):
     _offline_hub_cache(monkeypatch, tmp_path)
-    with pytest.raises(CheckpointError, match=r"'openai-community/gpt2-medium' is not in the local Hugging Face cache.*random:gpt2"):
+    with pytest.raises(CheckpointError,
+                       match=r"'openai-community/gpt2-medium' is not in the local Hugging Face cache.*random:gpt2"):
         load_state_dict("gpt2-medium")
 
 

@@ -11,7 +11,8 @@ from gpt2kernels._ops import NS
 
 from .helpers import assert_close_to, poison_empty
 
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]  # interpreter: no bf16 tl.dot
+# interpreter: no bf16 tl.dot
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
@@ -46,7 +47,8 @@ def test_prefill_causal(t, d, dtype, device, monkeypatch):
 @pytest.mark.parametrize("causal", [True, False])
 def test_prefill_fewer_queries_than_keys(tq, tk, causal, device):
     dtype = torch.float16
-    q, k, v = _rand((1, 2, tq, 64), dtype, device, 1), _rand((1, 2, tk, 64), dtype, device, 2), _rand((1, 2, tk, 64), dtype, device, 3)
+    q = _rand((1, 2, tq, 64), dtype, device, 1)
+    k, v = _rand((1, 2, tk, 64), dtype, device, 2), _rand((1, 2, tk, 64), dtype, device, 3)
     mask = _causal_mask(tq, tk, device) if causal else torch.ones(1, 1, tq, tk, dtype=torch.bool, device=device)
     assert_close_to(gpt2kernels.flash_attention(q, k, v, causal=causal), _reference(q, k, v, mask), TOL[dtype])
 
@@ -131,13 +133,18 @@ def test_opcheck(device):
     (lambda q, k, v, lens: gpt2kernels.flash_attention(q[..., :0], k[..., :0], v[..., :0]), "head dim D = 0"),
     (lambda q, k, v, lens: gpt2kernels.flash_attention(_rand((2, 2, 8, 256), torch.float32, "cpu", 0).to(q.device),
                                                 _rand((2, 2, 8, 256), torch.float32, "cpu", 1).to(q.device),
-                                                _rand((2, 2, 8, 256), torch.float32, "cpu", 2).to(q.device)), "D = 256"),
+                                                _rand((2, 2, 8, 256), torch.float32, "cpu", 2).to(q.device)),
+     "D = 256"),
     (lambda q, k, v, lens: gpt2kernels.flash_attention(q, k[:, :, :4], v[:, :, :4]), "Tq <= Tk"),
     (lambda q, k, v, lens: gpt2kernels.flash_attention(q, k.half(), v), "k has dtype torch.float16"),
-    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens + 1), r"cache_lens must be in .* = \[1, 8\]"),
-    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens * 0), r"cache_lens must be in .* = \[1, 8\]"),
-    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens.long()), "cache_lens has dtype torch.int64"),
-    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens[:1]), r"cache_lens has shape \[1\], expected \[2\]"),
+    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens + 1),
+     r"cache_lens must be in .* = \[1, 8\]"),
+    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens * 0),
+     r"cache_lens must be in .* = \[1, 8\]"),
+    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens.long()),
+     "cache_lens has dtype torch.int64"),
+    (lambda q, k, v, lens: gpt2kernels.decode_attention(q[:, :, :1], k, v, lens[:1]),
+     r"cache_lens has shape \[1\], expected \[2\]"),
     (lambda q, k, v, lens: gpt2kernels.decode_attention(torch.cat([q] * 3, 2), k, v, lens), "1 to 16 queries"),
 ])
 def test_bad_input(call, match, device):

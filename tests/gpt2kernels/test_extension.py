@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_build_for_another_python_is_not_loaded(tmp_path):
-    other = "_C.cpython-39-x86_64-linux-gnu.so" if sys.version_info[:2] != (3, 9) else "_C.cpython-312-x86_64-linux-gnu.so"
+    other = "_C.cpython-39-x86_64-linux-gnu.so" if sys.version_info[:2] != (3, 9) else \
+        "_C.cpython-312-x86_64-linux-gnu.so"
     (tmp_path / other).write_bytes(b"")
     assert _extension.built_library(tmp_path) is None
     mine = tmp_path / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"

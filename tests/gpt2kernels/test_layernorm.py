@@ -99,7 +99,8 @@ def test_torch_compile_traces_through(device):
     (lambda x, r, w, b: gpt2kernels.layer_norm(x, w[:-1], b), r"weight has shape \[63\], expected \[64\]"),
     (lambda x, r, w, b: gpt2kernels.layer_norm(x, w, b.repeat(2)), r"bias has shape \[128\], expected \[64\]"),
     (lambda x, r, w, b: gpt2kernels.layer_norm(x.to(torch.int32), w, b), "x has dtype torch.int32"),
-    (lambda x, r, w, b: gpt2kernels.add_layer_norm(x, r[:2], w, b), r"residual has shape \[2, 64\], expected \[4, 64\]"),
+    (lambda x, r, w, b: gpt2kernels.add_layer_norm(x, r[:2], w, b),
+     r"residual has shape \[2, 64\], expected \[4, 64\]"),
     (lambda x, r, w, b: gpt2kernels.add_layer_norm(x, r.half(), w, b), "residual has dtype torch.float16"),
     (lambda x, r, w, b: gpt2kernels.layer_norm(x.t(), w, b), "contiguous in its last dim"),
     # A mixed-device call dispatches on the "highest" device; the launcher must refuse it.

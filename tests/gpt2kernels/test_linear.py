@@ -52,8 +52,11 @@ def test_gelu_mlp(dtype, device, monkeypatch):
     g = torch.Generator().manual_seed(1)
     c, f = 96, 384
     x = torch.randn(2, 5, c, generator=g).to(device, dtype)
-    fc_w, proj_w = (torch.randn(f, c, generator=g) / c**0.5).to(device, dtype), (torch.randn(c, f, generator=g) / f**0.5).to(device, dtype)
-    fc_b, proj_b, r = (0.1 * torch.randn(f, generator=g)).to(device, dtype), (0.1 * torch.randn(c, generator=g)).to(device, dtype), torch.randn(2, 5, c, generator=g).to(device, dtype)
+    fc_w = (torch.randn(f, c, generator=g) / c**0.5).to(device, dtype)
+    proj_w = (torch.randn(c, f, generator=g) / f**0.5).to(device, dtype)
+    fc_b = (0.1 * torch.randn(f, generator=g)).to(device, dtype)
+    proj_b = (0.1 * torch.randn(c, generator=g)).to(device, dtype)
+    r = torch.randn(2, 5, c, generator=g).to(device, dtype)
     want = gelu_mlp_ref(*(t.double() for t in (x, fc_w, fc_b, proj_w, proj_b, r)))
     poison_empty(monkeypatch)
     got = gpt2kernels.gelu_mlp(x, fc_w, fc_b, proj_w, proj_b, r)
@@ -93,7 +96,8 @@ def test_opcheck(device):
 @pytest.mark.parametrize("call,match", [
     (lambda x, w, b, r: gpt2kernels.linear(x, w[:, :-1]), r"x has shape \[3, 80\] but weight has shape \[96, 79\]"),
     (lambda x, w, b, r: gpt2kernels.linear(x, w, b[:-1]), r"bias has shape \[95\], expected \[96\]"),
-    (lambda x, w, b, r: gpt2kernels.linear(x, w, b, None, r[:, :5]), r"residual has shape \[3, 5\], expected \[3, 96\]"),
+    (lambda x, w, b, r: gpt2kernels.linear(x, w, b, None, r[:, :5]),
+     r"residual has shape \[3, 5\], expected \[3, 96\]"),
     (lambda x, w, b, r: gpt2kernels.linear(x, w.half()), "weight has dtype torch.float16, expected torch.float32"),
     (lambda x, w, b, r: gpt2kernels.linear(x.long(), w.long()), "x has dtype torch.int64"),
     (lambda x, w, b, r: gpt2kernels.linear(x, w, b, "relu"), "activation must be one of"),
@@ -193,14 +197,17 @@ def test_fused_ops_opcheck(device):
     opcheck(getattr(torch.ops, NS).ln_linear.default, (x, ln_w, ln_b, w))
     x, ln_w, ln_b, w, bias, store, lens = _qkv_case(2, 2, 32, 9, torch.float32, device, seed=13)
     store.zero_()
-    opcheck(getattr(torch.ops, NS).ln_qkv_append.default, (x, ln_w, ln_b, w, bias, store[0, 0, :2], store[1, 0, :2], lens))
+    opcheck(getattr(torch.ops, NS).ln_qkv_append.default, (x, ln_w, ln_b, w, bias, store[0, 0, :2], store[1, 0, :2],
+                                                           lens))
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: gpt2kernels.ln_linear(x, ln_w[:-1], ln_b, w), r"ln_weight has shape \[63\], expected \[64\]"),
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: gpt2kernels.ln_linear(x, ln_w[:-1], ln_b, w),
+     r"ln_weight has shape \[63\], expected \[64\]"),
     (lambda x, ln_w, ln_b, w, b, kc, vc, lens: gpt2kernels.ln_qkv_append(x, ln_w, ln_b, w[:-1], b[:-1], kc, vc, lens),
      r"the fused QKV projection needs N = 3 \* C = 192"),
-    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: gpt2kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc[:, :1], vc[:, :1], lens),
+    (lambda x, ln_w, ln_b, w, b, kc, vc, lens: gpt2kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc[:, :1], vc[:, :1],
+                                                                         lens),
      r"k_cache has shape \[2, 1, 9, 32\]: expected \(B, H, max_len, D\) with B = 2 and H \* D = C = 64"),
     (lambda x, ln_w, ln_b, w, b, kc, vc, lens: gpt2kernels.ln_qkv_append(x, ln_w, ln_b, w, b, kc, vc, lens.long()),
      "cache_lens has dtype torch.int64"),
@@ -225,7 +232,8 @@ def test_split_k_is_deterministic_and_rearms_its_counters(device):
     assert not arrival_counters(device, 4096).any()
 
 
-@pytest.mark.parametrize("n,k", [pytest.param(n, k, marks=[pytest.mark.gpu] if n == 50257 else [])  # lm_head: 40 s interpreted
+# lm_head: 40 s interpreted
+@pytest.mark.parametrize("n,k", [pytest.param(n, k, marks=[pytest.mark.gpu] if n == 50257 else [])
                                  for n, k in DECODE_TUNED])
 def test_measured_decode_tiles(n, k, device, monkeypatch):
     """The tiles DECODE_TUNED picks for gpt2's shapes (wide K blocks, split-K 1 or 8) compute the same
@@ -236,9 +244,11 @@ def test_measured_decode_tiles(n, k, device, monkeypatch):
     residual = r if n <= k else None  # the two c_proj layers
     poison_empty(monkeypatch)
     got = gpt2kernels.linear(x, w, b, act, residual)
-    assert_close_to(got, linear_ref(x.double(), w.double(), b.double(), act, residual.double() if residual is not None else None),
+    assert_close_to(got, linear_ref(x.double(), w.double(), b.double(), act,
+                                    residual.double() if residual is not None else None),
                     TOLS[torch.float16])
-    assert_close_to(gpt2kernels.ln_linear(x, ln_w, ln_b, w, b, act), _ln_oracle(x, ln_w, ln_b, w, b, act), TOLS[torch.float16])
+    assert_close_to(gpt2kernels.ln_linear(x, ln_w, ln_b, w, b, act), _ln_oracle(x, ln_w, ln_b, w, b, act),
+                    TOLS[torch.float16])
 
 
 @pytest.mark.parametrize("c", [768, 1024, 1280, 1600])

@@ -139,8 +139,11 @@ def test_int8_opcheck_of_every_op_with_a_weight_scale(device):
     with a scale must join the cases."""
     import inspect
 
+    def takes_a_weight_scale(fn):
+        return any(p.endswith("scale") and p != "scale" for p in inspect.signature(fn).parameters)
+
     with_scale = {name for name in gpt2kernels.__all__ if hasattr(getattr(gpt2kernels, name), "op")
-                  and any(p.endswith("scale") and p != "scale" for p in inspect.signature(getattr(gpt2kernels, name)).parameters)}
+                  and takes_a_weight_scale(getattr(gpt2kernels, name))}
     cases = _int8_op_cases(device)
     assert with_scale == set(cases)
     for name, args in cases.items():
@@ -150,7 +153,8 @@ def test_int8_opcheck_of_every_op_with_a_weight_scale(device):
 @pytest.mark.parametrize("call,match", [
     (lambda x, q, s, w: gpt2kernels.linear(x, q), "weight is int8 but weight_scale is None"),
     (lambda x, q, s, w: gpt2kernels.linear(x, w, weight_scale=s), "weight_scale was given but weight has dtype"),
-    (lambda x, q, s, w: gpt2kernels.linear(x, q, weight_scale=s[:-1]), r"weight_scale has shape \[95\], expected \[96\]"),
+    (lambda x, q, s, w: gpt2kernels.linear(x, q, weight_scale=s[:-1]),
+     r"weight_scale has shape \[95\], expected \[96\]"),
     (lambda x, q, s, w: gpt2kernels.linear(x, q, weight_scale=s.half()), "weight_scale has dtype torch.float16"),
     (lambda x, q, s, w: gpt2kernels.linear(x, q.to(torch.uint8), weight_scale=s),
      "weight has dtype torch.uint8, expected torch.float32"),

@@ -18,7 +18,7 @@ import argparse
 import torch
 
 import engine
-from engine.cache import KVCache
+from engine.model.cache import KVCache
 
 from .report import write_results
 

@@ -26,8 +26,8 @@ import torch
 from .kernel_cli import interpreted, parse, print_row  # first: it sets up the interpreter before gpt2kernels loads
 
 import gpt2kernels
-from engine.backends import EAGER, TRITON
-from engine.config import GPT2Config
+from engine.model.backends import EAGER, TRITON
+from engine.model.config import GPT2Config
 from engine.model import Block, decode_layer
 
 from .report import bar_plot, write_results

@@ -46,7 +46,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import transformers
 
-    from engine.config import CONFIGS
+    from engine.model.config import CONFIGS
 
     cfg = CONFIGS[args.model]
     torch.manual_seed(0)

@@ -36,8 +36,8 @@ import torch
 from safetensors.torch import save_file
 
 import engine
-from engine.runner import runner_for
-from engine.weights import random_hf_state_dict
+from engine.core.runner import runner_for
+from engine.model.weights import random_hf_state_dict
 
 from .report import bar_plot, device_slug, write_results
 from .roofline import roofline

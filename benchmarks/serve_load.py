@@ -146,7 +146,7 @@ def http_phase(args, clients: int) -> dict:
 
 # --- in-process, no HTTP ---------------------------------------------------------------------------
 def api_phase(args, clients: int, scheduler) -> dict:
-    from engine.request import Request, SamplingParams
+    from engine.core.request import Request, SamplingParams
 
     def one(c, r):
         done = threading.Event()
@@ -183,7 +183,7 @@ def main(argv=None) -> None:
         args.clients, args.requests, args.max_tokens, args.prompt_tokens = 2, 1, 4, 5
 
     import engine
-    from engine.scheduler import Scheduler
+    from engine.core.scheduler import Scheduler
     from engine.serve.loop import EngineLoop
 
     rows = []

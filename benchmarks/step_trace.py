@@ -143,8 +143,8 @@ def kernel_budget(model, batch: int, penalized: bool = False) -> dict:
     Without a GPU the Triton launches are recorded, not interpreted (minutes at gpt2's width): no
     launch and no op of the step depends on a kernel's output values (the step has no host sync).
     """
-    from engine.request import Request, SamplingParams
-    from engine.runner import admit_batch, runner_for
+    from engine.core.request import Request, SamplingParams
+    from engine.core.runner import admit_batch, runner_for
 
     runner = runner_for(model)
     sampling = [SamplingParams(temperature=0.7, top_k=40, seed=r, repetition_penalty=1.2 if penalized else 1.0)
@@ -175,7 +175,7 @@ def count(model_name: str, backend: str, batch: int, dtype: str) -> dict:
 
     model = engine.load_model(f"random:{model_name}", dtype=dtype, backend=backend)
     budget = kernel_budget(model, batch)
-    trace, _ = trace_step(lambda: engine.runner.runner_for(model)._decode_step(batch), model.device.type == "cuda")
+    trace, _ = trace_step(lambda: engine.core.runner.runner_for(model)._decode_step(batch), model.device.type == "cuda")
     return {"model": model_name, "backend": backend, "batch": batch, **budget, "host_syncs": trace.host_syncs()}
 
 

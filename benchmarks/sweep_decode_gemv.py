@@ -116,7 +116,7 @@ def time_gemv(m, n, k, act, res, dtype, device, config, l2_bytes, int8=False) ->
 def step_tok_s(model, batch: int, winners: dict | None) -> float:
     """Decode tok/s of a 64-token greedy generation (CUDA graph) with the default or the winning tiles."""
     import engine
-    from engine.runner import runner_for
+    from engine.core.runner import runner_for
 
     runner = runner_for(model)
     runner.drop_graphs()  # captured with the other table

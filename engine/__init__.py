@@ -7,14 +7,14 @@ from .interrupt import exit_on_ctrl_c_while_starting
 
 exit_on_ctrl_c_while_starting()  # before the imports below, which take a command's first second or two
 
-from .config import CONFIGS, GPT2Config  # noqa: E402
+from .model.config import CONFIGS, GPT2Config  # noqa: E402
 from .errors import (CheckpointError, ConfigError, ContextLengthError, EngineError, NumericalError,  # noqa: E402
                      ParameterError, QueueFullError)
 from .generation import GenerationOutput, generate  # noqa: E402
-from .loader import load_model  # noqa: E402
-from .model import GPT2  # noqa: E402
-from .request import Request, SamplingParams  # noqa: E402
-from .scheduler import Scheduler  # noqa: E402
+from .model.loader import load_model  # noqa: E402
+from .model.gpt2 import GPT2  # noqa: E402
+from .core.request import Request, SamplingParams  # noqa: E402
+from .core.scheduler import Scheduler  # noqa: E402
 from .scoring import Perplexity, Score, perplexity, score  # noqa: E402
 from .tokenizer import EOT_ID, decode, encode  # noqa: E402
 

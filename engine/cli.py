@@ -13,10 +13,10 @@ import sys
 import warnings
 from typing import Callable
 
-from .backends import BACKENDS
+from .model.backends import BACKENDS
 from .interrupt import EXIT_INTERRUPTED, started
-from .loader import DTYPES
-from .quantize import QUANTIZE_MODES
+from .model.loader import DTYPES
+from .model.quantize import QUANTIZE_MODES
 
 EXIT_USER_ERROR = 2
 

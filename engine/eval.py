@@ -50,7 +50,7 @@ def run(args) -> int:
     import torch
 
     from .errors import EngineError
-    from .loader import default_device, load_model
+    from .model.loader import default_device, load_model
     from .scoring import check_window, perplexity, windows
     from .tokenizer import encode
 

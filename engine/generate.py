@@ -21,7 +21,7 @@ import time
 from .cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, CommandParser, HelpFormatter, add_placement_options,
                   add_sampling_options, float_in, int_at_least, int_in, read_text, run_cli, sampling_options,
                   utf8_argument)
-from .request import SEED_LIMIT
+from .core.request import SEED_LIMIT
 
 EXAMPLES = """examples:
   python -m engine.generate --model gpt2 --prompt "The meaning of life is" --max-new-tokens 50 --seed 0
@@ -122,7 +122,7 @@ def run(args) -> int:
 
     from .errors import EngineError
     from .generation import generate
-    from .loader import load_model
+    from .model.loader import load_model
 
     start = time.perf_counter()
     if args.threads:

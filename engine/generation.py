@@ -14,9 +14,9 @@ from gpt2kernels.sampling import as_int64
 
 from .checks import check_int, check_prompt_ids, is_int
 from .errors import NumericalError, ParameterError
-from .model import GPT2
-from .request import SEED_LIMIT, Request, check_logprobs, check_max_time, check_seed, sampling_params, stop_strings
-from .scheduler import check_context, scheduler_for
+from .model.gpt2 import GPT2
+from .core.request import SEED_LIMIT, Request, check_logprobs, check_max_time, check_seed, sampling_params, stop_strings
+from .core.scheduler import check_context, scheduler_for
 from .tokenizer import EOT_ID, encode
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor

@@ -19,7 +19,7 @@ import torch
 
 from .checks import check_int, check_prompt_ids, is_int
 from .errors import EngineError, ParameterError
-from .model import GPT2
+from .model.gpt2 import GPT2
 from .tokenizer import encode
 
 IGNORE = -100  # a target that is not scored (kernels' and torch's ignore_index)

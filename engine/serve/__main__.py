@@ -18,8 +18,8 @@ def server_dtype(device: str | None) -> str | None:
     the processor has native bf16 (AVX512-BF16, AMX), else float32 (CPU fp16 GEMMs beyond 16 rows run
     upcast to fp32 anyway); elsewhere the loader's default (None). At 16 rows of gpt2 on a 2-core
     EPYC with AVX512-BF16: 50 ms a step in bf16, 97 in fp32, 132 in fp16."""
-    from ..cpu import cpu_flags
-    from ..loader import default_device
+    from ..model.cpu import cpu_flags
+    from ..model.loader import default_device
 
     if (device or default_device().type).split(":")[0] != "cpu":
         return None
@@ -89,8 +89,8 @@ def run(args) -> int:
     import torch
 
     from ..errors import EngineError
-    from ..loader import load_model
-    from ..scheduler import Scheduler
+    from ..model.loader import load_model
+    from ..core.scheduler import Scheduler
 
     try:
         # int8 on CPU computes in float32 (the loader's default for it): no dtype to choose then

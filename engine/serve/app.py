@@ -18,7 +18,7 @@ from starlette.routing import Route
 import torch
 
 from ..errors import ContextLengthError, EngineError, ParameterError, QueueFullError
-from ..scheduler import Scheduler
+from ..core.scheduler import Scheduler
 from .loop import EngineLoop
 from .metrics import ServerMetrics
 from .protocol import (APIError, Completion, choice_logprobs, finish_reason, join_logprobs, parse_completion,

@@ -15,8 +15,8 @@ import threading
 from concurrent.futures import Future
 from typing import Callable
 
-from ..request import Request
-from ..scheduler import Scheduler
+from ..core.request import Request
+from ..core.scheduler import Scheduler
 
 log = logging.getLogger("engine.serve")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..request import Request
-from ..scheduler import Scheduler
+from ..core.request import Request
+from ..core.scheduler import Scheduler
 
 # Seconds; from a GPU's ~1 ms steps to a loaded CPU's seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

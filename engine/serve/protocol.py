@@ -13,7 +13,7 @@ from gpt2kernels.sampling import as_int64
 
 from ..checks import has_type, is_int
 from ..errors import ParameterError
-from ..request import Request, check_max_time, check_seed, sampling_params, stop_strings
+from ..core.request import Request, check_max_time, check_seed, sampling_params, stop_strings
 from ..tokenizer import EOT_ID, VOCAB_SIZE, decode, encode
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

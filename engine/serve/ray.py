@@ -37,8 +37,8 @@ def _number(args: dict, name: str, kind: type, default):
 def replica_app(options: dict[str, Any]):
     """The ASGI app of one replica (run on the replica when it starts): load the model, make its
     scheduler and the server's app, as ``python -m engine.serve`` does with the same options."""
-    from ..loader import load_model
-    from ..scheduler import Scheduler
+    from ..model.loader import load_model
+    from ..core.scheduler import Scheduler
     from .__main__ import server_dtype
     from .app import create_app
 

@@ -8,7 +8,7 @@ import time
 
 import uvicorn
 
-from ..scheduler import Scheduler
+from ..core.scheduler import Scheduler
 from .app import ServerState
 
 DRAIN_POLL_SECONDS = 0.05

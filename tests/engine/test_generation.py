@@ -140,16 +140,16 @@ def test_seed_reproduces_and_differs(model):
 
 def test_stop_at_eos(model, monkeypatch):
     # Force EOS at the third sampled token (offset 2) of row 0 only; row 1 runs to the end.
-    import engine.runner
+    import engine.core.runner
 
-    real = engine.runner.sample_next_
+    real = engine.core.runner.sample_next_
 
     def fake(logits, temperature, top_k, top_p, min_p, seed, offset, out):
         at_third = (torch.arange(len(out)) == 0) & (offset == 2)
         real(logits, temperature, top_k, top_p, min_p, seed, offset, out)
         out.copy_(torch.where(at_third, EOT_ID, out))
 
-    monkeypatch.setattr(engine.runner, "sample_next_", fake)
+    monkeypatch.setattr(engine.core.runner, "sample_next_", fake)
     out = engine.generate(model, ["a", "b"], 6, temperature=0)
     assert len(out.tokens[0]) == 3 and out.tokens[0][-1] == EOT_ID and len(out.tokens[1]) == 6
     assert "<|endoftext|>" not in out.texts[0]

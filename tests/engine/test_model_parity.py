@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import engine
-from engine.cache import KVCache
+from engine.model.cache import KVCache
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +76,11 @@ def test_low_precision_tracks_fp32(tiny_checkpoint, model32, dtype):
 
 
 def test_default_cpu_dtype_is_this_machines_measured_choice(tiny_checkpoint):
-    """No dtype on CPU: the one engine.cpu measured (and cached) for this processor; its accuracy is
+    """No dtype on CPU: the one engine.model.cpu measured (and cached) for this processor; its accuracy is
     that dtype's, checked by test_low_precision_tracks_fp32."""
     model = engine.load_model(tiny_checkpoint, device="cpu")
-    assert model.dtype == engine.cpu.default_cpu_dtype(engine.backends.eager_linear)[0] and "CPU" in model.dtype_reason
+    measured = engine.model.cpu.default_cpu_dtype(engine.model.backends.eager_linear)[0]
+    assert model.dtype == measured and "CPU" in model.dtype_reason
 
 
 def test_fp16_greedy_matches_fp32(tiny_checkpoint, model32):

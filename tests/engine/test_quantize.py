@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import engine
-from engine import cpu
-from engine.backends import eager_linear
+from engine.model import cpu
+from engine.model.backends import eager_linear
 from engine.errors import EngineError
-from engine.quantize import PackedInt8Linear, dequantize
+from engine.model.quantize import PackedInt8Linear, dequantize
 from gpt2kernels import dequantize_int8, quantize_int8
 
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -44,7 +44,7 @@ def test_packed_int8_linear_equals_its_dequantised_weight():
     w, b = torch.randn(96, 200, generator=g) / 200**0.5, torch.randn(96, generator=g)
     x, r = torch.randn(5, 200, generator=g), torch.randn(5, 96, generator=g)
     q, scale = quantize_int8(w)
-    packed = PackedInt8Linear(q, scale, b, engine.quantize.cpu_engine())
+    packed = PackedInt8Linear(q, scale, b, engine.model.quantize.cpu_engine())
     want = torch.nn.functional.gelu(x @ dequantize_int8(q, scale).t() + b, approximate="tanh") + r
     got = packed(x, b, "gelu_tanh", r)
     assert got.shape == (5, 96) and (got - want).abs().max() < 0.02 * want.abs().max()
@@ -187,7 +187,7 @@ def test_every_command_runs_every_quantize_mode(small_vocab_checkpoint, tmp_path
     else:
         from starlette.testclient import TestClient
 
-        from engine.scheduler import Scheduler
+        from engine.core.scheduler import Scheduler
         from engine.serve.app import create_app
 
         with TestClient(create_app(Scheduler(model, max_batch=2), "m")) as client:

@@ -7,9 +7,9 @@ import engine
 from benchmarks.step_trace import kernel_budget, trace_step
 from engine import EOT_ID
 from engine.errors import EngineError
-from engine.request import Request, SamplingParams
-from engine.runner import GRAPH_BUCKETS, Runner, admit_batch, graph_bucket, runner_for
-from engine.scheduler import Scheduler
+from engine.core.request import Request, SamplingParams
+from engine.core.runner import GRAPH_BUCKETS, Runner, admit_batch, graph_bucket, runner_for
+from engine.core.scheduler import Scheduler
 from gpt2kernels.sampling import sample_ref
 
 
@@ -121,13 +121,13 @@ def test_a_request_samples_the_same_alone_or_batched_in_any_row(tiny_checkpoint,
 def test_cache_is_allocated_once_and_reused(tiny_checkpoint, monkeypatch):
     model = _model(tiny_checkpoint, "eager")
     allocations = []
-    real_init = engine.cache.KVCache.__init__
+    real_init = engine.model.cache.KVCache.__init__
 
     def counting_init(self, config, slots, max_len, dtype, device):
         allocations.append((slots, max_len))
         real_init(self, config, slots, max_len, dtype, device)
 
-    monkeypatch.setattr(engine.cache.KVCache, "__init__", counting_init)
+    monkeypatch.setattr(engine.model.cache.KVCache, "__init__", counting_init)
     engine.generate(model, ["one", "two", "three"], 6, temperature=0)
     runner = runner_for(model)
     k_ptr = runner.cache.k.data_ptr()
@@ -145,13 +145,13 @@ def test_one_cache_per_model_whoever_drives_it(tiny_checkpoint, monkeypatch):
     import weakref
 
     made = []
-    real_init = engine.cache.KVCache.__init__
+    real_init = engine.model.cache.KVCache.__init__
 
     def tracking_init(self, *args):
         made.append(weakref.ref(self))
         real_init(self, *args)
 
-    monkeypatch.setattr(engine.cache.KVCache, "__init__", tracking_init)
+    monkeypatch.setattr(engine.model.cache.KVCache, "__init__", tracking_init)
     model = _model(tiny_checkpoint, "eager")
     engine.generate(model, ["one", "two"], 4, temperature=0)
     server = Scheduler(model, max_batch=4)
@@ -230,7 +230,7 @@ def test_triton_graph_fp16_greedy_picks_the_fp32_argmax_up_to_rounding(tiny_chec
 
 @pytest.mark.gpu
 def test_graphs_with_ragged_batches_and_eos(tiny_checkpoint, monkeypatch):
-    import engine.runner
+    import engine.core.runner
 
     model = _model(tiny_checkpoint, "triton", device="cuda")
     prompts = [[1, 2, 3], list(range(50)), [4]]
@@ -239,14 +239,14 @@ def test_graphs_with_ragged_batches_and_eos(tiny_checkpoint, monkeypatch):
     assert got.tokens == want and got.capture_seconds > 0
     again = engine.generate(model, prompts[:2] + [[8, 9]], 12, temperature=0, stop_at_eos=False)
     assert again.capture_seconds == 0  # the 4-row graph is reused
-    real = engine.runner.sample_next_
+    real = engine.core.runner.sample_next_
 
     def eos_at_third(logits, temperature, top_k, top_p, min_p, seed, offset, out):  # row 1 stops at its 3rd token
         at_third = (torch.arange(len(out), device=out.device) == 1) & (offset == 2)
         real(logits, temperature, top_k, top_p, min_p, seed, offset, out)
         out.copy_(torch.where(at_third, EOT_ID, out))
 
-    monkeypatch.setattr(engine.runner, "sample_next_", eos_at_third)
+    monkeypatch.setattr(engine.core.runner, "sample_next_", eos_at_third)
     runner_for(model).drop_graphs()  # recapture with the patched sampler
     out = engine.generate(model, prompts, 12, temperature=0)
     assert len(out.tokens[1]) == 3 and out.tokens[1][-1] == EOT_ID

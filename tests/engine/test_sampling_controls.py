@@ -8,7 +8,7 @@ import torch
 
 import engine
 from engine.errors import ParameterError
-from engine.request import Request, SamplingParams
+from engine.core.request import Request, SamplingParams
 from gpt2kernels.sampling import sample_ref
 
 
@@ -82,7 +82,7 @@ def test_stop_strings_cut_the_text_and_end_the_row(model):
     (["xy"], ("y",), ["x"], "x", "stop"),
 ])
 def test_stop_matcher(pieces, stops, streamed, text, reason, monkeypatch):
-    import engine.request
+    import engine.core.request
 
     got = []
     r = Request([1], len(pieces), SamplingParams(), stop=stops, on_text=got.append)
@@ -94,7 +94,7 @@ def test_stop_matcher(pieces, stops, streamed, text, reason, monkeypatch):
         def flush(self):
             return ""
 
-    monkeypatch.setattr(engine.request, "StreamDecoder", Decoder)
+    monkeypatch.setattr(engine.core.request, "StreamDecoder", Decoder)
     for i in range(len(pieces)):
         r.accept(i)
     assert got == streamed and r.text == text and r.finish_reason == reason and r.finished

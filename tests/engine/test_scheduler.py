@@ -6,8 +6,8 @@ import torch
 
 import engine
 from engine.errors import ContextLengthError, EngineError, QueueFullError
-from engine.request import Request, SamplingParams
-from engine.scheduler import Scheduler
+from engine.core.request import Request, SamplingParams
+from engine.core.scheduler import Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_a_finished_request_frees_its_slot_for_a_waiting_one(model):
 
 def test_a_free_row_at_the_end_of_the_cache_is_reset_not_overflowed(model):
     """Free rows keep stepping with the batch; one that reaches the cache's end starts over."""
-    from engine.runner import Runner, StepPlan
+    from engine.core.runner import Runner, StepPlan
 
     runner = Runner(model)
     runner.reserve(2, 128)  # TINY: 128 positions
@@ -106,16 +106,16 @@ def test_queue_bound_and_bad_requests(model):
 
 
 def test_nan_logits_fail_one_request_only(model, monkeypatch):
-    import engine.runner
+    import engine.core.runner
 
-    real = engine.runner.sample_next_
+    real = engine.core.runner.sample_next_
 
     def flag_slot_0(logits, temperature, top_k, top_p, min_p, seed, offset, out):
         real(logits, temperature, top_k, top_p, min_p, seed, offset, out)
         if len(out) > 1:
             out[0] = -1
 
-    monkeypatch.setattr(engine.runner, "sample_next_", flag_slot_0)
+    monkeypatch.setattr(engine.core.runner, "sample_next_", flag_slot_0)
     sched = Scheduler(model, max_batch=2)
     a, b = Request([1], 4, SamplingParams(temperature=0)), Request([2], 4, SamplingParams(temperature=0))
     sched.submit([a, b])
@@ -148,7 +148,7 @@ def test_graphed_scheduler_equals_generate_alone(tiny_checkpoint, backend):
 
 def test_sampling_params_built_directly_are_checked():
     from engine.errors import ParameterError
-    from engine.request import SamplingParams
+    from engine.core.request import SamplingParams
     for kw, name in [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
                      (dict(frequency_penalty=3.0), "frequency_penalty"), (dict(seed=1.5), "seed")]:
         with pytest.raises(ParameterError) as e:

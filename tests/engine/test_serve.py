@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import engine
-from engine.request import Request, SamplingParams
-from engine.scheduler import Scheduler
+from engine.core.request import Request, SamplingParams
+from engine.core.scheduler import Scheduler
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import engine
-from engine.request import Request, SamplingParams
-from engine.scheduler import Scheduler
+from engine.core.request import Request, SamplingParams
+from engine.core.scheduler import Scheduler
 
 pytest.importorskip("uvicorn")
 prometheus_parser = pytest.importorskip("prometheus_client.parser")

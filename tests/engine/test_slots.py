@@ -6,8 +6,8 @@ import inspect
 import torch
 
 import gpt2kernels
-from engine.request import SamplingParams
-from engine.slots import SlotState
+from engine.core.request import SamplingParams
+from engine.core.slots import SlotState
 
 
 def _busy(state: SlotState, slots):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import engine
 from engine.errors import CheckpointError, ConfigError
-from engine.weights import CONV1D_WEIGHTS, load_state_dict
+from engine.model.weights import CONV1D_WEIGHTS, load_state_dict
 
 
 def _copy_config(src, dst):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import engine
-from engine.cache import KVCache
+from engine.model.cache import KVCache
 from gpt2kernels.aot import MODULES, aot_recording, record_launches
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,8 +59,8 @@ def gpt2_width_checkpoint(tmp_path_factory):
 def _run_requests(model, prompts, steps: int, **sampling) -> None:
     """What ``engine.generate`` launches for ``prompts``: the runner's prefill, first draw and decode
     steps (tokens are not read: with launches recorded but not executed they are meaningless)."""
-    from engine.request import Request, SamplingParams
-    from engine.runner import admit_batch, runner_for
+    from engine.core.request import Request, SamplingParams
+    from engine.core.runner import admit_batch, runner_for
 
     runner = runner_for(model)
     requests = [Request(p, steps + 1, SamplingParams(**sampling)) for p in prompts]

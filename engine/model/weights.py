@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import GPT2Config, named_config
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 RANDOM_PREFIX = "random:"
 HUB_ORG = "openai-community"

@@ -1,5 +1,5 @@
 """The decode core: a persistent KV cache, every slot's state and a static decode step, replayed as
-a CUDA graph on GPUs. The scheduler (``engine.scheduler``) is its one driver.
+a CUDA graph on GPUs. The scheduler (``engine.core.scheduler``) is its one driver.
 
 ``Runner.step(plan)`` = decode -> sample, with the same ops on the same shapes every step, every
 input in a persistent device buffer and no host sync, so one capture per ``StepPlan`` replays it.
@@ -16,9 +16,9 @@ import torch
 from gpt2kernels import prepare_device
 from gpt2kernels.sampling import prepare_sampler, sample_next_
 
-from .cache import KVCache
-from .errors import EngineError
-from .model import GPT2
+from ..model.cache import KVCache
+from ..errors import EngineError
+from ..model.gpt2 import GPT2
 from .request import Request
 from .slots import TOP_LOGPROBS, SlotState
 

@@ -6,8 +6,8 @@ import json
 import os
 from dataclasses import dataclass, fields
 
-from .checks import is_int, is_number
-from .errors import ConfigError
+from ..checks import is_int, is_number
+from ..errors import ConfigError
 
 
 _TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")

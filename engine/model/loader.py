@@ -12,16 +12,16 @@ import gpt2kernels
 
 from .backends import eager_linear, get_backend
 from .cpu import default_cpu_dtype
-from .errors import EngineError
-from .model import GPT2
+from ..errors import EngineError
+from .gpt2 import GPT2
 from .quantize import check_quantize, quantize_model
-from .tokenizer import VOCAB_SIZE
+from ..tokenizer import VOCAB_SIZE
 from .weights import LM_HEAD, load_state_dict
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 GPU_DEFAULT_DTYPE = torch.float16
-# On CPU the default is measured per machine (engine.cpu); int8 weights on CPU compute in fp32,
+# On CPU the default is measured per machine (engine.model.cpu); int8 weights on CPU compute in fp32,
 # the quantised engine's only input dtype: any other would only add casts around every linear.
 CPU_INT8_DTYPE = torch.float32
 
@@ -58,10 +58,10 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     source: a local HF directory, a hub name (``gpt2``, ``openai-community/gpt2-xl``) or
     ``random:<size>`` (seeded random weights, no network). device: default cuda when available.
     dtype: float32/float16/bfloat16; default float16 on GPU, on CPU the dtype measured fastest on
-    this machine (``engine.cpu``; float32 with ``quantize``). backend: ``eager`` or ``triton``,
+    this machine (``engine.model.cpu``; float32 with ``quantize``). backend: ``eager`` or ``triton``,
     default triton on CUDA and eager elsewhere. quantize: None, ``"int8"`` (the four linears of
     every block) or ``"int8-all"`` (and the lm_head): weight-only int8 with per-output-channel
-    scales computed here (``engine.quantize``). The model records its load time in
+    scales computed here (``engine.model.quantize``). The model records its load time in
     ``model.load_seconds``, its backend's name in ``model.backend``, its quantisation in
     ``model.quantize`` and why it has its dtype in ``model.dtype_reason``.
     """

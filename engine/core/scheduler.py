@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from .checks import check_int, check_prompt_ids
-from .errors import ContextLengthError, EngineError, NumericalError, QueueFullError
-from .model import GPT2
+from ..checks import check_int, check_prompt_ids
+from ..errors import ContextLengthError, EngineError, NumericalError, QueueFullError
+from ..model.gpt2 import GPT2
 from .request import Request
 from .runner import GRAPH_BUCKETS, StepPlan, TokenReader, graph_bucket, rounded_len, runner_for
 
@@ -90,8 +90,9 @@ class Scheduler:
         self._unread: list[_Read] = []
         self._produced: dict[int, int] = {}  # slot -> tokens its request has had sampled (read or not)
         self._readers: dict[tuple[int, int, torch.dtype], TokenReader] = {}
+        self.allocated = allocate
         if allocate:
-            self._allocate(self.max_batch, self.max_context, all_modes=True)
+            self._allocate(self.max_batch, self.max_context)
         model.scheduler = self
 
     # --- sizing --------------------------------------------------------------------------------------
@@ -99,20 +100,20 @@ class Scheduler:
         """Slots a batch of ``batch`` rows needs: with graphs every step runs a bucket's rows (12 -> 16)."""
         return graph_bucket(batch) if self.cuda_graph else batch
 
-    def _allocate(self, batch: int, max_len: int, all_modes: bool, modes: list[tuple[bool, bool]] = ()) -> None:
+    def _allocate(self, batch: int, max_len: int) -> None:
+        """The server's sizing: ``batch`` slots of ``max_len`` positions and, with graphs, every
+        bucket's step in every mode (with and without penalties and log-probabilities)."""
         self.runner.reserve(self._capacity(batch), max_len)
-        if not self.cuda_graph:
-            return
-        buckets = sorted({graph_bucket(b) for b in range(1, batch + 1)}) if all_modes else [graph_bucket(batch)]
-        if all_modes:
-            modes = [(penalized, logprobs) for penalized in (False, True) for logprobs in (False, True)]
-        self.capture_seconds += self.runner.capture([StepPlan(b, *m) for b in buckets for m in modes])
+        if self.cuda_graph:
+            buckets = sorted({graph_bucket(b) for b in range(1, batch + 1)})
+            self.capture_seconds += self.runner.capture([StepPlan(b, penalized, logprobs) for b in buckets
+                                                         for penalized in (False, True) for logprobs in (False, True)])
 
     def prepare(self, requests: list[Request], cuda_graph: bool) -> float:
-        """Before ``generate()`` submits ``requests``: while the scheduler is idle, grow the batch and
-        the cache to hold them all at once and capture the one graph their steps replay. Returns
-        seconds spent capturing (0.0 when busy or nothing was missing: they then queue as any
-        request does)."""
+        """Before ``generate()`` submits ``requests``: while the scheduler is idle, grow the batch to
+        hold them all at once, size the cache for them and capture the one graph their steps
+        replay. Returns seconds spent capturing (0.0 when busy or nothing was missing: they then
+        queue as any request does)."""
         with self._step_lock:
             if not self.idle:
                 return 0.0
@@ -121,11 +122,19 @@ class Scheduler:
                 self.runner.check_device(cuda_graph)
                 self.cuda_graph = cuda_graph
             self.max_batch = max(self.max_batch, len(requests))
-            needed = max(len(r.prompt) + r.max_new_tokens for r in requests)
-            mode = (any(r.sampling.penalized for r in requests), any(r.logprobs is not None for r in requests))
             before = self.capture_seconds
-            self._allocate(len(requests), rounded_len(needed, self.model.config.n_positions), False, [mode])
+            self._fit(requests)
             return self.capture_seconds - before
+
+    def _fit(self, requests: list[Request]) -> None:
+        """With no request running: a cache that holds ``max_batch`` slots of the positions
+        ``requests`` need (rounded up, so that similar calls reuse it) and the graph of their step."""
+        needed = max(len(r.prompt) + r.max_new_tokens for r in requests)
+        mode = (any(r.sampling.penalized for r in requests), any(r.logprobs is not None for r in requests))
+        batch = min(len(requests), self.max_batch)
+        self.runner.reserve(self._capacity(self.max_batch), rounded_len(needed, self.model.config.n_positions))
+        if self.cuda_graph:
+            self.capture_seconds += self.runner.capture([StepPlan(graph_bucket(batch), *mode)])
 
     # --- requests in ---------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -206,6 +215,12 @@ class Scheduler:
         return StepPlan(graph_bucket(rows), plan.penalized, plan.logprobs)  # run op by op
 
     def _admit(self, updated: list[Request]) -> None:
+        if not self.active and self.waiting:  # the one moment the cache may grow
+            with self._queue_lock:
+                waiting = list(self.waiting)
+            if not self.allocated:  # sized by demand: as many slots as requests wait, up to a bucket's worth
+                self.max_batch = max(self.max_batch, min(len(waiting), GRAPH_BUCKETS[-1]))
+            self._fit(waiting)
         free = [s for s in range(self.max_batch) if s not in self.active]
         admitted: list[tuple[int, Request]] = []
         with self._queue_lock:
@@ -336,10 +351,11 @@ class Scheduler:
 
 def scheduler_for(model: GPT2) -> Scheduler:
     """The model's scheduler: the latest made for it (a server's), else one made now that sizes
-    itself per ``generate()`` call (``Scheduler.prepare``)."""
+    itself by demand: its batch grows to the requests waiting when it is idle (up to 64 at a
+    time; to a whole ``generate()`` call's, ``Scheduler.prepare``), its cache to their lengths."""
     scheduler = getattr(model, "scheduler", None)
     if scheduler is None or scheduler.retired:
-        scheduler = Scheduler(model, max_batch=1, max_waiting=0, allocate=False)
+        scheduler = Scheduler(model, max_batch=1, allocate=False)
     return scheduler
 
 

@@ -29,7 +29,7 @@ class Params(nn.Module):
 
     Nothing is initialised here: every value comes from a checkpoint through a strict
     ``load_state_dict`` (which also avoids torch's init kernels, slow to trace on the meta device).
-    ``scale`` is None, or after ``engine.quantize`` the (out,) fp32 scales of an int8 ``weight``.
+    ``scale`` is None, or after ``engine.model.quantize`` the (out,) fp32 scales of an int8 ``weight``.
     """
 
     def __init__(self, weight_shape: tuple[int, ...], bias_size: int | None = None):

@@ -9,9 +9,9 @@ from typing import Callable, Sequence
 
 from gpt2kernels import check_penalties, check_sampling_params
 
-from .checks import check_int, is_int, is_number
-from .errors import NumericalError, ParameterError
-from .tokenizer import EOT_ID, StreamDecoder
+from ..checks import check_int, is_int, is_number
+from ..errors import NumericalError, ParameterError
+from ..tokenizer import EOT_ID, StreamDecoder
 
 
 SEED_LIMIT = 2**64  # a seed is the 64 bits of a Philox key

@@ -107,9 +107,9 @@ def _http_request(port: int, body: dict) -> Trace:
 def _start_server(args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "engine.serve", "--model", args.model, "--port", str(port),
            "--max-batch", str(args.clients), "--max-waiting", str(4 * args.clients), "--log-level", "warning"]
-    for flag in ("device", "dtype", "backend"):
+    for flag in ("device", "dtype", "backend", "detokenize_on"):
         if getattr(args, flag):
-            cmd += [f"--{flag}", getattr(args, flag)]
+            cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while True:
@@ -171,6 +171,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--backend", default=None)
+    p.add_argument("--detokenize-on", choices=["auto", "engine", "loop"], default=None,
+                   help="the server's --detokenize-on (default: its own)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -209,6 +211,7 @@ def main(argv=None) -> None:
              "threads": torch.get_num_threads(),
              "clients": n, "requests_per_client": args.requests, "prompt_tokens": args.prompt_tokens,
              "max_tokens": args.max_tokens, "cuda_graph": scheduler.cuda_graph,
+             "detokenize_on": args.detokenize_on or "auto",
              "aggregate_over_single_stream_http": agg["http", n] / agg["http", 1],
              "aggregate_over_single_stream_api": agg["api", n] / agg["api", 1],
              "http_overhead": 1 - agg["http", n] / agg["api", n]}

@@ -100,7 +100,9 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, stop: str | Sequence[str] | None = None,
              max_time: float | None = None, logprobs: bool = False, top_logprobs: int = 0,
              cancel: threading.Event | None = None) -> GenerationOutput:
-    """Generate up to ``max_new_tokens`` tokens for each prompt.
+    """Generate up to ``max_new_tokens`` tokens for each prompt, through the model's scheduler
+    (``engine.core.scheduler_for``): a batch of its own when the model is idle, or joining the
+    running batch of a server that serves the same model in this process.
 
     prompts: a string, a list of strings, or token ids (a list of lists, or an int tensor (B, T));
     ragged batches are fine, and identical prompts share one prefill. temperature 0 is greedy;

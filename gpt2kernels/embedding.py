@@ -1,6 +1,6 @@
 """A decode step's input: token plus position embeddings, with the row's length advanced.
 
-    x[b] = wte[tokens[b]] + wpe[lens[b]];  lens[b] += 1
+    x[b] = wte[tokens[b]] + wpe[cache_lens[b]];  cache_lens[b] += 1
 
 The position of each row's new token is its current cache length, read on the device, so the step
 has no host-side positions to build; advancing the length in the same kernel makes it the length
@@ -43,7 +43,7 @@ def _decode_embed_fwd_kernel(
     tl.store(lens_ptr + row, length + 1)
 
 
-def _decode_embed_launch(tokens: Tensor, lens: Tensor, wte: Tensor, wpe: Tensor) -> Tensor:
+def _decode_embed_launch(tokens: Tensor, cache_lens: Tensor, wte: Tensor, wpe: Tensor) -> Tensor:
     check_tensor("wte", wte, ndim=2)
     check_tensor("wpe", wpe, ndim=2, dtype=wte.dtype, device=wte.device)
     c = wte.shape[1]
@@ -51,45 +51,45 @@ def _decode_embed_launch(tokens: Tensor, lens: Tensor, wte: Tensor, wpe: Tensor)
         raise ValueError(f"wte {list(wte.shape)} and wpe {list(wpe.shape)} must be non-empty (rows, C) "
                          "tables of one width")
     check_tensor("tokens", tokens, dtypes=(torch.int64,), ndim=1, device=wte.device)
-    check_tensor("lens", lens, dtypes=(torch.int32,), shape=tuple(tokens.shape), device=wte.device)
-    if lens.numel() > 1 and lens.stride(0) != 1:
-        raise ValueError(f"lens must be contiguous, got strides {lens.stride()}")
+    check_tensor("cache_lens", cache_lens, dtypes=(torch.int32,), shape=tuple(tokens.shape), device=wte.device)
+    if cache_lens.numel() > 1 and cache_lens.stride(0) != 1:
+        raise ValueError(f"cache_lens must be contiguous, got strides {cache_lens.stride()}")
     x = torch.empty((tokens.shape[0], c), dtype=wte.dtype, device=wte.device)
     if tokens.shape[0] == 0:
         return x
     block, warps = row_settings(c)
     _decode_embed_fwd_kernel[(tokens.shape[0],)](
-        tokens, lens, wte, wpe, x, wte.shape[0], wpe.shape[0], c, wte.stride(0), wpe.stride(0),
+        tokens, cache_lens, wte, wpe, x, wte.shape[0], wpe.shape[0], c, wte.stride(0), wpe.stride(0),
         BLOCK_C=block, num_warps=warps)
     return x
 
 
-@kernel_op("decode_embed", mutates_args=("lens",))
-def decode_embed(tokens: Tensor, lens: Tensor, wte: Tensor, wpe: Tensor) -> Tensor:
+@kernel_op("decode_embed", mutates_args=("cache_lens",))
+def decode_embed(tokens: Tensor, cache_lens: Tensor, wte: Tensor, wpe: Tensor) -> Tensor:
     """Embed one new token per row at its cache length, and advance the length: one kernel.
 
     Args:
         tokens: int64 (B,) token ids; ids outside [0, V) are clamped (never read out of bounds).
-        lens: int32 (B,) contiguous, on wte's device: each row's cache length before the step, the
+        cache_lens: int32 (B,) contiguous, on wte's device: each row's cache length before the step, the
             new token's position (clamped to [0, P)). Incremented by one in place.
         wte: (V, C) token embeddings; wpe: (P, C) position embeddings in wte's dtype; unit C stride.
     Returns:
-        x: (B, C) in wte's dtype, ``wte[tokens] + wpe[lens]`` (summed in fp32, rounded once).
+        x: (B, C) in wte's dtype, ``wte[tokens] + wpe[cache_lens]`` (summed in fp32, rounded once).
     """
-    return _decode_embed_launch(tokens, lens, wte, wpe)
+    return _decode_embed_launch(tokens, cache_lens, wte, wpe)
 
 
 @decode_embed.op.register_fake
-def _(tokens, lens, wte, wpe):
+def _(tokens, cache_lens, wte, wpe):
     return wte.new_empty((tokens.shape[0], wte.shape[1]))
 
 
-def decode_embed_ref(tokens: Tensor, lens: Tensor, wte: Tensor, wpe: Tensor) -> Tensor:
-    """``decode_embed`` in plain PyTorch (same clamping), advancing ``lens`` in place."""
+def decode_embed_ref(tokens: Tensor, cache_lens: Tensor, wte: Tensor, wpe: Tensor) -> Tensor:
+    """``decode_embed`` in plain PyTorch (same clamping), advancing ``cache_lens`` in place."""
     token = tokens.clamp(0, wte.shape[0] - 1)
-    pos = lens.long().clamp(0, wpe.shape[0] - 1)
+    pos = cache_lens.long().clamp(0, wpe.shape[0] - 1)
     x = (wte[token].float() + wpe[pos].float()).to(wte.dtype)
-    lens += 1
+    cache_lens += 1
     return x
 
 

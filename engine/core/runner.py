@@ -16,8 +16,8 @@ import torch
 from gpt2kernels import prepare_device
 from gpt2kernels.sampling import prepare_sampler, sample_next_
 
-from ..model.cache import KVCache
 from ..errors import EngineError
+from ..model.cache import KVCache
 from ..model.gpt2 import GPT2
 from .request import Request
 from .slots import TOP_LOGPROBS, SlotState

@@ -46,8 +46,8 @@ class _Read:
     """Tokens (and log-probabilities) of one step on their way to the host, and whose they are."""
     owners: dict[int, Request]  # slot -> the request it held when the step ran
     slots: list[int]            # the rows copied, in order
-    tokens: object
-    logprobs: object | None
+    tokens: tuple[TokenReader, object]  # the reader and its ticket (a regrown cache has other readers)
+    logprobs: tuple[TokenReader, object] | None
 
 
 class Scheduler:
@@ -57,8 +57,10 @@ class Scheduler:
     previous one (ending its requests, "cancelled") and ``scheduler_for(model)`` returns the latest.
     With ``allocate`` (the server's case) the cache is sized now for ``max_batch`` slots of
     ``max_context`` positions (default: the model's), and with ``cuda_graph`` every batch
-    bucket's decode step is captured now, before any request runs; otherwise ``prepare`` sizes
-    them for each ``generate()`` call.
+    bucket's decode step is captured now, before any request runs. Otherwise (``scheduler_for``'s)
+    the cache is sized whenever requests enter an empty batch, for those waiting then (a request
+    longer than the cache waits for the batch to empty), and the batch grows to the requests
+    waiting (``prepare`` does both ahead of a ``generate()`` call).
 
     ``on_step(requests)``, when set, receives each step's requests that got tokens or ended
     (called on the stepping thread; the server hands them to its event loop in one wake-up);
@@ -138,15 +140,11 @@ class Scheduler:
 
     # --- requests in ---------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
-        """Raise ParameterError (prompt) or ContextLengthError if ``request`` cannot run here."""
+        """Raise ParameterError (prompt) or ContextLengthError if ``request`` cannot run here: its
+        prompt and new tokens must fit the model's context, and a server's ``max_context``."""
         check_prompt_ids(request.prompt, self.model.config.vocab_size)
-        cache = self.runner.cache
-        busy = not self.idle
-        if cache is not None and (busy or self.max_context < self.model.config.n_positions):
-            limit = min(cache.max_len, self.max_context) if busy else self.max_context
-            what = "this server's --max-context" if limit == self.max_context < self.model.config.n_positions \
-                else "the cache (sized by the requests running now)"
-            check_context(len(request.prompt), request.max_new_tokens, limit, what)
+        if self.max_context < self.model.config.n_positions:
+            check_context(len(request.prompt), request.max_new_tokens, self.max_context, "this server's --max-context")
         check_context(len(request.prompt), request.max_new_tokens, self.model.config.n_positions)
 
     def submit(self, requests: list[Request], queue_limit: bool = True) -> None:
@@ -172,7 +170,8 @@ class Scheduler:
         """End the running requests that were cancelled (or whose text hit a stop string), prefill
         waiting ones into free slots, run one decode step for every running request, and hand each
         request its tokens (those of the step before, on CUDA). Returns the requests that got
-        tokens or ended (also given to ``on_step``)."""
+        tokens or ended, also given to ``on_step`` (on CPU in two parts: the admitted requests'
+        first tokens before the decode step, so that they do not wait for it, then the step's)."""
         with self._step_lock:
             updated: list[Request] = []
             for slot, r in list(self.active.items()):
@@ -181,6 +180,12 @@ class Scheduler:
                     updated.append(r)
                     self._free(slot)
             self._admit(updated)
+            lookahead = self.runner.device.type == "cuda"
+            notified = 0
+            if not lookahead:  # the first tokens are on the host already: out before the step, not after it
+                self._read_all(updated)
+                self._notify(updated)
+                notified = len(updated)
             plan = self._plan()
             if plan is not None:
                 self.runner.step(plan, self.cuda_graph)
@@ -188,11 +193,13 @@ class Scheduler:
                     self._produced[slot] += 1
                 self._submit_read(list(range(plan.rows)), plan.logprobs, index=None)
                 self.steps += 1
-            lookahead = self.runner.device.type == "cuda" and plan is not None
-            unread, self._unread = (self._unread[:-1], self._unread[-1:]) if lookahead else (self._unread, [])
-            for read in unread:
-                self._hand_out(read, updated)
-            self._notify(updated)
+            if lookahead and plan is not None:  # read everything but this step's, which the device is running
+                unread, self._unread = self._unread[:-1], self._unread[-1:]
+                for read in unread:
+                    self._hand_out(read, updated)
+            else:
+                self._read_all(updated)
+            self._notify(updated[notified:])
             return updated
 
     def _plan(self) -> StepPlan | None:
@@ -230,6 +237,8 @@ class Scheduler:
                 r.end("cancelled" if r.cancelled else "time")
                 updated.append(r)
             while self.waiting and len(admitted) < len(free):
+                if len(self.waiting[0].prompt) + self.waiting[0].max_new_tokens > self.runner.cache.max_len + 1:
+                    break  # longer than the cache sized for the running requests: it waits for them to end
                 admitted.append((free[len(admitted)], self.waiting.popleft()))
         if not admitted:
             return
@@ -251,20 +260,24 @@ class Scheduler:
         """Start copying the tokens (and log-probabilities) of ``slots`` (rows [0, n) when ``index``
         is None, else the slots ``index`` names) for the host; ``_hand_out`` reads them."""
         rows = slice(0, len(slots)) if index is None else index
-        tokens = self._reader(0, torch.int64).submit(self.runner.tokens[rows])
+        reader = self._reader(0, torch.int64)
+        tokens = reader, reader.submit(self.runner.tokens[rows])
         lp = None
         if logprobs:
             out = self.runner.logprob_out
-            lp = self._reader(out.shape[1], torch.float32).submit(out[rows])
+            lp_reader = self._reader(out.shape[1], torch.float32)
+            lp = lp_reader, lp_reader.submit(out[rows])
         self._unread.append(_Read({s: self.active[s] for s in slots if s in self.active}, slots, tokens, lp))
 
     def _hand_out(self, read: _Read, updated: list[Request]) -> None:
         """Give each request of ``read`` its token (and its row of log-probabilities); free the
         slots of the requests that ended."""
-        tokens = self._reader(0, torch.int64).read(read.tokens)
+        reader, ticket = read.tokens
+        tokens = reader.read(ticket)
         logprobs = None
         if read.logprobs is not None:
-            logprobs = self._reader(self.runner.logprob_out.shape[1], torch.float32).read(read.logprobs)
+            reader, ticket = read.logprobs
+            logprobs = reader.read(ticket)
         for i, slot in enumerate(read.slots):
             r = read.owners.get(slot)
             if r is None or r.end_reason is not None:

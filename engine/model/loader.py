@@ -10,12 +10,12 @@ import torch
 
 import gpt2kernels
 
+from ..errors import EngineError
+from ..tokenizer import VOCAB_SIZE
 from .backends import eager_linear, get_backend
 from .cpu import default_cpu_dtype
-from ..errors import EngineError
 from .gpt2 import GPT2
 from .quantize import check_quantize, quantize_model
-from ..tokenizer import VOCAB_SIZE
 from .weights import LM_HEAD, load_state_dict
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

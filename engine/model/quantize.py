@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 import gpt2kernels
 
-from .cpu import has_vnni
 from ..errors import EngineError
+from .cpu import has_vnni
 
 QUANTIZE_MODES = ("int8", "int8-all")
 _LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default  # resolved once: ~1 µs a call saved

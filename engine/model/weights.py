@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .config import GPT2Config, named_config
 from ..errors import CheckpointError
+from .config import GPT2Config, named_config
 
 RANDOM_PREFIX = "random:"
 HUB_ORG = "openai-community"

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                    help="on CUDA, run every decode step op by op instead of replaying CUDA graphs")
+    p.add_argument("--detokenize-on", choices=["auto", "engine", "loop"], default="auto",
+                   help="the thread that turns tokens into text and matches stop strings: the engine thread "
+                        "between steps, or the HTTP event loop; auto: the loop on CUDA (beside the device's next "
+                        "step), the engine thread on CPU (where the step itself needs the interpreter)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
     return p
@@ -115,7 +119,8 @@ def run(args) -> int:
           f"{model.backend}, batch {max_batch}, KV cache {_megabytes(cache.nbytes)} MB for {cache.slots} x "
           f"{scheduler.max_context} positions{graphs}) on http://{url_host}:{port}", file=sys.stderr)
     state = ServerState()
-    app = create_app(scheduler, name, args.api_key, args.request_timeout, state)
+    text_on_loop = {"auto": None, "engine": False, "loop": True}[args.detokenize_on]
+    app = create_app(scheduler, name, args.api_key, args.request_timeout, state, text_on_loop)
     server = DrainingServer(uvicorn.Config(app, log_level=args.log_level), scheduler, state, args.shutdown_timeout)
     server.run(sockets=[sock])
     return 0

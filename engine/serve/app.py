@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 import torch
 
+from ..checks import check_prompt_ids
 from ..errors import ContextLengthError, EngineError, ParameterError, QueueFullError
 from ..core.scheduler import Scheduler
 from .loop import EngineLoop
@@ -42,13 +43,15 @@ class ServerState:
 
 
 def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None,
-               request_timeout: float | None = None, state: ServerState | None = None) -> Starlette:
+               request_timeout: float | None = None, state: ServerState | None = None,
+               text_on_loop: bool | None = None) -> Starlette:
     """The server's app over ``scheduler``; its engine thread runs while the app is up (lifespan).
 
     ``request_timeout``: seconds from a request's arrival after which it ends (queued or running;
     finish_reason "length", as max_tokens). ``state``: shared with the command, which drains the
-    server on SIGTERM (``state.draining``)."""
-    engine_loop = EngineLoop(scheduler)
+    server on SIGTERM (``state.draining``). ``text_on_loop``: where tokens become text
+    (``EngineLoop``; None: by device)."""
+    engine_loop = EngineLoop(scheduler, text_on_loop)
     metrics = ServerMetrics(scheduler)
     state = state or ServerState()
     cfg = scheduler.model.config
@@ -118,9 +121,11 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
     async def _score_prompts(job: Completion) -> list[dict]:
         """Each prompt's ``logprobs`` object (``echo`` with ``logprobs``), computed on the engine thread."""
-        for ids in job.prompts:
-            if not ids or not all(0 <= t < cfg.vocab_size for t in ids):
-                raise APIError(400, f"prompt token ids must be in [0, {cfg.vocab_size})", "prompt")
+        for i, ids in enumerate(job.prompts):
+            try:
+                check_prompt_ids(ids, cfg.vocab_size, f"prompt {i}")
+            except ParameterError as e:
+                raise APIError(400, str(e), e.param) from None
             if len(ids) > cfg.n_positions:
                 raise APIError(400, f"a prompt of {len(ids)} tokens is longer than the model's context of "
                                     f"{cfg.n_positions}", "prompt", "context_length_exceeded")
@@ -178,9 +183,18 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
     async def _stream(job: Completion, events: asyncio.Queue):
         """Server-sent events: text chunks as they come, one with each choice's finish_reason,
-        usage when asked for, then ``[DONE]``. A client that goes away cancels its requests."""
+        usage when asked for, then ``[DONE]``. The events a step queued go out in one write. A
+        client that goes away cancels its requests."""
         def sse(payload) -> str:
             return f"data: {json.dumps(payload)}\n\n"
+
+        # A plain text chunk is this request's constant fields around the piece: one json.dumps of
+        # the piece per token instead of the whole chunk's (the same bytes as sse(job.chunk(...))).
+        head = sse(job.chunk([{"index": 0}])).split('{"index": 0}')[0]
+
+        def text_chunk(i: int, piece: str) -> str:
+            return f'{head}{{"index": {i}, "text": {json.dumps(piece)}, "logprobs": null, ' \
+                   '"finish_reason": null}]}\n\n'
 
         try:
             if job.echo:
@@ -197,21 +211,27 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
                 sent[i], offset[i] = end, offset[i] + sum(len(t) for t in out["tokens"])
                 return out
 
-            while left:
-                kind, i, item = await events.get()
+            def event_text(kind, i, item) -> str:
+                nonlocal left
                 if kind == "text":
                     piece, tokens = item
-                    yield sse(job.chunk([{"index": i, "text": piece, "logprobs": logprobs(i, tokens),
-                                          "finish_reason": None}]))
-                    continue
+                    if job.logprobs is None:
+                        return text_chunk(i, piece)
+                    return sse(job.chunk([{"index": i, "text": piece, "logprobs": logprobs(i, tokens),
+                                           "finish_reason": None}]))
                 left -= 1
                 metrics.ended(item)
                 if item.finish_reason == "error":
-                    yield sse(APIError(500, "the model produced NaN or infinite logits", None, "model_error",
-                                       "server_error").body())
-                    continue
-                yield sse(job.chunk([{"index": i, "text": "", "logprobs": logprobs(i, len(item.tokens)),
-                                      "finish_reason": finish_reason(item)}]))
+                    return sse(APIError(500, "the model produced NaN or infinite logits", None, "model_error",
+                                        "server_error").body())
+                return sse(job.chunk([{"index": i, "text": "", "logprobs": logprobs(i, len(item.tokens)),
+                                       "finish_reason": finish_reason(item)}]))
+
+            while left:
+                out = [event_text(*await events.get())]
+                while not events.empty():
+                    out.append(event_text(*events.get_nowait()))
+                yield "".join(out)
             if job.include_usage:
                 yield sse(job.chunk([], job.usage()))
             yield "data: [DONE]\n\n"

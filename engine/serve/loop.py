@@ -27,8 +27,15 @@ class EngineLoop:
     """Runs ``scheduler.step()`` in a daemon thread from ``start()`` to ``stop()``; ``call`` runs a
     function on that thread between steps (prompt scoring uses the model too)."""
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, text_on_loop: bool | None = None):
+        """``text_on_loop``: turn tokens into text on the event loop (default on CUDA, where it
+        overlaps the device's next step) or on the engine thread between steps (default on CPU,
+        where the step itself runs Python op by op and text work beside it only contends for the
+        interpreter: measured in ``benchmarks/results/cpu/serve_load.md``). Events reach the
+        loop in one wake-up a step either way."""
         self.scheduler = scheduler
+        self.text_on_loop = scheduler.model.device.type == "cuda" if text_on_loop is None else text_on_loop
+        self._outbox: list[tuple[asyncio.Queue, tuple]] = []  # events made by the thread draining text
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._calls: list[tuple[Callable, Future]] = []
@@ -65,28 +72,40 @@ class EngineLoop:
         events: asyncio.Queue = asyncio.Queue()
         for i, r in enumerate(requests):
             if stream:
-                r.on_text = lambda piece, i=i, r=r: events.put_nowait(("text", i, (piece, len(r.tokens))))
-            r.on_finish = lambda req, i=i: self._finished(req, events, i)
+                r.on_text = lambda piece, i=i, r=r: self._outbox.append((events, ("text", i, (piece, len(r.tokens)))))
+            r.on_finish = lambda req, i=i: self._outbox.append((events, ("end", i, req)))
             self._listeners[id(r)] = events
         return events
 
-    def _finished(self, request: Request, events: asyncio.Queue, i: int) -> None:
-        self._listeners.pop(id(request), None)
-        events.put_nowait(("end", i, request))
+    def _drain(self, requests: list[Request]) -> list[tuple[asyncio.Queue, tuple]]:
+        """The step's tokens of this server's requests as text and events (a ``generate()`` sharing
+        the model drains its own requests)."""
+        for r in requests:
+            if id(r) in self._listeners:
+                r.drain()
+                if r.finished:
+                    del self._listeners[id(r)]
+        outbox, self._outbox = self._outbox, []
+        return outbox
 
     def _post(self, requests: list[Request]) -> None:
-        """On the engine thread, once a step: hand the step's requests to the event loop."""
+        """On the engine thread, once a step: hand the step's requests (or their events) to the loop."""
         try:
-            self._loop.call_soon_threadsafe(self._deliver, requests)
+            if self.text_on_loop:
+                self._loop.call_soon_threadsafe(self._deliver, requests)
+            else:
+                self._loop.call_soon_threadsafe(self._put, self._drain(requests))
         except RuntimeError:  # the event loop has closed (the server is shutting down): nobody listens
             pass
 
     def _deliver(self, requests: list[Request]) -> None:
-        """On the event loop: the step's tokens become text and events (requests of this server only:
-        a ``generate()`` sharing the model drains its own)."""
-        for r in requests:
-            if id(r) in self._listeners:
-                r.drain()
+        """On the event loop: the step's tokens become text and events."""
+        self._put(self._drain(requests))
+
+    @staticmethod
+    def _put(outbox: list[tuple[asyncio.Queue, tuple]]) -> None:
+        for events, item in outbox:
+            events.put_nowait(item)
 
     def _run_calls(self) -> None:
         with self._calls_lock:

@@ -1,5 +1,7 @@
-"""What the server's tests share: a uvicorn server in a thread, and plain HTTP requests."""
+"""What the server's tests share: a uvicorn server in a thread over a model's scheduler, plain
+HTTP requests, and waiting for ``python -m engine.serve`` to come up."""
 
+import contextlib
 import http.client
 import json
 import socket
@@ -9,6 +11,7 @@ import time
 import uvicorn
 
 KEY = "sk-test"
+NAME = "tiny-gpt2"
 
 
 class Response:
@@ -53,3 +56,29 @@ class Server:
         self.thread.join(timeout=30)
 
 
+
+
+@contextlib.contextmanager
+def serving(model, **scheduler_options):
+    """(server, scheduler): the app over a new scheduler of ``model``, served until the block ends."""
+    from engine.core.scheduler import Scheduler
+    from engine.serve.app import create_app
+
+    scheduler = Scheduler(model, **scheduler_options)
+    server = Server(create_app(scheduler, NAME, api_key=KEY))
+    try:
+        yield server, scheduler
+    finally:
+        server.stop()
+
+
+def wait_until_healthy(url: str, proc, seconds: float = 120) -> None:
+    """Wait for ``python -m engine.serve`` (``proc``) to answer /health; fail with its stderr if it exits."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if http_request(url, "GET", "/health", key=None).status_code == 200:
+                return
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.1)

@@ -24,23 +24,22 @@ prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
 from engine.serve.app import create_app  # noqa: E402
 
-from .serving import KEY, Server, http_request  # noqa: E402
+from .serving import KEY, NAME, Server, http_request, serving, wait_until_healthy  # noqa: E402
 
-NAME = "tiny-gpt2"
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return engine.load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
+def served(tiny_checkpoint):
+    """(server, scheduler) over a float32 tiny model of this module's own, 16 slots."""
+    with serving(engine.load_model(tiny_checkpoint, device="cpu", dtype=torch.float32), max_batch=16,
+                 max_waiting=128) as server_and_scheduler:
+        yield server_and_scheduler
 
 
 @pytest.fixture(scope="module")
-def served(model):
-    scheduler = Scheduler(model, max_batch=16, max_waiting=128)
-    server = Server(create_app(scheduler, NAME, api_key=KEY))
-    yield server, scheduler
-    server.stop()
+def model(served):
+    return served[1].model
 
 
 @pytest.fixture
@@ -206,14 +205,7 @@ def test_sigterm_mid_stream_ends_streams_and_exits_0(tiny_checkpoint):
                              "--shutdown-timeout", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if http_request(url, "GET", "/health", key=None).status_code == 200:
-                    break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-                time.sleep(0.1)
+        wait_until_healthy(url, proc)
         host, _ = url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, port, timeout=30)
         conn.request("POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 120, "stream": True,

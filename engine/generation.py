@@ -147,7 +147,7 @@ def generate(model: GPT2, prompts: Prompts, max_new_tokens: int, temperature: fl
                     max_time=max_time, keep_text=is_text, logprobs=want_logprobs)
             for r, (ids, s) in enumerate(zip(rows, seeds))]
     scheduler = scheduler_for(model)
-    capture_seconds = scheduler.prepare(seqs, cuda_graph)
+    capture_seconds = scheduler.size_for(seqs, cuda_graph)
     start = time.monotonic()
     scheduler.submit(seqs, queue_limit=False)
     scheduler.run(seqs, cancel)

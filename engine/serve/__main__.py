@@ -11,19 +11,7 @@ import sys
 
 from ..cli import (CommandParser, HelpFormatter, UsageError, add_placement_options, float_in, int_at_least, int_in,
                    run_cli)
-
-
-def server_dtype(device: str | None) -> str | None:
-    """The server's default dtype: on CPU the one whose batched GEMMs are fast there, bfloat16 where
-    the processor has native bf16 (AVX512-BF16, AMX), else float32 (CPU fp16 GEMMs beyond 16 rows run
-    upcast to fp32 anyway); elsewhere the loader's default (None). At 16 rows of gpt2 on a 2-core
-    EPYC with AVX512-BF16: 50 ms a step in bf16, 97 in fp32, 132 in fp16."""
-    from ..model.cpu import cpu_flags
-    from ..model.loader import default_device
-
-    if (device or default_device().type).split(":")[0] != "cpu":
-        return None
-    return "bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
+from .defaults import MAX_WAITING, server_dtype, server_max_batch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "else float32; float32 with --quantize on CPU")
     p.add_argument("--max-batch", type=int_at_least("--max-batch", 1), default=None,
                    help="requests decoded together (default: 64 on CUDA, 16 on CPU)")
-    p.add_argument("--max-waiting", type=int_at_least("--max-waiting", 0), default=256,
+    p.add_argument("--max-waiting", type=int_at_least("--max-waiting", 0), default=MAX_WAITING,
                    help="requests queued beyond the batch before the server answers 503")
     p.add_argument("--max-context", type=int_at_least("--max-context", 1), default=None,
                    help="positions a request may use, prompt and new tokens (default: the model's, 1024): the KV "
@@ -97,10 +85,9 @@ def run(args) -> int:
     from ..core.scheduler import Scheduler
 
     try:
-        # int8 on CPU computes in float32 (the loader's default for it): no dtype to choose then
-        dtype = args.dtype or (None if args.quantize else server_dtype(args.device))
+        dtype = args.dtype or server_dtype(args.device, args.quantize)
         model = load_model(args.model, device=args.device, dtype=dtype, backend=args.backend, quantize=args.quantize)
-        max_batch = args.max_batch or (64 if model.device.type == "cuda" else 16)
+        max_batch = args.max_batch or server_max_batch(model.device.type)
         if args.max_context is not None and args.max_context > model.config.n_positions:
             raise UsageError(f"--max-context must be at most the model's context of {model.config.n_positions}, "
                              f"got {args.max_context}")

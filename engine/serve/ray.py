@@ -39,14 +39,14 @@ def replica_app(options: dict[str, Any]):
     scheduler and the server's app, as ``python -m engine.serve`` does with the same options."""
     from ..model.loader import load_model
     from ..core.scheduler import Scheduler
-    from .__main__ import server_dtype
     from .app import create_app
+    from .defaults import MAX_WAITING, server_dtype, server_max_batch
 
-    dtype = options.get("dtype") or (None if options.get("quantize") else server_dtype(options.get("device")))
+    dtype = options.get("dtype") or server_dtype(options.get("device"), options.get("quantize"))
     model = load_model(options.get("model", "gpt2"), device=options.get("device"), dtype=dtype,
                        backend=options.get("backend"), quantize=options.get("quantize"))
-    max_batch = _number(options, "max_batch", int, None) or (64 if model.device.type == "cuda" else 16)
-    scheduler = Scheduler(model, max_batch=max_batch, max_waiting=_number(options, "max_waiting", int, 256),
+    max_batch = _number(options, "max_batch", int, None) or server_max_batch(model.device.type)
+    scheduler = Scheduler(model, max_batch=max_batch, max_waiting=_number(options, "max_waiting", int, MAX_WAITING),
                           max_context=_number(options, "max_context", int, None))
     name = options.get("served_model_name") or options.get("model", "gpt2")
     return create_app(scheduler, name, options.get("api_key"), _number(options, "request_timeout", float, None))

@@ -157,7 +157,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     defaulted and explained by its row."""
     import gpt2kernels
 
-    for control in gpt2kernels.SAMPLING_CONTROLS + gpt2kernels.PENALTY_CONTROLS:
+    for control in gpt2kernels.CONTROLS:
         p.add_argument("--" + control.name.replace("_", "-"), type=_control_parser(control), default=control.off,
                        help=control.help)
 
@@ -166,7 +166,7 @@ def sampling_options(args: argparse.Namespace) -> dict:
     """The values of ``add_sampling_options``' options, by control name (``generate``'s keywords)."""
     import gpt2kernels
 
-    return {c.name: getattr(args, c.name) for c in gpt2kernels.SAMPLING_CONTROLS + gpt2kernels.PENALTY_CONTROLS}
+    return {c.name: getattr(args, c.name) for c in gpt2kernels.CONTROLS}
 
 
 def add_placement_options(p: argparse.ArgumentParser, dtype_help: str,

@@ -11,11 +11,11 @@ from .linear import (gelu_mlp, gelu_mlp_ref, linear, linear_ref, ln_linear, ln_l
                      ln_qkv_append_ref, qkv_append_ref)
 from .quantize import dequantize_int8, quantize_int8
 from ._ops import prepare_device
-from .penalties import PENALTY_CONTROLS, apply_penalties, apply_penalties_ref, check_penalties
+from .penalties import CONTROLS, PENALTY_CONTROLS, apply_penalties, apply_penalties_ref, check_penalties
 from .sampling import SAMPLING_CONTROLS, SamplingControl, check_sampling_params, sample, sample_ref
 
 __all__ = [
-    "PENALTY_CONTROLS", "SAMPLING_CONTROLS", "SamplingControl", "add_layer_norm", "add_layer_norm_ref",
+    "CONTROLS", "PENALTY_CONTROLS", "SAMPLING_CONTROLS", "SamplingControl", "add_layer_norm", "add_layer_norm_ref",
     "apply_penalties", "apply_penalties_ref", "check_penalties",
     "check_sampling_params", "cross_entropy", "cross_entropy_ref", "decode_attention", "decode_attention_ref",
     "decode_embed", "decode_embed_ref", "dequantize_int8",

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._ops import check_tensor, kernel_op
-from .sampling import SamplingControl
+from .sampling import SAMPLING_CONTROLS, SamplingControl
 
 BLOCK_V = 1024  # 50 programs a row at GPT-2's vocabulary: a decode batch of 1 already fills 50 SMs
 WARPS = 4       # 8 tokens a thread: an elementwise pass over fp32 rows needs no more
@@ -39,6 +39,8 @@ PENALTY_CONTROLS = (
     SamplingControl("frequency_penalty", torch.float32, 0.0, 0.0, "[-2, 2]",
                     "OpenAI's, in [-2, 2]: subtracted per occurrence of a generated token"),
 )
+# Every per-row control, in the order a decode step applies them (sampling controls, then penalties).
+CONTROLS = SAMPLING_CONTROLS + PENALTY_CONTROLS
 
 
 def check_penalties(repetition_penalty: float = 1.0, presence_penalty: float = 0.0,

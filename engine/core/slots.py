@@ -1,8 +1,8 @@
 """Every per-slot tensor of a decode batch in one place: the slot's latest token, its sampling and
 penalty controls, its random stream and its penalty counts (vLLM keeps the same in ``InputBatch``).
 
-The controls are not listed here: they are ``gpt2kernels``' tables (``SAMPLING_CONTROLS``,
-``PENALTY_CONTROLS``), so a new control needs no change in this module.
+The controls are not listed here: they are ``gpt2kernels``' tables (``CONTROLS``: the sampling
+controls, then the penalties), so a new control needs no change in this module.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from gpt2kernels import PENALTY_CONTROLS, SAMPLING_CONTROLS
+from gpt2kernels import CONTROLS, PENALTY_CONTROLS, SAMPLING_CONTROLS
 
 from .request import SamplingParams
 
@@ -44,20 +44,12 @@ class SlotState:
                   "offset": ((slots,), torch.int64), "counts": ((slots, vocab_size), torch.int32),
                   "prompt_mask": ((slots, vocab_size), torch.bool),
                   "logprob_out": ((slots, 1 + 2 * self.top_logprobs), torch.float32)}
-        shapes.update({c.name: ((slots,), c.dtype) for c in self.control_list()})
+        shapes.update({c.name: ((slots,), c.dtype) for c in CONTROLS})
         self.tensors = {name: torch.zeros(shape, dtype=dtype, device=device) for name, (shape, dtype) in shapes.items()}
+        # Each per-slot tensor's value in a free slot.
+        self.free_values = {"tokens": 0, "seed": 0, "offset": 0, "counts": 0, "prompt_mask": False,
+                            "logprob_out": 0.0} | {c.name: c.free for c in CONTROLS}
         self.free(range(slots))
-
-    @staticmethod
-    def control_list():
-        """The sampling controls, then the penalty controls, in their kernels' argument order."""
-        return SAMPLING_CONTROLS + PENALTY_CONTROLS
-
-    def free_values(self) -> dict[str, float | int | bool]:
-        """Each per-slot tensor's value in a free slot."""
-        values = {"tokens": 0, "seed": 0, "offset": 0, "counts": 0, "prompt_mask": False, "logprob_out": 0.0}
-        values.update({c.name: c.free for c in self.control_list()})
-        return values
 
     def __getattr__(self, name: str) -> torch.Tensor:
         try:
@@ -77,7 +69,7 @@ class SlotState:
         """Give ``slots`` their requests' controls, seeds and prompts (for the repetition penalty),
         with no token generated yet (offset 0, zero counts)."""
         index = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
-        for c in self.control_list():
+        for c in CONTROLS:
             values = torch.tensor([getattr(p, c.name) for p in params], dtype=c.dtype)
             self.tensors[c.name][index] = values.to(self.device)
         self.seed[index] = torch.tensor([p.seed for p in params], dtype=torch.int64).to(self.device)
@@ -94,5 +86,5 @@ class SlotState:
         if not slots:
             return
         index = torch.tensor(slots, dtype=torch.int64, device=self.device)
-        for name, value in self.free_values().items():
+        for name, value in self.free_values.items():
             self.tensors[name][index] = value

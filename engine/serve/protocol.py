@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
-from gpt2kernels import PENALTY_CONTROLS, SAMPLING_CONTROLS
+from gpt2kernels import CONTROLS
 from gpt2kernels.sampling import as_int64
 
 from ..checks import has_type, is_int
@@ -164,7 +164,7 @@ def parse_completion(body, served_model: str) -> Completion:
     if best_of is not None and best_of != n:
         raise APIError(400, "'best_of' is not supported (other than equal to n)", "best_of")
     controls = {}
-    for c in SAMPLING_CONTROLS + PENALTY_CONTROLS:  # each one by its own name, as vLLM accepts them
+    for c in CONTROLS:  # each one by its own name, as vLLM accepts them
         integer = not c.dtype.is_floating_point
         controls[c.name] = _typed(body, c.name, (int,) if integer else (int, float), c.off,
                                   f"{'an integer' if integer else 'a number'} in {c.interval}")

@@ -36,7 +36,7 @@ def test_the_controls_are_listed_once():
     field, a CLI option and a server parameter; a free slot holds its free value."""
     from engine.generate import build_parser
 
-    controls = gpt2kernels.SAMPLING_CONTROLS + gpt2kernels.PENALTY_CONTROLS
+    controls = gpt2kernels.CONTROLS
     state = SlotState(3, 10, torch.device("cpu"))
     fields = {f.name for f in dataclasses.fields(SamplingParams)}
     options = build_parser().parse_args([])

@@ -66,18 +66,25 @@ class Completion:
         return out
 
 
-def choice_logprobs(request: Request, start: int, end: int, offset: int = 0) -> dict:
-    """OpenAI's completions ``logprobs`` object for tokens [start, end) of ``request``: each token's
-    text, its log-probability, the top alternatives ({text: log p}) and its offset in the choice's
-    text (counted from ``offset``, the length of the text before token ``start``)."""
-    texts = [decode([t]) for t in request.tokens[start:end]]
+def _logprobs_object(tokens: list[int], token_logprobs: list, top: list, offset: int) -> dict:
+    """OpenAI's completions ``logprobs`` object: each token's text, its log-probability, the top
+    alternatives ({text: log p}, or None where ``top`` holds None) and its offset in the choice's
+    text (counted from ``offset``)."""
+    texts = [decode([t]) for t in tokens]
     offsets = []
     for text in texts:
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": texts, "token_logprobs": request.token_logprobs[start:end],
-            "top_logprobs": [{decode([i]): lp for i, lp in top} for top in request.top_logprobs[start:end]],
+    return {"tokens": texts, "token_logprobs": token_logprobs,
+            "top_logprobs": [None if row is None else {decode([i]): lp for i, lp in row} for row in top],
             "text_offset": offsets}
+
+
+def choice_logprobs(request: Request, start: int, end: int, offset: int = 0) -> dict:
+    """The ``logprobs`` object of tokens [start, end) of ``request`` (``offset``: the length of the
+    choice's text before token ``start``)."""
+    return _logprobs_object(request.tokens[start:end], request.token_logprobs[start:end],
+                            request.top_logprobs[start:end], offset)
 
 
 def finish_reason(request: Request) -> str:
@@ -91,14 +98,8 @@ def prompt_logprobs(tokens: list[int], token_logprobs: list[float], top: list[li
     """OpenAI's legacy ``echo`` + ``logprobs`` object for a prompt: every token's text, its
     log-probability given the ones before (None for the first: nothing predicts it), the top
     alternatives ({text: log p}, None first; empty dicts when ``top`` is None) and its offset."""
-    texts = [decode([t]) for t in tokens]
-    offsets, offset = [], 0
-    for text in texts:
-        offsets.append(offset)
-        offset += len(text)
-    alternatives = [{decode([i]): lp for i, lp in row} for row in top] if top is not None else [{} for _ in tokens[1:]]
-    return {"tokens": texts, "token_logprobs": [None, *token_logprobs], "top_logprobs": [None, *alternatives],
-            "text_offset": offsets}
+    top = [[] for _ in tokens[1:]] if top is None else top
+    return _logprobs_object(tokens, [None, *token_logprobs], [None, *top], 0)
 
 
 def join_logprobs(first: dict, second: dict) -> dict:

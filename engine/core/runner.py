@@ -57,6 +57,12 @@ class StepPlan:
     penalized: bool = False
     logprobs: bool = False
 
+    @classmethod
+    def of(cls, rows: int, requests) -> "StepPlan":
+        """The plan of a step of ``rows`` rows running ``requests``: with penalties if one has them,
+        with log-probabilities if one asks for them."""
+        return cls(rows, any(r.sampling.penalized for r in requests), any(r.logprobs is not None for r in requests))
+
 
 def runner_for(model: GPT2) -> "Runner":
     """The model's one runner (and so its one KV cache), made on first use."""
@@ -227,13 +233,12 @@ class Runner:
         shared = [i for i in range(len(requests)) if i not in unique]
         if shared:
             self.cache.copy_slots(slot_ids[[unique[source[i]] for i in shared]], slot_ids[shared], longest)
-        params = [r.sampling for r in requests]
-        self.slots.assign(slots, params, [r.prompt for r in requests])
+        self.slots.assign(slots, [r.sampling for r in requests], [r.prompt for r in requests])
         for r, slot in zip(requests, slots):
             self.host_cache_lens[slot] = len(r.prompt)
             r.begin()
-        self._sample(logits[source], slot_ids, any(p.penalized for p in params),
-                     logprobs=any(r.logprobs is not None for r in requests))
+        mode = StepPlan.of(len(requests), requests)
+        self._sample(logits[source], slot_ids, mode.penalized, logprobs=mode.logprobs)
 
     def step(self, plan: StepPlan, use_graph: bool) -> None:
         """One decode step for slots [0, plan.rows), free rows too (static shapes): each slot's next
@@ -271,7 +276,7 @@ def admit_batch(runner: Runner, requests: list[Request], cuda_graph: bool = Fals
     needed = max(len(r.prompt) + r.max_new_tokens for r in requests)
     runner.check_device(cuda_graph)
     runner.reserve(rows, rounded_len(needed, runner.model.config.n_positions))
-    plan = StepPlan(rows, any(r.sampling.penalized for r in requests), any(r.logprobs is not None for r in requests))
+    plan = StepPlan.of(rows, requests)
     if cuda_graph:
         runner.capture([plan])
     runner.release(range(runner.cache.slots))

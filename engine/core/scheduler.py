@@ -132,11 +132,10 @@ class Scheduler:
         """With no request running: a cache that holds ``max_batch`` slots of the positions
         ``requests`` need (rounded up, so that similar calls reuse it) and the graph of their step."""
         needed = max(len(r.prompt) + r.max_new_tokens for r in requests)
-        mode = (any(r.sampling.penalized for r in requests), any(r.logprobs is not None for r in requests))
-        batch = min(len(requests), self.max_batch)
         self.runner.reserve(self._capacity(self.max_batch), rounded_len(needed, self.model.config.n_positions))
         if self.cuda_graph:
-            self.capture_seconds += self.runner.capture([StepPlan(graph_bucket(batch), *mode)])
+            batch = min(len(requests), self.max_batch)
+            self.capture_seconds += self.runner.capture([StepPlan.of(graph_bucket(batch), requests)])
 
     # --- requests in ---------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -209,8 +208,7 @@ class Scheduler:
         if not needing:
             return None
         rows = max(self.active) + 1
-        running = self.active.values()
-        plan = StepPlan(rows, any(r.sampling.penalized for r in running), any(r.logprobs is not None for r in running))
+        plan = StepPlan.of(rows, self.active.values())
         if not self.cuda_graph:
             return plan
         # The smallest captured graph that covers the step: more rows, or a mode that does more
@@ -247,7 +245,7 @@ class Scheduler:
         self.active.update(admitted)
         self._produced.update((s, 1) for s in slots)
         index = torch.tensor(slots, device=self.runner.device)
-        self._submit_read(slots, any(r.logprobs is not None for _, r in admitted), index)
+        self._submit_read(slots, StepPlan.of(len(slots), [r for _, r in admitted]).logprobs, index)
 
     def _reader(self, columns: int, dtype: torch.dtype) -> TokenReader:
         slots = self.runner.cache.slots
@@ -304,15 +302,19 @@ class Scheduler:
         self._produced.pop(slot, None)
         self.runner.release([slot])
 
+    def _end_running(self, reason: str) -> list[Request]:
+        """End every running request with ``reason``, free its slot and drop the unread steps; returns them."""
+        running = list(self.active.values())
+        for slot, r in list(self.active.items()):
+            r.end(reason)
+            self._free(slot)
+        self._unread.clear()
+        return running
+
     def fail_running(self) -> None:
         """End every running request with "error" and free its slot (after a failed step)."""
         with self._step_lock:
-            failed = list(self.active.values())
-            for slot, r in list(self.active.items()):
-                r.end("error")
-                self._free(slot)
-            self._unread.clear()
-            self._notify(failed)
+            self._notify(self._end_running("error"))
 
     def _read_all(self, updated: list[Request]) -> None:
         unread, self._unread = self._unread, []
@@ -324,8 +326,8 @@ class Scheduler:
         its slot; their text is drained on this thread. ``cancel`` (anything with ``is_set()``)
         cancels them all once set. The scheduler may be a server's, stepped by its thread too:
         whoever steps serves every request."""
-        def running(r):
-            return any(a is r for a in self.active.values()) or any(w is r for w in self.waiting)
+        def running(r):  # requests compare by identity
+            return r in self.active.values() or r in self.waiting
 
         while True:
             if cancel is not None and cancel.is_set():
@@ -352,14 +354,9 @@ class Scheduler:
                 waiting, self.waiting = list(self.waiting), deque()
             for r in waiting:
                 r.end(reason)
-            running = list(self.active.values())
-            for r in running:
-                r.end(reason)
-            for slot in list(self.active):
-                self._free(slot)
-            self._unread.clear()
-            self._notify(waiting + running)
-            return waiting + running
+            ended = waiting + self._end_running(reason)
+            self._notify(ended)
+            return ended
 
 
 def scheduler_for(model: GPT2) -> Scheduler:

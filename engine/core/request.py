@@ -130,7 +130,7 @@ class Request:
 
     With ``logprobs`` (None: off; n in [0, 20]: the chosen token's and the n likeliest tokens'),
     ``token_logprobs`` holds each output token's log-probability and ``top_logprobs`` the n
-    (token, log-probability) pairs, likeliest first, of each step (see ``Runner.logprobs``).
+    (token, log-probability) pairs, likeliest first, of each step (see ``Runner._logprobs``).
     ``arrived``, ``first_token_at`` and ``ended_at`` are ``time.monotonic()`` stamps (the server's
     TTFT and inter-token metrics).
     """

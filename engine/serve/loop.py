@@ -1,10 +1,11 @@
 """The engine thread: the one owner of the model, stepping the scheduler while there is work.
 
 HTTP handlers run on the asyncio loop and never touch the model: they submit requests (a
-thread-safe call) and receive each request's text and end through an asyncio queue. The engine
-thread only records tokens: once per step it hands the step's requests to the event loop in one
-``call_soon_threadsafe`` (one wake-up for 64 clients, not 64), where their tokens become text,
-stop strings are matched and events are queued (``Request.drain``).
+thread-safe call) and receive each request's text and end through an asyncio queue. Once per
+step the engine thread hands the step's work to the event loop in one ``call_soon_threadsafe``
+(one wake-up for 64 clients, not 64): on CUDA the requests, whose tokens become text there
+(``Request.drain``: detokenisation, stop strings) while the device runs the next step; on CPU the
+events, their text made on the engine thread between steps (``EngineLoop(text_on_loop=...)``).
 """
 
 from __future__ import annotations

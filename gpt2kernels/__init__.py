@@ -10,6 +10,8 @@ from .layernorm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_nor
 from .linear import (gelu_mlp, gelu_mlp_ref, linear, linear_ref, ln_linear, ln_linear_ref, ln_qkv_append,
                      ln_qkv_append_ref, qkv_append_ref)
 from .quantize import dequantize_int8, quantize_int8
+from .matmul import matmul, matmul_ref
+from . import linear_backward  # noqa: F401  (registers linear's and gelu_mlp's backward)
 from ._ops import prepare_device
 from .penalties import CONTROLS, PENALTY_CONTROLS, apply_penalties, apply_penalties_ref, check_penalties
 from .sampling import SAMPLING_CONTROLS, SamplingControl, check_sampling_params, sample, sample_ref
@@ -21,6 +23,6 @@ __all__ = [
     "decode_embed", "decode_embed_ref", "dequantize_int8",
     "flash_attention", "flash_attention_ref", "layer_norm",
     "gelu_mlp", "gelu_mlp_ref", "layer_norm_ref", "linear", "linear_ref", "ln_linear", "ln_linear_ref",
-    "linear_cross_entropy", "linear_cross_entropy_ref", "ln_qkv_append", "ln_qkv_append_ref", "prepare_device",
+    "linear_cross_entropy", "linear_cross_entropy_ref", "matmul", "matmul_ref", "ln_qkv_append", "ln_qkv_append_ref", "prepare_device",
     "qkv_append_ref", "quantize_int8", "sample", "sample_ref",
 ]

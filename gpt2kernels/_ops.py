@@ -7,11 +7,14 @@ from typing import Callable
 
 import torch
 import triton
+import triton.language as tl
 from triton import knobs
 
 NS = "gpt2engine"  # torch.ops.gpt2engine.<op>; the C++ sampler registers under NS + "_C"
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The ops with a backward also take float64, so that torch.autograd.gradcheck runs (in the interpreter).
+TRAIN_DTYPES = FLOAT_DTYPES + (torch.float64,)
 # Whether the kernels defined after this import run in Triton's interpreter: ``triton.jit`` makes
 # that choice when each kernel is defined (TRITON_INTERPRET=1 at import), so it is read once, here.
 INTERPRETED = bool(knobs.runtime.interpret)
@@ -84,6 +87,25 @@ def row_settings(n: int) -> tuple[int, int]:
     """
     block = triton.next_power_of_2(n)
     return block, min(32, max(1, block // 256))
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where kernels accumulate sums and statistics: float64 for float64 inputs (gradcheck), float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    """``acc_dtype`` as the Triton type a kernel's ``ACC`` constexpr takes."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def inference_only(name: str, instead: str) -> None:
+    """Register on the op ``NS::name`` a backward that raises, naming the op: it is inference-only.
+    ``instead`` says what to train with."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"gpt2kernels.{name} is inference-only and has no backward: {instead}")
+
+    torch.library.register_autograd(f"{NS}::{name}", backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:

@@ -6,7 +6,13 @@
 One program normalises one row held entirely in registers: x (and the residual) are read once,
 y (and s) written once, mean and variance accumulated in fp32 in two passes over the registers
 (no E[x^2] - E[x]^2 cancellation, so a large mean costs no precision in fp16).
-Reference: the Triton tutorial 05-layer-norm; PyTorch's ``F.layer_norm``.
+
+Backward (registered as both ops' autograd): each program takes a contiguous run of rows,
+recomputes their mean and 1/std from the saved input (one row read, no saved statistics), writes
+dx (plus the incoming gradient of s, for add_layer_norm, which is also the residual's gradient) and
+accumulates its rows' dweight and dbias partials in fp32 registers. The partials, one row per
+program, are summed in program order afterwards: two stages, no float atomics, deterministic.
+Reference: the Triton tutorial 05-layer-norm; Liger-Kernel's LayerNorm; PyTorch's ``F.layer_norm``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import check_tensor, kernel_op, row_settings
+from ._ops import TRAIN_DTYPES, acc_dtype, check_tensor, kernel_op, row_settings, sm_count, tl_acc
 
 MAX_N = 65536  # one row must fit in registers: 65536 fp32 over 32 warps is 64 per thread
 
@@ -34,21 +40,62 @@ def _layer_norm_fwd_kernel(
     N, eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr,  # fp32; fp64 for fp64 input (gradcheck)
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride overflows int32 beyond 2**31 elements
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(ACC)
     if HAS_RESIDUAL:
-        x += tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(ACC)
         tl.store(s_ptr + row * stride_s + cols, x.to(s_ptr.dtype.element_ty), mask=mask)
     mean = tl.sum(x, axis=0) / N
     centred = tl.where(mask, x - mean, 0.0)
     var = tl.sum(centred * centred, axis=0) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(ACC)
     tl.store(y_ptr + row * stride_y + cols, (centred * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "rows_per_program"])
+def _layer_norm_bwd_kernel(
+    x_ptr,    # (M, N) the normalised input: x, or s = x + residual
+    dy_ptr,   # (M, N) gradient of y
+    ds_ptr,   # (M, N) gradient of s, added to dx (read only when HAS_DS)
+    w_ptr,    # (N,) weight
+    dx_ptr,   # (M, N) gradient of x (and of the residual), contiguous
+    dw_ptr,   # (programs, N) ACC partial sums of dweight, one row per program
+    db_ptr,   # (programs, N) ACC partial sums of dbias
+    stride_x, stride_dy, stride_ds,
+    M, N, eps, rows_per_program,
+    HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    in_row = cols < N
+    w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(ACC)
+    dw = tl.zeros((BLOCK_N,), dtype=ACC)
+    db = tl.zeros((BLOCK_N,), dtype=ACC)
+    first = pid.to(tl.int64) * rows_per_program
+    for i in range(0, rows_per_program):
+        row = first + i
+        mask = in_row & (cols * 0 + row < M)  # a vector: the interpreter takes no scalar in a mask
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(ACC)
+        mean = tl.sum(x, axis=0) / N
+        centred = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / N + eps)
+        xhat = centred * rstd
+        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(ACC)
+        dw += dy * xhat
+        db += dy
+        g = dy * w  # gradient of xhat
+        dx = (g - xhat * (tl.sum(g * xhat, axis=0) / N) - tl.sum(g, axis=0) / N) * rstd
+        if HAS_DS:
+            dx += tl.load(ds_ptr + row * stride_ds + cols, mask=mask, other=0.0).to(ACC)
+        tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + pid * N + cols, dw, mask=in_row)
+    tl.store(db_ptr + pid * N + cols, db, mask=in_row)
 
 
 def _rows(name: str, t: Tensor) -> Tensor:
@@ -60,14 +107,14 @@ def _rows(name: str, t: Tensor) -> Tensor:
 
 def _layer_norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor,
                        eps: float) -> tuple[Tensor, Tensor | None]:
-    check_tensor("x", x)
+    check_tensor("x", x, dtypes=TRAIN_DTYPES)
     n = x.shape[-1]
     if not 1 <= n <= MAX_N:
         raise ValueError(f"x's last dim must be in [1, {MAX_N}], got {n}")
     for name, t in (("weight", weight), ("bias", bias)):
-        check_tensor(name, t, shape=(n,), device=x.device)
+        check_tensor(name, t, shape=(n,), device=x.device, dtypes=TRAIN_DTYPES)
     if residual is not None:
-        check_tensor("residual", residual, shape=tuple(x.shape), device=x.device, dtype=x.dtype)
+        check_tensor("residual", residual, shape=tuple(x.shape), device=x.device, dtype=x.dtype, dtypes=None)
     x2 = _rows("x", x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0] == 0:
@@ -77,8 +124,45 @@ def _layer_norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, bias:
     block, warps = row_settings(n)
     _layer_norm_fwd_kernel[(x2.shape[0],)](
         x2, r2, weight, bias, y, s, x2.stride(0), r2.stride(0), n, n, n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=warps)
+        HAS_RESIDUAL=residual is not None, BLOCK_N=block, ACC=tl_acc(x.dtype), num_warps=warps)
     return y, (s if residual is not None else None)
+
+
+# Backward programs per SM: each program's fp32 dweight/dbias partials cost a row of memory and of
+# the final sum, and it needs rows enough to hide the loads' latency (Liger-Kernel launches one
+# program per SM; two let one program load while the other reduces).
+BWD_PROGRAMS_PER_SM = 2
+
+
+def layer_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, grad_s: Tensor | None,
+                        eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``y = LayerNorm(x)`` (and of ``s``, when add_layer_norm's ``s`` was used).
+
+    Args:
+        x: (..., N) the normalised input (add_layer_norm's s), fp16/bf16/fp32/fp64.
+        weight: (N,) LayerNorm weight; grad_y: x's shape, any dtype; grad_s: x's shape or None.
+    Returns:
+        (dx, dweight, dbias): dx in x's shape and dtype (``grad_s`` added; for add_layer_norm it is
+        also the residual's gradient), dweight and dbias (N,) in weight's dtype.
+    """
+    n = x.shape[-1]
+    x2 = _rows("x", x)
+    m = x2.shape[0]
+    dy = _rows("grad_y", grad_y.to(x.dtype)).contiguous()
+    ds = _rows("grad_s", grad_s.to(x.dtype)).contiguous() if grad_s is not None else dy
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    programs = max(1, min(m, BWD_PROGRAMS_PER_SM * sm_count(x.device)))
+    acc = acc_dtype(x.dtype)
+    dw = torch.empty((programs, n), dtype=acc, device=x.device)
+    db = torch.empty((programs, n), dtype=acc, device=x.device)
+    if m == 0:
+        return dx, weight.new_zeros(n), weight.new_zeros(n)
+    block, warps = row_settings(n)
+    _layer_norm_bwd_kernel[(programs,)](
+        x2, dy, ds, weight, dx, dw, db, x2.stride(0), dy.stride(0), ds.stride(0), m, n, eps,
+        triton.cdiv(m, programs), HAS_DS=grad_s is not None, BLOCK_N=block, ACC=tl_acc(x.dtype),
+        num_warps=warps)
+    return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 
 @kernel_op("layer_norm")
@@ -120,6 +204,37 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
 def _(x, residual, weight, bias, eps=1e-5):
     like = torch.empty_like(x, memory_format=torch.contiguous_format)
     return like, torch.empty_like(like)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, _, eps = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(x, weight)
+
+
+def _layer_norm_grads(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    dx, dw, db = layer_norm_backward(x, weight, grad_y, None, ctx.eps)
+    return dx, dw, db, None
+
+
+layer_norm.op.register_autograd(_layer_norm_grads, setup_context=_layer_norm_setup)
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    ctx.eps = inputs[4]
+    ctx.save_for_backward(output[1], inputs[2])  # s, the normalised sum, and the weight
+
+
+def _add_layer_norm_grads(ctx, grad_y, grad_s):
+    s, weight = ctx.saved_tensors
+    if grad_y is None:  # y unused: only s flows on
+        grad_y = torch.zeros_like(s)
+    ds, dw, db = layer_norm_backward(s, weight, grad_y, grad_s, ctx.eps)
+    return ds, ds, dw, db, None
+
+
+add_layer_norm.op.register_autograd(_add_layer_norm_grads, setup_context=_add_layer_norm_setup)
 
 
 def layer_norm_ref(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:

@@ -28,18 +28,11 @@ from torch import Tensor
 
 from .layernorm import layer_norm_ref
 from .quantize import dequantize_int8
-from ._ops import arrival_counters, check_tensor, dot_precision, kernel_op, sm_count
+from .activations import gelu_tanh, gelu_tanh_grad
+from ._ops import TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_precision, kernel_op, sm_count, tl_acc
 
 ACTIVATIONS = (None, "gelu_tanh")
 DECODE_MAX_ROWS = 16
-
-
-@triton.jit
-def _gelu_tanh(z):
-    # tanh(u) = 2 * sigmoid(2u) - 1: libdevice.tanh fails in the interpreter, and this compiles to fast code.
-    # so 0.5 * z * (1 + tanh(u)) = z * sigmoid(2u), with u = sqrt(2/pi) * (z + 0.044715 z^3).
-    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    return z * tl.sigmoid(2.0 * u)
 
 
 @triton.jit
@@ -69,19 +62,24 @@ def _row_stats(x_ptr, rm, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr
 def _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
               kc_ptr, vc_ptr, lens_ptr, stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT: tl.constexpr,
               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, KV_CACHE: tl.constexpr):
-    """int8 weights' column scales, bias, activation, residual in fp32, then one rounding and masked
+    """int8 weights' column scales, bias, activation, residual in fp32 (ACTIVATION 2: the residual
+    times the GELU's derivative instead, for the backward), then one rounding and masked
     stores of the tile: into y, or with KV_CACHE, columns [0, C) (the query) into y and [C, 3C)
     (key, value) into the caches."""
     if INT8_WEIGHT:
         acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(acc.dtype)[None, :]
     if ACTIVATION == 1:
-        acc = _gelu_tanh(acc)
+        acc = gelu_tanh(acc)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     rows = rm[:, None].to(tl.int64)
     if HAS_RESIDUAL:
-        acc += tl.load(r_ptr + rows * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + rows * stride_rm + rn[None, :], mask=mask, other=0.0).to(acc.dtype)
+        if ACTIVATION == 2:  # the backward's recompute: "residual" is the GELU output's gradient
+            acc = r * gelu_tanh_grad(acc)
+        else:
+            acc += r
     out = acc.to(y_ptr.dtype.element_ty)
     if KV_CACHE:
         c = N // 3
@@ -121,6 +119,7 @@ def _linear_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, KV_CACHE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, STATS_K: tl.constexpr,
+    ACC: tl.constexpr,  # fp32; fp64 for fp64 inputs (gradcheck)
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -142,7 +141,7 @@ def _linear_fwd_kernel(
     k0 = pid_k * k_span
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + rk)[None, :] * stride_xk
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + (k0 + rk)[:, None] * stride_wk  # (BLOCK_K, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k in range(0, k_span, BLOCK_K):
         kk = k0 + k + rk
         a = tl.load(x_ptrs, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
@@ -166,7 +165,7 @@ def _linear_fwd_kernel(
         tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
         if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
             for s in range(SPLIT_K):  # .cg: from L2, where the other programs' partials are
                 acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
             _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
@@ -249,7 +248,7 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, int8_weigh
     lm_head 786 x 1); shapes in ``DECODE_TUNED`` (``DECODE_TUNED_INT8`` for int8 weights) take the
     measured tiles.
     """
-    wide = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
+    wide = dtype.itemsize >= 4  # fp32 (and fp64) tiles take twice the registers and shared memory
     tuned = DECODE_TUNED_INT8 if int8_weight else DECODE_TUNED
     if m <= DECODE_MAX_ROWS and not wide and (n, k) in tuned:
         block_n, block_k, warps, stages, split = tuned[n, k]
@@ -277,7 +276,7 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, int8_weigh
 
 def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
                   weight_scale: Tensor | None = None) -> None:
-    check_tensor("x", x, last_dim_contiguous=False)
+    check_tensor("x", x, last_dim_contiguous=False, dtypes=TRAIN_DTYPES)
     if x.dim() < 1:
         raise ValueError("x must have at least one dim (..., K)")
     int8_weight = isinstance(weight, Tensor) and weight.dtype == torch.int8
@@ -294,7 +293,7 @@ def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: st
         raise ValueError(f"x has shape {list(x.shape)} but weight has shape {list(weight.shape)}: "
                          f"x's last dim must equal weight's K = {k}")
     if bias is not None:
-        check_tensor("bias", bias, shape=(n,), device=x.device)
+        check_tensor("bias", bias, shape=(n,), device=x.device, dtypes=TRAIN_DTYPES)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
@@ -324,18 +323,20 @@ def _check_kv_cache(x: Tensor, weight: Tensor, k_cache: Tensor, v_cache: Tensor,
 
 def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
                    residual: Tensor | None, norm: tuple[Tensor, Tensor, float] | None = None,
-                   kv_cache: tuple[Tensor, Tensor, Tensor] | None = None, weight_scale: Tensor | None = None) -> Tensor:
+                   kv_cache: tuple[Tensor, Tensor, Tensor] | None = None, weight_scale: Tensor | None = None,
+                   gelu_grad: bool = False) -> Tensor:
     """The one launcher behind every linear op: checks, allocates, picks the tiles and launches.
 
     norm: (ln_weight, ln_bias, eps) to LayerNorm x's rows in the prologue. kv_cache: (k_cache,
     v_cache, cache_lens) to store columns [C, 3C) of a fused QKV projection into the caches; the
     output is then the query, (M, C). weight_scale: (N,) fp32 scales of an int8 weight.
+    gelu_grad: the epilogue returns ``residual * gelu'(x @ weight.T + bias)`` (see ``linear_gelu_grad``).
     """
     _check_linear(x, weight, bias, activation, weight_scale)
     n, k = weight.shape
     out_shape = (*x.shape[:-1], n)
     if residual is not None:
-        check_tensor("residual", residual, shape=out_shape, dtype=x.dtype, device=x.device)
+        check_tensor("residual", residual, shape=out_shape, dtype=x.dtype, device=x.device, dtypes=None)
     if norm is not None:
         _check_norm(x, norm[0], norm[1])
     if kv_cache is not None:
@@ -360,7 +361,7 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
     scale = weight_scale if int8_weight else y2
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.split_k > 1:
-        ws = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+        ws = torch.empty((cfg.split_k, m, n), dtype=acc_dtype(x.dtype), device=x.device)
         counts = arrival_counters(x.device, tiles)
     else:
         ws = counts = y2
@@ -369,10 +370,11 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         x2, ln_w, ln_b, weight, scale, b, r2, y2, kc, vc, lens, ws, counts, m, n, k,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), r2.stride(0), y2.stride(0),
         *cache_strides, eps, NORM=norm is not None, INT8_WEIGHT=int8_weight, HAS_BIAS=bias is not None,
-        ACTIVATION=int(activation == "gelu_tanh"), HAS_RESIDUAL=residual is not None, KV_CACHE=kv_cache is not None,
+        ACTIVATION=2 if gelu_grad else int(activation == "gelu_tanh"), HAS_RESIDUAL=residual is not None, KV_CACHE=kv_cache is not None,
         SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         STATS_K=stats_block(cfg, k) if norm is not None else cfg.block_k,
-        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PRECISION=dot_precision(x.dtype), ACC=tl_acc(x.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return y
 
 
@@ -398,6 +400,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
 @linear.op.register_fake
 def _(x, weight, bias=None, activation=None, residual=None, weight_scale=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear_gelu_grad(x: Tensor, weight: Tensor, bias: Tensor | None, grad_h: Tensor) -> Tensor:
+    """The gradient reaching a GELU's input, with that input recomputed: ``grad_h * gelu'(x @ weight.T + bias)``
+    in one kernel (the forward GEMM, its epilogue taking the derivative), so that the pre-activation
+    is neither saved by the forward nor written by the backward.
+
+    Args:
+        x: (..., K) fp32/fp16/bf16/fp64; weight: (N, K) in x's dtype, any strides; bias: (N,) or None;
+        grad_h: (..., N) in x's dtype, last dim contiguous: the gradient of ``gelu(x @ weight.T + bias)``.
+    Returns:
+        (..., N) in x's dtype.
+    """
+    return _linear_launch(x, weight, bias, None, grad_h, gelu_grad=True)
 
 
 @kernel_op("gelu_mlp")

@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import FLOAT_DTYPES, NS, check_device, check_tensor
+from ._ops import NS, TRAIN_DTYPES, acc_dtype, check_device, check_tensor, tl_acc
 
-DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64 for gradcheck
+DTYPES = TRAIN_DTYPES
 
 BLOCK_V = 4096  # 13 steps over GPT-2's row; 16 fp32 values a thread at 8 warps keeps registers low
 WARPS = 8
@@ -97,13 +97,8 @@ def _launch(logits: Tensor, targets: Tensor, ignore_index: int, grad: Tensor | N
         logits, targets, loss, grad, scale, v, logits.stride(0), grad.stride(0),
         0 if scale.numel() == 1 else 1, ignore_index,
         BLOCK=min(BLOCK_V, triton.next_power_of_2(v)), HAS_GRAD=has_grad,
-        ACC=tl.float64 if loss.dtype == torch.float64 else tl.float32, num_warps=WARPS)
+        ACC=tl_acc(loss.dtype), num_warps=WARPS)
     return loss
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where losses and sums are kept: float64 for float64 inputs (gradcheck), float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _mean_scale(targets: Tensor, ignore_index: int, reduction: str, dtype: torch.dtype) -> Tensor:

@@ -5,7 +5,9 @@ Importable on its own: nothing here imports the ``engine`` runtime.
 
 from .loss import cross_entropy, cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
 from .embedding import decode_embed, decode_embed_ref
-from .attention import decode_attention, decode_attention_ref, flash_attention, flash_attention_ref
+from .attention import (decode_attention, decode_attention_ref, flash_attention, flash_attention_ref,
+                        flash_attention_with_lse)
+from . import attention_backward  # noqa: F401  (registers flash_attention's backward)
 from .layernorm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 from .linear import (gelu_mlp, gelu_mlp_ref, linear, linear_ref, ln_linear, ln_linear_ref, ln_qkv_append,
                      ln_qkv_append_ref, qkv_append_ref)
@@ -21,7 +23,7 @@ __all__ = [
     "apply_penalties", "apply_penalties_ref", "check_penalties",
     "check_sampling_params", "cross_entropy", "cross_entropy_ref", "decode_attention", "decode_attention_ref",
     "decode_embed", "decode_embed_ref", "dequantize_int8",
-    "flash_attention", "flash_attention_ref", "layer_norm",
+    "flash_attention", "flash_attention_ref", "flash_attention_with_lse", "layer_norm",
     "gelu_mlp", "gelu_mlp_ref", "layer_norm_ref", "linear", "linear_ref", "ln_linear", "ln_linear_ref",
     "linear_cross_entropy", "linear_cross_entropy_ref", "matmul", "matmul_ref", "ln_qkv_append", "ln_qkv_append_ref", "prepare_device",
     "qkv_append_ref", "quantize_int8", "sample", "sample_ref",

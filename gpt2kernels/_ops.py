@@ -32,7 +32,8 @@ def check_device(op: str, t: torch.Tensor) -> None:
         f"kernels on CPU tensors, slowly); or call gpt2kernels.{op}_ref, the eager PyTorch reference")
 
 
-def kernel_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+def kernel_op(name: str, mutates_args: tuple[str, ...] = (),
+              inference_only: str | None = None) -> Callable[[Callable], Callable]:
     """Decorator: register the function as the custom op ``NS::name`` (``torch.ops.gpt2engine.name``,
     which torch.compile and ``opcheck`` see) and return a plain function that calls it.
 
@@ -40,6 +41,11 @@ def kernel_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callab
     ``inspect.signature`` show them rather than ``CustomOpDef``'s; its ``op`` attribute is the
     ``CustomOpDef`` (``op.register_fake``). The op first checks that its first argument's device can
     run the kernels (``check_device``), so a CPU tensor gets that error however the op is reached.
+
+    ``inference_only``: the op has no backward, and this says what to train with instead. Called with
+    an input that requires grad while grad mode is on, it raises at once, naming the op (a mutating op
+    can carry no autograd formula, so this is where it can say so); a functional op reached through
+    ``torch.ops`` raises the same when its backward runs.
     """
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -49,9 +55,18 @@ def kernel_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callab
 
         schema = torch.library.infer_schema(fn, mutates_args=mutates_args)  # fn's module resolves its annotations
         op = torch.library.custom_op(f"{NS}::{name}", checked, mutates_args=mutates_args, schema=schema)
+        message = f"gpt2kernels.{name} is inference-only and has no backward: {inference_only}"
+        if inference_only is not None and not mutates_args:
+            def backward(ctx, *grads):
+                raise RuntimeError(message)
+
+            op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
 
         @functools.wraps(fn)
         def public(*args, **kwargs):
+            if inference_only is not None and torch.is_grad_enabled() and any(
+                    isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
+                raise RuntimeError(message + " (or call it under torch.no_grad() for inference)")
             return op(*args, **kwargs)
 
         public.op = op
@@ -97,15 +112,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def tl_acc(dtype: torch.dtype):
     """``acc_dtype`` as the Triton type a kernel's ``ACC`` constexpr takes."""
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def inference_only(name: str, instead: str) -> None:
-    """Register on the op ``NS::name`` a backward that raises, naming the op: it is inference-only.
-    ``instead`` says what to train with."""
-    def backward(ctx, *grads):
-        raise RuntimeError(f"gpt2kernels.{name} is inference-only and has no backward: {instead}")
-
-    torch.library.register_autograd(f"{NS}::{name}", backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:

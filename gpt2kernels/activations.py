@@ -10,8 +10,9 @@ with s = sigmoid(2u). Both compute in their argument's dtype (fp32, or fp64 for 
 import triton
 import triton.language as tl
 
-SQRT_2_OVER_PI = 0.7978845608028654
-CUBIC = 0.044715
+# constexpr: a compiled kernel may read no other module-level values (the interpreter would not say so)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit

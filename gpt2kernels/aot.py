@@ -30,9 +30,8 @@ from typing import Any, Iterator
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns unless the (default) choice is explicit
 
-MODULES = ["gpt2kernels.embedding", "gpt2kernels.layernorm", "gpt2kernels.linear", "gpt2kernels.attention",
-           "gpt2kernels.penalties",
-           "gpt2kernels.loss"]
+MODULES = ["gpt2kernels.embedding", "gpt2kernels.layernorm", "gpt2kernels.linear", "gpt2kernels.linear_backward",
+           "gpt2kernels.attention", "gpt2kernels.attention_backward", "gpt2kernels.penalties", "gpt2kernels.loss"]
 ARCHS = (80, 90)
 GPT2_SIZES = ((768, 12), (1024, 16), (1280, 20), (1600, 25))  # (n_embd, n_head): gpt2 ... gpt2-xl, head dim 64
 GPT2_VOCAB = 50257

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import arrival_counters, check_tensor, dot_precision, kernel_op, sm_count
+from ._ops import (TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_precision, kernel_op,
+                   sm_count, tl_acc)
 
 # any D up to 128 works; these (one per block size and alignment) are compiled ahead of time
 HEAD_DIMS = (32, 64, 80, 128)
@@ -53,11 +54,12 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 def _flash_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D), any strides but unit D stride
     o_ptr,                # (B, H, Tq, D) output, any strides but unit D stride
+    lse_ptr,              # (B*H, Tq) ACC: each query's log2-sum-exp2 of its scaled scores, for the backward
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     H, Tq, Tk, D, qk_scale,  # qk_scale = scale * log2(e): the softmax runs in base 2
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,  # ACC: fp32; fp64 for fp64 inputs (gradcheck)
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -72,9 +74,9 @@ def _flash_attn_fwd_kernel(
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     offset = Tk - Tq  # bottom-right alignment of the causal mask
     end = tl.minimum(Tk, start_m + BLOCK_M + offset) if CAUSAL else Tk
     for start_n in range(0, end, BLOCK_N):
@@ -91,6 +93,7 @@ def _flash_attn_fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * stride_ob + h * stride_oh + rm[:, None] * stride_ot + rd[None, :],
              out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < Tq) & d_ok[None, :])
+    tl.store(lse_ptr + bh.to(tl.int64) * Tq + rm, m_i + tl.log2(l_i), mask=rm < Tq)
 
 
 @triton.jit
@@ -202,17 +205,18 @@ def decode_settings(d: int, dtype: torch.dtype) -> tuple[int, int]:
     return (64, 2) if d <= 32 else (64, 4)
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    check_tensor("q", q, ndim=4)
-    check_tensor("k", k, ndim=4, dtype=q.dtype, device=q.device)
-    check_tensor("v", v, ndim=4, dtype=q.dtype, device=q.device)
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, dtypes=None) -> None:
+    check_tensor("q", q, ndim=4, **({"dtypes": dtypes} if dtypes else {}))
+    check_tensor("k", k, ndim=4, dtype=q.dtype, device=q.device, dtypes=None)
+    check_tensor("v", v, ndim=4, dtype=q.dtype, device=q.device, dtypes=None)
     d = q.shape[-1]
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim D = {d} is not supported (1 <= D <= {MAX_HEAD_DIM})")
 
 
-def _flash_attention_launch(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
-    _check_qkv(q, k, v)
+def _flash_attention_launch(q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                            scale: float | None) -> tuple[Tensor, Tensor]:
+    _check_qkv(q, k, v, TRAIN_DTYPES)
     b, h, tq, d = q.shape
     if k.shape[:2] != (b, h) or k.shape[-1] != d or v.shape != k.shape:
         raise ValueError(f"q has shape {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: "
@@ -222,40 +226,57 @@ def _flash_attention_launch(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale
         raise ValueError(f"causal attention needs Tq <= Tk (bottom-right mask), got Tq = {tq}, Tk = {tk}")
     # Laid out (B, Tq, H, D) so that the caller's transpose(1, 2).reshape(B, Tq, H * D) is free.
     o = torch.empty((b, tq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((b, h, tq), dtype=acc_dtype(q.dtype), device=q.device)
     if o.numel() == 0:
-        return o
+        return o, lse
     if tk == 0:
         raise ValueError("k and v hold no keys (Tk = 0)")
     block_m, block_n, warps, stages = prefill_settings(d, q.dtype)
     scale = d ** -0.5 if scale is None else scale
     _flash_attn_fwd_kernel[(triton.cdiv(tq, block_m), b * h)](
-        q, k, v, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         h, tq, tk, d, scale * LOG2E, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_PRECISION=dot_precision(q.dtype), ACC=tl_acc(q.dtype),
         num_warps=warps, num_stages=stages)
-    return o
+    return o, lse
 
 
 @kernel_op("flash_attention")
+def flash_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
+                             scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """``flash_attention``, also returning each query's log-sum-exp (what its backward, or a merge
+    of attention over split key ranges, needs).
+
+    Returns:
+        (o, lse): o as ``flash_attention``'s; lse (B, H, Tq) fp32 (fp64 for fp64 inputs),
+        ``log2(sum_j 2^(s_ij))`` of the base-2 scores ``s = q k^T * scale * log2(e)``, i.e. the
+        natural log-sum-exp times log2(e). Not differentiable.
+    """
+    return _flash_attention_launch(q, k, v, causal, scale)
+
+
+@flash_attention_with_lse.op.register_fake
+def _(q, k, v, causal=True, scale=None):
+    b, h, tq, d = q.shape
+    return q.new_empty((b, tq, h, d)).transpose(1, 2), q.new_empty((b, h, tq), dtype=acc_dtype(q.dtype))
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:
-    """Attention without materialising the score matrix.
+    """Attention without materialising the score matrix; differentiable (FlashAttention-2's backward).
 
     Args:
-        q: (B, H, Tq, D); k, v: (B, H, Tk, D). fp32/fp16/bf16, any strides with unit stride in D;
-            D <= 128. With ``causal``, Tq <= Tk and the mask is aligned bottom-right.
+        q: (B, H, Tq, D); k, v: (B, H, Tk, D). fp32/fp16/bf16 (fp64 for gradcheck), any strides with
+            unit stride in D; D <= 128. With ``causal``, Tq <= Tk and the mask is aligned bottom-right.
         scale: default 1/sqrt(D).
     Returns:
         o: (B, H, Tq, D) in q's dtype, laid out as (B, Tq, H, D) in memory (so that
         ``o.transpose(1, 2).reshape(B, Tq, H * D)`` is a view). Softmax statistics in fp32.
     """
-    return _flash_attention_launch(q, k, v, causal, scale)
+    return flash_attention_with_lse(q, k, v, causal, scale)[0]
 
 
-@flash_attention.op.register_fake
-def _(q, k, v, causal=True, scale=None):
-    b, h, tq, d = q.shape
-    return q.new_empty((b, tq, h, d)).transpose(1, 2)
+flash_attention.op = flash_attention_with_lse.op
 
 
 
@@ -303,7 +324,8 @@ def _decode_attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
     return o
 
 
-@kernel_op("decode_attention")
+@kernel_op("decode_attention",
+           inference_only="train with gpt2kernels.flash_attention")
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, scale: float | None = None,
                      check_lens: bool = True) -> Tensor:
     """Attention of each row's newest Lq queries over its valid cache prefix (split-KV).

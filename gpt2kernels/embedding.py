@@ -64,7 +64,8 @@ def _decode_embed_launch(tokens: Tensor, cache_lens: Tensor, wte: Tensor, wpe: T
     return x
 
 
-@kernel_op("decode_embed", mutates_args=("cache_lens",))
+@kernel_op("decode_embed", mutates_args=("cache_lens",),
+           inference_only="it advances a decode step's cache lengths; train with torch.nn.Embedding")
 def decode_embed(tokens: Tensor, cache_lens: Tensor, wte: Tensor, wpe: Tensor) -> Tensor:
     """Embed one new token per row at its cache length, and advance the length: one kernel.
 

@@ -158,6 +158,9 @@ def layer_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, grad_s: Tenso
     if m == 0:
         return dx, weight.new_zeros(n), weight.new_zeros(n)
     block, warps = row_settings(n)
+    # The backward holds five row vectors (x, dy, w and two partials) to the forward's three: at 32
+    # warps (64 registers a thread) an 8192-wide row spilled on sm_90 (Triton 3.6); 16 warps hold it.
+    warps = min(warps, 16)
     _layer_norm_bwd_kernel[(programs,)](
         x2, dy, ds, weight, dx, dw, db, x2.stride(0), dy.stride(0), ds.stride(0), m, n, eps,
         triton.cdiv(m, programs), HAS_DS=grad_s is not None, BLOCK_N=block, ACC=tl_acc(x.dtype),
@@ -254,8 +257,8 @@ def add_layer_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor
 
 
 def aot_launches() -> None:
-    """Call the launcher at GPT-2's widths (and 4096, 8192), fp16/bf16/fp32, with and without the
-    residual. For ``gpt2kernels.aot``, which records the launches without running them."""
+    """Call the launchers at GPT-2's widths (and 4096, 8192), fp16/bf16/fp32, with and without the
+    residual (the backward: with and without s's gradient). For ``gpt2kernels.aot``, which records the launches without running them."""
     from .aot import GPT2_SIZES
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -264,3 +267,4 @@ def aot_launches() -> None:
             w = torch.empty(n, dtype=dtype)
             for residual in (None, torch.empty_like(x)):
                 _layer_norm_launch(x, residual, w, w, 1e-5)
+                layer_norm_backward(x, w, torch.empty_like(x), residual, 1e-5)

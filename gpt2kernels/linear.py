@@ -29,7 +29,8 @@ from torch import Tensor
 from .layernorm import layer_norm_ref
 from .quantize import dequantize_int8
 from .activations import gelu_tanh, gelu_tanh_grad
-from ._ops import TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_precision, kernel_op, sm_count, tl_acc
+from ._ops import (TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_precision, kernel_op,
+                   sm_count, tl_acc)
 
 ACTIVATIONS = (None, "gelu_tanh")
 DECODE_MAX_ROWS = 16
@@ -438,7 +439,8 @@ def _(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None, fc_scale=Non
     return x.new_empty((*x.shape[:-1], proj_weight.shape[0]))
 
 
-@kernel_op("ln_linear")
+@kernel_op("ln_linear",
+           inference_only="train with gpt2kernels.layer_norm then gpt2kernels.linear")
 def ln_linear(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor | None = None,
               activation: str | None = None, eps: float = 1e-5, weight_scale: Tensor | None = None) -> Tensor:
     """``act(LayerNorm(x) @ weight.T + bias)`` in one kernel: the LayerNorm runs in the GEMM's prologue.
@@ -468,7 +470,9 @@ def _(x, ln_weight, ln_bias, weight, bias=None, activation=None, eps=1e-5, weigh
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@kernel_op("ln_qkv_append", mutates_args=("k_cache", "v_cache"))
+@kernel_op("ln_qkv_append", mutates_args=("k_cache", "v_cache"),
+           inference_only="it writes a decode step's KV cache; train with gpt2kernels.layer_norm, "
+               "gpt2kernels.linear and gpt2kernels.flash_attention")
 def ln_qkv_append(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
                   k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, eps: float = 1e-5,
                   weight_scale: Tensor | None = None) -> Tensor:

@@ -92,3 +92,28 @@ def _gelu_mlp_grads(ctx, grad_y):
 
 
 gelu_mlp.op.register_autograd(_gelu_mlp_grads, setup_context=_gelu_mlp_setup)
+
+
+def aot_launches() -> None:
+    """The backward's kernels as a training step of GPT-2 runs them: every GEMM of the MLP's and of a
+    linear's backward, weights in nn.Linear's layout and in HF Conv1D's (``weight.t()``), at 40 and
+    8192 rows (both tile configs), fp16/bf16/fp32. Widths do not change the variant (all are multiples
+    of 16), so gpt2's stands for all. For ``gpt2kernels.aot``, which records the launches without running them."""
+    c = 768
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for conv1d in (False, True):
+            def weight(n, k):
+                return torch.empty((k, n), dtype=dtype).t() if conv1d else torch.empty((n, k), dtype=dtype)
+
+            fc_w, proj_w, attn_w = weight(4 * c, c), weight(c, 4 * c), weight(3 * c, c)
+            for m in (40, 8192):
+                x, dy = torch.empty((m, c), dtype=dtype), torch.empty((m, c), dtype=dtype)
+                z = torch.empty((m, 4 * c), dtype=dtype)
+                dz = matmul(dy, proj_w, gelu_grad_at=z)
+                matmul(dy.t(), z, gelu_b=True, out=torch.empty_like(proj_w))
+                matmul(dz.t(), x, out=torch.empty_like(fc_w))
+                matmul(dz, fc_w)
+                linear_gelu_grad(x, fc_w, torch.empty(4 * c, dtype=dtype), z)
+                d_qkv = torch.empty((m, 3 * c), dtype=dtype)
+                matmul(d_qkv, attn_w)
+                matmul(d_qkv.t(), x, out=torch.empty_like(attn_w))

@@ -79,13 +79,17 @@ class MatmulConfig:
     group_m: int = 8
 
 
-def matmul_config(m: int, n: int, dtype: torch.dtype) -> MatmulConfig:
-    """Tiles for an (m, k) x (k, n) backward GEMM: the forward's prefill tiles (``gpt2kernels.linear``)."""
+def matmul_config(m: int, n: int, dtype: torch.dtype, gelu_b: bool = False) -> MatmulConfig:
+    """Tiles for an (m, k) x (k, n) GEMM, chosen so that no variant spills registers on sm_80 or
+    sm_90 under Triton 3.6 or 3.9 (gpt2kernels.aot): the GELU on b's tiles holds a second copy of
+    them in fp32, so it takes half as deep a K block (128x128x64 spilled 76 bytes on sm_80 under 3.6),
+    and at fp32 twice the warps (4 spilled 24 bytes on sm_90); the derivative epilogue holds z's tile
+    beside the accumulator, so small GEMMs take 64x64 tiles (64x128 spilled at 4 and 8 warps)."""
     if dtype.itemsize >= 4:
-        return MatmulConfig(64, 64, 16, 8, 2)  # the forward's fp32 tiles: no spills on sm_80/sm_90
+        return MatmulConfig(32, 64, 16, 8 if gelu_b else 4, 2)
     if m <= 64 or n <= 64:
-        return MatmulConfig(64, 128, 64, 4, 4)
-    return MatmulConfig(128, 128, 64, 8, 3)
+        return MatmulConfig(64, 64, 64, 4, 3)
+    return MatmulConfig(128, 128, 32 if gelu_b else 64, 8, 3)
 
 
 def matmul(a: Tensor, b: Tensor, *, gelu_b: bool = False, gelu_grad_at: Tensor | None = None,
@@ -118,7 +122,7 @@ def matmul(a: Tensor, b: Tensor, *, gelu_b: bool = False, gelu_grad_at: Tensor |
     if k == 0:
         return out.zero_()
     z = gelu_grad_at if gelu_grad_at is not None else out
-    cfg = matmul_config(m, n, a.dtype)
+    cfg = matmul_config(m, n, a.dtype, gelu_b)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _matmul_kernel[grid](
         a, b, z, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), z.stride(0), z.stride(1),

@@ -15,6 +15,7 @@ from .quantize import dequantize_int8, quantize_int8
 from .matmul import matmul, matmul_ref
 from . import linear_backward  # noqa: F401  (registers linear's and gelu_mlp's backward)
 from ._ops import prepare_device
+from .hf import patch_hf_gpt2
 from .penalties import CONTROLS, PENALTY_CONTROLS, apply_penalties, apply_penalties_ref, check_penalties
 from .sampling import SAMPLING_CONTROLS, SamplingControl, check_sampling_params, sample, sample_ref
 
@@ -25,6 +26,6 @@ __all__ = [
     "decode_embed", "decode_embed_ref", "dequantize_int8",
     "flash_attention", "flash_attention_ref", "flash_attention_with_lse", "layer_norm",
     "gelu_mlp", "gelu_mlp_ref", "layer_norm_ref", "linear", "linear_ref", "ln_linear", "ln_linear_ref",
-    "linear_cross_entropy", "linear_cross_entropy_ref", "matmul", "matmul_ref", "ln_qkv_append", "ln_qkv_append_ref", "prepare_device",
+    "linear_cross_entropy", "linear_cross_entropy_ref", "matmul", "matmul_ref", "patch_hf_gpt2", "ln_qkv_append", "ln_qkv_append_ref", "prepare_device",
     "qkv_append_ref", "quantize_int8", "sample", "sample_ref",
 ]

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .attention import HEAD_DIMS, LOG2E, flash_attention_with_lse
-from ._ops import acc_dtype, dot_precision, tl_acc
+from ._ops import acc_dtype, dot_precision, kernel_op, tl_acc
 
 
 @triton.jit(do_not_specialize=["Tq"])
@@ -148,15 +148,20 @@ def backward_settings(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return 32, 32, 8, 2
 
 
+@kernel_op("flash_attention_backward")
 def flash_attention_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor,
                              causal: bool, scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of ``flash_attention``, from its inputs, its output o and its lse
-    (``flash_attention_with_lse``). Shapes and dtypes as q, k, v (each in its input's layout when that
-    is dense); grad_o: o's shape, any strides."""
+    (``flash_attention_with_lse``). Shapes and dtypes as q, k, v, contiguous; grad_o: o's shape, any strides."""
+    return _launch(q, k, v, o, lse, grad_o, causal, scale)
+
+
+def _launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor, causal: bool,
+            scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
     b, h, tq, d = q.shape
     tk = k.shape[2]
     do = grad_o if grad_o.stride(-1) == 1 else grad_o.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     if dq.numel() == 0 or tk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     scale = d ** -0.5 if scale is None else scale
@@ -178,6 +183,11 @@ def flash_attention_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
         q, k, v, do, lse, delta, dq, *strides, *dq.stride()[:3],
         h, tq, tk, d, scale, scale * LOG2E, **{**common, "BLOCK_M": block_n, "BLOCK_N": block_m})
     return dq, dk, dv
+
+
+@flash_attention_backward.op.register_fake
+def _(q, k, v, o, lse, grad_o, causal, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup(ctx, inputs, output):
@@ -209,4 +219,4 @@ def aot_launches() -> None:
                 o = torch.empty((b, t, h, d), dtype=dtype).transpose(1, 2)
                 lse = torch.empty((b, h, t), dtype=torch.float32)
                 for causal in (True, False):
-                    flash_attention_backward(q, k, v, o, lse, torch.empty_like(o), causal, None)
+                    _launch(q, k, v, o, lse, torch.empty_like(o), causal, None)

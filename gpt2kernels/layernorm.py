@@ -134,6 +134,7 @@ def _layer_norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, bias:
 BWD_PROGRAMS_PER_SM = 2
 
 
+@kernel_op("layer_norm_backward")
 def layer_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, grad_s: Tensor | None,
                         eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``y = LayerNorm(x)`` (and of ``s``, when add_layer_norm's ``s`` was used).
@@ -145,6 +146,11 @@ def layer_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, grad_s: Tenso
         (dx, dweight, dbias): dx in x's shape and dtype (``grad_s`` added; for add_layer_norm it is
         also the residual's gradient), dweight and dbias (N,) in weight's dtype.
     """
+    return _layer_norm_backward_launch(x, weight, grad_y, grad_s, eps)
+
+
+def _layer_norm_backward_launch(x: Tensor, weight: Tensor, grad_y: Tensor, grad_s: Tensor | None,
+                                eps: float) -> tuple[Tensor, Tensor, Tensor]:
     n = x.shape[-1]
     x2 = _rows("x", x)
     m = x2.shape[0]
@@ -166,6 +172,12 @@ def layer_norm_backward(x: Tensor, weight: Tensor, grad_y: Tensor, grad_s: Tenso
         triton.cdiv(m, programs), HAS_DS=grad_s is not None, BLOCK_N=block, ACC=tl_acc(x.dtype),
         num_warps=warps)
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+@layer_norm_backward.op.register_fake
+def _(x, weight, grad_y, grad_s, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), \
+        torch.empty_like(weight)
 
 
 @kernel_op("layer_norm")
@@ -267,4 +279,4 @@ def aot_launches() -> None:
             w = torch.empty(n, dtype=dtype)
             for residual in (None, torch.empty_like(x)):
                 _layer_norm_launch(x, residual, w, w, 1e-5)
-                layer_norm_backward(x, w, torch.empty_like(x), residual, 1e-5)
+                _layer_norm_backward_launch(x, w, torch.empty_like(x), residual, 1e-5)

@@ -403,6 +403,7 @@ def _(x, weight, bias=None, activation=None, residual=None, weight_scale=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@kernel_op("linear_gelu_grad")
 def linear_gelu_grad(x: Tensor, weight: Tensor, bias: Tensor | None, grad_h: Tensor) -> Tensor:
     """The gradient reaching a GELU's input, with that input recomputed: ``grad_h * gelu'(x @ weight.T + bias)``
     in one kernel (the forward GEMM, its epilogue taking the derivative), so that the pre-activation
@@ -415,6 +416,11 @@ def linear_gelu_grad(x: Tensor, weight: Tensor, bias: Tensor | None, grad_h: Ten
         (..., N) in x's dtype.
     """
     return _linear_launch(x, weight, bias, None, grad_h, gelu_grad=True)
+
+
+@linear_gelu_grad.op.register_fake
+def _(x, weight, bias, grad_h):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @kernel_op("gelu_mlp")

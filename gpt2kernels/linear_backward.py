@@ -16,8 +16,8 @@ epilogue was:
         dz = dy * gelu'(x @ W^T + b)             one kernel: the forward GEMM, the derivative in its epilogue
         dW = dz^T @ x,  dx = dz @ W,  db = sum(dz)
 
-Weight gradients take the weight's layout, so a patch that passes HF Conv1D's ``weight.t()`` gets
-its gradient back with no copy. Bias gradients are column sums in fp32 (torch's, deterministic).
+Weight gradients take the weight's layout (the GEMM is run transposed for a transposed weight), so
+a patch that passes HF Conv1D's ``weight.t()`` gets its gradient back with no copy. Bias gradients are column sums in fp32 (torch's, deterministic).
 int8 weights are inference-only: their backward raises.
 """
 
@@ -41,6 +41,25 @@ def _no_int8(op: str, *scales: Tensor | None) -> None:
                            "train with fp32/fp16/bf16 weights and quantise afterwards")
 
 
+def _needs(ctx, n: int) -> list[bool]:
+    """ctx.needs_input_grad for the op's first n inputs; trailing arguments left at their defaults
+    are not among the inputs autograd sees."""
+    return [*ctx.needs_input_grad, *[False] * n][:n]
+
+
+def _trim(ctx, grads: tuple) -> tuple:
+    """One gradient per input autograd saw (see ``_needs``)."""
+    return grads[:len(ctx.needs_input_grad)]
+
+
+def _weight_grad(dz: Tensor, x: Tensor, weight: Tensor, gelu_x: bool = False) -> Tensor:
+    """dz^T @ gelu?(x), (N, K), laid out as ``weight`` is: [in, out] weights (HF Conv1D's, passed as
+    ``weight.t()``) get (x^T @ dz)^T, a transposed view of a contiguous [in, out] result."""
+    if weight.stride(0) == 1 and weight.stride(1) != 1:
+        return matmul(x.t(), dz, gelu_a=gelu_x).t()
+    return matmul(dz.t(), x, gelu_b=gelu_x)
+
+
 def _column_sum(g: Tensor, like: Tensor) -> Tensor:
     return g.sum(0, dtype=acc_dtype(g.dtype)).to(like.dtype)
 
@@ -55,14 +74,14 @@ def _linear_setup(ctx, inputs, output):
 def _linear_grads(ctx, grad_y):
     _no_int8("linear", ctx.int8)
     x, weight, bias = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_x, need_w, need_b = _needs(ctx, 3)
     grad_y = grad_y.contiguous()
     dz = linear_gelu_grad(x, weight, bias, grad_y) if ctx.activation == "gelu_tanh" else grad_y
     dz2, x2 = _rows(dz), _rows(x)
     dx = matmul(dz2, weight).view(x.shape) if need_x else None
-    dw = matmul(dz2.t(), x2, out=torch.empty_like(weight)) if need_w else None
+    dw = _weight_grad(dz2, x2, weight) if need_w else None
     db = _column_sum(dz2, bias) if need_b and ctx.has_bias else None
-    return dx, dw, db, None, grad_y if ctx.has_residual else None, None
+    return _trim(ctx, (dx, dw, db, None, grad_y if ctx.has_residual else None, None))
 
 
 linear.op.register_autograd(_linear_grads, setup_context=_linear_setup)
@@ -78,17 +97,17 @@ def _gelu_mlp_setup(ctx, inputs, output):
 def _gelu_mlp_grads(ctx, grad_y):
     _no_int8("gelu_mlp", *ctx.int8)
     x, fc_weight, fc_bias, proj_weight = ctx.saved_tensors
-    need_x, need_fw, need_fb, need_pw, need_pb = ctx.needs_input_grad[:5]
+    need_x, need_fw, need_fb, need_pw, need_pb = _needs(ctx, 5)
     dy, x2 = _rows(grad_y.contiguous()), _rows(x)
     z = _rows(linear(x, fc_weight, fc_bias))
     dz = matmul(dy, proj_weight, gelu_grad_at=z)
-    d_proj_w = matmul(dy.t(), z, gelu_b=True, out=torch.empty_like(proj_weight)) if need_pw else None
+    d_proj_w = _weight_grad(dy, z, proj_weight, gelu_x=True) if need_pw else None
     del z
     d_proj_b = _column_sum(dy, proj_weight) if need_pb else None
-    d_fc_w = matmul(dz.t(), x2, out=torch.empty_like(fc_weight)) if need_fw else None
+    d_fc_w = _weight_grad(dz, x2, fc_weight) if need_fw else None
     d_fc_b = _column_sum(dz, fc_bias) if need_fb else None
     dx = matmul(dz, fc_weight).view(x.shape) if need_x else None
-    return dx, d_fc_w, d_fc_b, d_proj_w, d_proj_b, grad_y if ctx.has_residual else None, None, None
+    return _trim(ctx, (dx, d_fc_w, d_fc_b, d_proj_w, d_proj_b, grad_y if ctx.has_residual else None, None, None))
 
 
 gelu_mlp.op.register_autograd(_gelu_mlp_grads, setup_context=_gelu_mlp_setup)
@@ -110,10 +129,10 @@ def aot_launches() -> None:
                 x, dy = torch.empty((m, c), dtype=dtype), torch.empty((m, c), dtype=dtype)
                 z = torch.empty((m, 4 * c), dtype=dtype)
                 dz = matmul(dy, proj_w, gelu_grad_at=z)
-                matmul(dy.t(), z, gelu_b=True, out=torch.empty_like(proj_w))
-                matmul(dz.t(), x, out=torch.empty_like(fc_w))
+                _weight_grad(dy, z, proj_w, gelu_x=True)
+                _weight_grad(dz, x, fc_w)
                 matmul(dz, fc_w)
                 linear_gelu_grad(x, fc_w, torch.empty(4 * c, dtype=dtype), z)
                 d_qkv = torch.empty((m, 3 * c), dtype=dtype)
                 matmul(d_qkv, attn_w)
-                matmul(d_qkv.t(), x, out=torch.empty_like(attn_w))
+                _weight_grad(d_qkv, x, attn_w)

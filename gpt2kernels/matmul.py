@@ -1,9 +1,10 @@
 """The backward passes' GEMM: ``c = a @ b`` on tensor cores, any strides, with the GELU fused on either side.
 
-    c = a @ gelu?(b) * gelu'(z)?
+    c = gelu?(a) @ gelu?(b) * gelu'(z)?
 
-- ``gelu_b``: b is a pre-activation, and the GELU is applied to its tiles as they are loaded, so that
-  ``dW = dy^T @ gelu(z)`` never needs ``gelu(z)`` written out.
+- ``gelu_a`` / ``gelu_b``: that operand is a pre-activation, and the GELU is applied to its tiles as
+  they are loaded, so that ``dW = dy^T @ gelu(z)`` (or its transpose, ``gelu(z)^T @ dy``) never
+  needs ``gelu(z)`` written out.
 - ``gelu_grad_at=z``: the epilogue multiplies by the GELU's derivative at z, so that
   ``dz = (dy @ W) * gelu'(z)`` is one kernel and the gradient of the GELU's output is never written.
 
@@ -22,18 +23,18 @@ import triton.language as tl
 from torch import Tensor
 
 from .activations import gelu_tanh, gelu_tanh_grad
-from ._ops import TRAIN_DTYPES, check_tensor, dot_precision, tl_acc
+from ._ops import TRAIN_DTYPES, check_tensor, dot_precision, kernel_op, tl_acc
 
 
 @triton.jit(do_not_specialize_on_alignment=["M", "N", "K"])
 def _matmul_kernel(
     a_ptr,  # (M, K) any strides
-    b_ptr,  # (K, N) any strides; a pre-activation when B_GELU
+    b_ptr,  # (K, N) any strides; a pre-activation when B_GELU (a: when A_GELU)
     z_ptr,  # (M, N) any strides: where the GELU's derivative is taken (read when GELU_GRAD)
     c_ptr,  # (M, N) output, any strides
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_zm, stride_zn, stride_cm, stride_cn,
-    B_GELU: tl.constexpr, GELU_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+    A_GELU: tl.constexpr, B_GELU: tl.constexpr, GELU_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -55,7 +56,9 @@ def _matmul_kernel(
         kk = k0 + rk
         a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         b = tl.load(b_ptrs, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        if B_GELU:  # rounded to the operand dtype, as the forward's stored activation was
+        if A_GELU:  # rounded to the operand dtype, as the forward's stored activation was
+            a = gelu_tanh(a.to(ACC)).to(a_ptr.dtype.element_ty)
+        if B_GELU:
             b = gelu_tanh(b.to(ACC)).to(b_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -79,32 +82,31 @@ class MatmulConfig:
     group_m: int = 8
 
 
-def matmul_config(m: int, n: int, dtype: torch.dtype, gelu_b: bool = False) -> MatmulConfig:
+def matmul_config(m: int, n: int, dtype: torch.dtype, gelu: bool = False) -> MatmulConfig:
     """Tiles for an (m, k) x (k, n) GEMM, chosen so that no variant spills registers on sm_80 or
-    sm_90 under Triton 3.6 or 3.9 (gpt2kernels.aot): the GELU on b's tiles holds a second copy of
+    sm_90 under Triton 3.6 or 3.9 (gpt2kernels.aot): the GELU on an operand's tiles holds a second copy of
     them in fp32, so it takes half as deep a K block (128x128x64 spilled 76 bytes on sm_80 under 3.6),
     and at fp32 twice the warps (4 spilled 24 bytes on sm_90); the derivative epilogue holds z's tile
     beside the accumulator, so small GEMMs take 64x64 tiles (64x128 spilled at 4 and 8 warps)."""
     if dtype.itemsize >= 4:
-        return MatmulConfig(32, 64, 16, 8 if gelu_b else 4, 2)
+        return MatmulConfig(32, 64, 16, 8 if gelu else 4, 2)
     if m <= 64 or n <= 64:
         return MatmulConfig(64, 64, 64, 4, 3)
-    return MatmulConfig(128, 128, 32 if gelu_b else 64, 8, 3)
+    return MatmulConfig(128, 128, 32 if gelu else 64, 8, 3)
 
 
-def matmul(a: Tensor, b: Tensor, *, gelu_b: bool = False, gelu_grad_at: Tensor | None = None,
-           out: Tensor | None = None) -> Tensor:
-    """``a @ gelu?(b) * gelu'(gelu_grad_at)?`` in one kernel.
+@kernel_op("matmul")
+def matmul(a: Tensor, b: Tensor, gelu_a: bool = False, gelu_b: bool = False,
+           gelu_grad_at: Tensor | None = None) -> Tensor:
+    """``gelu?(a) @ gelu?(b) * gelu'(gelu_grad_at)?`` in one kernel.
 
     Args:
         a: (M, K), b: (K, N), fp32/fp16/bf16/fp64, one dtype, any strides (transposes are free).
-        gelu_b: apply GPT-2's tanh GELU to b's elements first.
+        gelu_a, gelu_b: apply GPT-2's tanh GELU to that operand's elements first.
         gelu_grad_at: (M, N) in a's dtype, any strides, or None: multiply the product by the GELU's
             derivative at it.
-        out: (M, N) in a's dtype, any strides (e.g. ``torch.empty_like(weight)``, so that a weight's
-            gradient takes the weight's layout), or None for a new contiguous tensor.
     Returns:
-        out.
+        (M, N) in a's dtype, contiguous (``matmul(b.t(), a.t()).t()`` gives the transposed layout).
     """
     check_tensor("a", a, ndim=2, dtypes=TRAIN_DTYPES, last_dim_contiguous=False)
     check_tensor("b", b, ndim=2, dtype=a.dtype, device=a.device, dtypes=None, last_dim_contiguous=False)
@@ -114,22 +116,25 @@ def matmul(a: Tensor, b: Tensor, *, gelu_b: bool = False, gelu_grad_at: Tensor |
     if gelu_grad_at is not None:
         check_tensor("gelu_grad_at", gelu_grad_at, shape=(m, n), dtype=a.dtype, device=a.device, dtypes=None,
                      last_dim_contiguous=False)
-    if out is None:
-        out = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    check_tensor("out", out, shape=(m, n), dtype=a.dtype, device=a.device, dtypes=None, last_dim_contiguous=False)
+    out = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
         return out
     if k == 0:
         return out.zero_()
     z = gelu_grad_at if gelu_grad_at is not None else out
-    cfg = matmul_config(m, n, a.dtype, gelu_b)
+    cfg = matmul_config(m, n, a.dtype, gelu_a or gelu_b)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _matmul_kernel[grid](
         a, b, z, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), z.stride(0), z.stride(1),
-        out.stride(0), out.stride(1), B_GELU=gelu_b, GELU_GRAD=gelu_grad_at is not None, ACC=tl_acc(a.dtype),
+        out.stride(0), out.stride(1), A_GELU=gelu_a, B_GELU=gelu_b, GELU_GRAD=gelu_grad_at is not None, ACC=tl_acc(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION=dot_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+@matmul.op.register_fake
+def _(a, b, gelu_a=False, gelu_b=False, gelu_grad_at=None):
+    return a.new_empty((a.shape[0], b.shape[1]))
 
 
 def gelu_tanh_grad_ref(z: Tensor) -> Tensor:
@@ -140,14 +145,14 @@ def gelu_tanh_grad_ref(z: Tensor) -> Tensor:
     return g
 
 
-def matmul_ref(a: Tensor, b: Tensor, *, gelu_b: bool = False, gelu_grad_at: Tensor | None = None,
-               out: Tensor | None = None) -> Tensor:
+def matmul_ref(a: Tensor, b: Tensor, gelu_a: bool = False, gelu_b: bool = False,
+               gelu_grad_at: Tensor | None = None) -> Tensor:
     """``matmul`` in plain PyTorch, in a's dtype."""
+    if gelu_a:
+        a = torch.nn.functional.gelu(a, approximate="tanh")
     if gelu_b:
         b = torch.nn.functional.gelu(b, approximate="tanh")
     c = a @ b
     if gelu_grad_at is not None:
         c = c * gelu_tanh_grad_ref(gelu_grad_at)
-    if out is not None:
-        return out.copy_(c)
     return c

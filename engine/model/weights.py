@@ -1,7 +1,8 @@
 """Find, read and validate GPT-2 checkpoints.
 
 Sources: a local HF directory (``model.safetensors``, a sharded ``model.safetensors.index.json``
-or ``pytorch_model.bin``), a hub name resolved through ``huggingface_hub``, or ``random:<size>``.
+or ``pytorch_model.bin``), a nanoGPT ``ckpt.pt`` or llm.c ``.bin`` file (``training_formats``), a
+hub name resolved through ``huggingface_hub``, or ``random:<size>``.
 The result is always a state dict in the engine's layout: HF names without the ``transformer.``
 prefix, the four Conv1D weights seen in the ``nn.Linear`` layout [out, in] (as transposed views,
 so the loader decides once whether to copy them), and ``lm_head.weight`` only when it is not tied to ``wte``.
@@ -19,6 +20,7 @@ import torch
 
 from ..errors import CheckpointError
 from .config import GPT2Config, named_config
+from .training_formats import read_training_checkpoint
 
 RANDOM_PREFIX = "random:"
 HUB_ORG = "openai-community"
@@ -89,7 +91,8 @@ def resolve_source(source: str | os.PathLike) -> tuple[GPT2Config, Path | None]:
 
 def _local_config(path: Path) -> GPT2Config:
     if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory (expected an HF model directory)")
+        raise CheckpointError(f"{path} is not a directory (expected an HF model directory, a nanoGPT ckpt.pt "
+                              "or an llm.c .bin)")
     cfg = path / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{path} has no config.json")
@@ -242,6 +245,10 @@ def load_state_dict(source: str | os.PathLike, seed: int = 0,
                     random_dtype: torch.dtype = torch.float32) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
     """Resolve ``source`` and return (config, state dict in the engine layout, on CPU); ``random:``
     weights are made in ``random_dtype``."""
+    path = Path(str(source)).expanduser()
+    if not str(source).startswith(RANDOM_PREFIX) and path.is_file():
+        config, hf_state = read_training_checkpoint(path)
+        return config, to_engine_layout(hf_state, config)
     config, directory = resolve_source(source)
     hf_state = random_hf_state_dict(config, seed, random_dtype) if directory is None else read_checkpoint(directory)
     return config, to_engine_layout(hf_state, config)

@@ -24,6 +24,7 @@
 #   bash benchmarks/gpu_check.sh e2e_gpt2
 #   bash benchmarks/gpu_check.sh serve_load
 #   bash benchmarks/gpu_check.sh pytest_scoring bench_cross_entropy eval_gpt2
+#   bash benchmarks/gpu_check.sh pytest_gpu bench_backward bench_train      # issue 33: the training path
 #   bash benchmarks/gpu_check.sh pytest_gpu e2e_gpt2_int8 sweep_decode_gemv_int8     # int8 weights, ~8 min
 #   bash benchmarks/gpu_check.sh e2e_xl_int8
 # A first look inside a short lease (15 device minutes: set-up ~45 s on a fresh machine, GPU tests ~70 s,
@@ -64,6 +65,8 @@ declare -A STEPS=(
   [bench_decode_layer_fp16]="120 1 $PY -m benchmarks.bench_decode_layer --dtype fp16"
   [bench_decode_layer_bf16]="120 1 $PY -m benchmarks.bench_decode_layer --dtype bf16"
   [bench_cross_entropy]="240 1 $PY -m benchmarks.bench_cross_entropy"
+  [bench_backward]="180 1 $PY -m benchmarks.bench_backward"
+  [bench_train]="300 1 $PY -m benchmarks.bench_train"
   [sweep_decode_gemv]="150 1 $PY -m benchmarks.sweep_decode_gemv"
   [sweep_decode_gemv_int8]="200 1 $PY -m benchmarks.sweep_decode_gemv --int8"
   [e2e_gpt2_int8]="180 1 $PY -m benchmarks.e2e --models gpt2 --dtypes fp16 int8 int8-all --impls triton+graph triton --name e2e_gpt2_int8"
@@ -82,7 +85,7 @@ declare -A STEPS=(
   [e2e_xl_bf16]="300 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes bf16 --impls triton+graph triton eager+graph hf --name e2e_xl_bf16"
 )
 ORDER=(pytest_gpu pytest_scoring aot pytest_rest bench_layernorm bench_sampling bench_attention bench_linear_fp16 bench_linear_bf16
-       bench_decode_layer_fp16 bench_decode_layer_bf16 bench_cross_entropy sweep_decode_gemv sweep_decode_gemv_int8 step_trace eval_gpt2 serve_load serve_load_text_on_engine e2e_gpt2_fp16 e2e_gpt2_int8 e2e_gpt2 e2e_xl_int8 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
+       bench_decode_layer_fp16 bench_decode_layer_bf16 bench_cross_entropy bench_backward bench_train sweep_decode_gemv sweep_decode_gemv_int8 step_trace eval_gpt2 serve_load serve_load_text_on_engine e2e_gpt2_fp16 e2e_gpt2_int8 e2e_gpt2 e2e_xl_int8 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
 SETUP_TIMEOUT=180  # pip install plus the nvcc build of the sampler, ~70 s of it on 2 cores
 
 pack_results() { tar czf "$OUT/results.tgz" benchmarks/results; }

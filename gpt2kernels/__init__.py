@@ -21,11 +21,10 @@ from .sampling import SAMPLING_CONTROLS, SamplingControl, check_sampling_params,
 
 __all__ = [
     "CONTROLS", "PENALTY_CONTROLS", "SAMPLING_CONTROLS", "SamplingControl", "add_layer_norm", "add_layer_norm_ref",
-    "apply_penalties", "apply_penalties_ref", "check_penalties",
-    "check_sampling_params", "cross_entropy", "cross_entropy_ref", "decode_attention", "decode_attention_ref",
-    "decode_embed", "decode_embed_ref", "dequantize_int8",
-    "flash_attention", "flash_attention_ref", "flash_attention_with_lse", "layer_norm",
-    "gelu_mlp", "gelu_mlp_ref", "layer_norm_ref", "linear", "linear_ref", "ln_linear", "ln_linear_ref",
-    "linear_cross_entropy", "linear_cross_entropy_ref", "matmul", "matmul_ref", "patch_hf_gpt2", "ln_qkv_append", "ln_qkv_append_ref", "prepare_device",
-    "qkv_append_ref", "quantize_int8", "sample", "sample_ref",
+    "apply_penalties", "apply_penalties_ref", "check_penalties", "check_sampling_params", "cross_entropy",
+    "cross_entropy_ref", "decode_attention", "decode_attention_ref", "decode_embed", "decode_embed_ref",
+    "dequantize_int8", "flash_attention", "flash_attention_ref", "flash_attention_with_lse", "gelu_mlp",
+    "gelu_mlp_ref", "layer_norm", "layer_norm_ref", "linear", "linear_cross_entropy", "linear_cross_entropy_ref",
+    "linear_ref", "ln_linear", "ln_linear_ref", "ln_qkv_append", "ln_qkv_append_ref", "matmul", "matmul_ref",
+    "patch_hf_gpt2", "prepare_device", "qkv_append_ref", "quantize_int8", "sample", "sample_ref",
 ]

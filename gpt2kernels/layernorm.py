@@ -270,7 +270,8 @@ def add_layer_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor
 
 def aot_launches() -> None:
     """Call the launchers at GPT-2's widths (and 4096, 8192), fp16/bf16/fp32, with and without the
-    residual (the backward: with and without s's gradient). For ``gpt2kernels.aot``, which records the launches without running them."""
+    residual (the backward: with and without s's gradient). For ``gpt2kernels.aot``, which records
+    the launches without running them."""
     from .aot import GPT2_SIZES
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -17,7 +17,8 @@ epilogue was:
         dW = dz^T @ x,  dx = dz @ W,  db = sum(dz)
 
 Weight gradients take the weight's layout (the GEMM is run transposed for a transposed weight), so
-a patch that passes HF Conv1D's ``weight.t()`` gets its gradient back with no copy. Bias gradients are column sums in fp32 (torch's, deterministic).
+a patch that passes HF Conv1D's ``weight.t()`` gets its gradient back with no copy. Bias gradients
+are column sums in fp32 (torch's, deterministic).
 int8 weights are inference-only: their backward raises.
 """
 

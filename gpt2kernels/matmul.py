@@ -126,7 +126,8 @@ def matmul(a: Tensor, b: Tensor, gelu_a: bool = False, gelu_b: bool = False,
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _matmul_kernel[grid](
         a, b, z, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), z.stride(0), z.stride(1),
-        out.stride(0), out.stride(1), A_GELU=gelu_a, B_GELU=gelu_b, GELU_GRAD=gelu_grad_at is not None, ACC=tl_acc(a.dtype),
+        out.stride(0), out.stride(1), A_GELU=gelu_a, B_GELU=gelu_b, GELU_GRAD=gelu_grad_at is not None,
+        ACC=tl_acc(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION=dot_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

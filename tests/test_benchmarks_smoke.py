@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ["benchmarks.bench_attention", "--smoke"],
     ["benchmarks.bench_sampling", "--smoke"],
     ["benchmarks.bench_cross_entropy", "--smoke"],
+    ["benchmarks.bench_backward", "--smoke"],
+    ["benchmarks.bench_train", "--smoke"],
     ["benchmarks.sweep_decode_gemv", "--smoke"],
     ["benchmarks.serve_load", "--smoke"],
     ["benchmarks.e2e", "--models", "gpt2", "--dtypes", "fp32", "--batch", "1", "2", "--prompt-len", "5",

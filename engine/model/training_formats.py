@@ -105,7 +105,8 @@ def read_llmc(path: Path) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
     data = path.read_bytes()
     header_bytes = 4 * LLMC_HEADER_INTS
     if len(data) < header_bytes:
-        raise CheckpointError(f"{path} is truncated: {len(data)} bytes, shorter than llm.c's {header_bytes}-byte header")
+        raise CheckpointError(f"{path} is truncated: {len(data)} bytes, shorter than llm.c's "
+                              f"{header_bytes}-byte header")
     header = torch.frombuffer(bytearray(data[:header_bytes]), dtype=torch.int32)
     version = int(header[1])
     if version not in LLMC_VERSIONS:

@@ -83,8 +83,10 @@ def test_layer_norm_gradcheck_float64(device):
     x, r = _randn(3, 37, seed=1, scale=2).double(), _randn(3, 37, seed=2).double()
     w, b = (1 + _randn(37, scale=0.3, seed=3)).double(), _randn(37, seed=4).double()
     args = [t.to(device).requires_grad_() for t in (x, r, w, b)]
-    assert torch.autograd.gradcheck(lambda x, w, b: gpt2kernels.layer_norm(x, w, b), [args[0], *args[2:]], fast_mode=True)
-    assert torch.autograd.gradcheck(lambda *a: gpt2kernels.add_layer_norm(*a), args, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: gpt2kernels.layer_norm(x, w, b), [args[0], *args[2:]],
+                                    fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *a: gpt2kernels.add_layer_norm(*a), args,
+                                    fast_mode=True)
 
 
 # --- linear and the GELU MLP ---------------------------------------------------------------------------
@@ -123,12 +125,15 @@ def test_gelu_mlp_backward(m, c, dtype, device, monkeypatch):
 def test_linear_and_mlp_gradcheck_float64(device):
     x, w, b, r = (_randn(*s, seed=i).double().to(device).requires_grad_() for i, s in
                   enumerate([(5, 33), (17, 33), (17,), (5, 17)]))
-    assert torch.autograd.gradcheck(lambda x, w, b, r: gpt2kernels.linear(x, w, b, "gelu_tanh", r), (x, w, b, r), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x, w, b, r: gpt2kernels.linear(x, w, b, "gelu_tanh", r), (x, w, b, r),
+                                    fast_mode=True)
     wt = w.detach().t().contiguous().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, wt: gpt2kernels.linear(x, wt.t(), None, "gelu_tanh"), (x, wt), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x, wt: gpt2kernels.linear(x, wt.t(), None, "gelu_tanh"), (x, wt),
+                                    fast_mode=True)
     fw, fb, pw, pb = (_randn(*s, seed=9 + i).double().to(device).requires_grad_() for i, s in
                       enumerate([(51, 33), (51,), (33, 51), (33,)]))
-    assert torch.autograd.gradcheck(lambda *a: gpt2kernels.gelu_mlp(*a), (x, fw, fb, pw, pb), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *a: gpt2kernels.gelu_mlp(*a), (x, fw, fb, pw, pb),
+                                    fast_mode=True)
 
 
 def test_conv1d_weight_grad_keeps_the_weight_layout(device):
@@ -172,7 +177,8 @@ def test_flash_attention_gradcheck_float64(device):
     for causal, (tq, tk) in ((True, (5, 37)), (False, (20, 13))):
         q, k, v = (_randn(1, 2, t, 16, seed=i).double().to(device).requires_grad_() for i, t in
                    enumerate((tq, tk, tk)))
-        assert torch.autograd.gradcheck(lambda q, k, v: gpt2kernels.flash_attention(q, k, v, causal), (q, k, v), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda q, k, v: gpt2kernels.flash_attention(q, k, v, causal), (q, k, v),
+                                    fast_mode=True)
 
 
 def test_flash_attention_lse_is_the_log2_sum_exp2(device):

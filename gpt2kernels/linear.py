@@ -605,6 +605,10 @@ def aot_launches() -> None:
                 _linear_launch(x, torch.empty((4 * c, c), dtype=dtype), torch.empty(4 * c, dtype=dtype), "gelu_tanh",
                                None, norm=ln)
                 _linear_launch(x, torch.empty((GPT2_VOCAB, c), dtype=dtype), None, None, None, norm=ln)
+            for m in (40, 8192):  # the training backward's GELU gradient (linear_gelu_grad), both weight layouts
+                for w in (torch.empty((4 * c, c), dtype=dtype), torch.empty((c, 4 * c), dtype=dtype).t()):
+                    _linear_launch(torch.empty((m, c), dtype=dtype), w, torch.empty(4 * c, dtype=dtype), None,
+                                   torch.empty((m, 4 * c), dtype=dtype), gelu_grad=True)
     _int8_aot_launches()
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._ops import acc_dtype
 from .linear import gelu_mlp, linear, linear_gelu_grad
-from .matmul import matmul
+from .matmul import matmul, matmul_launch
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -53,12 +53,12 @@ def _trim(ctx, grads: tuple) -> tuple:
     return grads[:len(ctx.needs_input_grad)]
 
 
-def _weight_grad(dz: Tensor, x: Tensor, weight: Tensor, gelu_x: bool = False) -> Tensor:
+def _weight_grad(dz: Tensor, x: Tensor, weight: Tensor, gelu_x: bool = False, mm=matmul) -> Tensor:
     """dz^T @ gelu?(x), (N, K), laid out as ``weight`` is: [in, out] weights (HF Conv1D's, passed as
     ``weight.t()``) get (x^T @ dz)^T, a transposed view of a contiguous [in, out] result."""
     if weight.stride(0) == 1 and weight.stride(1) != 1:
-        return matmul(x.t(), dz, gelu_a=gelu_x).t()
-    return matmul(dz.t(), x, gelu_b=gelu_x)
+        return mm(x.t(), dz, gelu_a=gelu_x).t()
+    return mm(dz.t(), x, gelu_b=gelu_x)
 
 
 def _column_sum(g: Tensor, like: Tensor) -> Tensor:
@@ -129,11 +129,10 @@ def aot_launches() -> None:
             for m in (40, 8192):
                 x, dy = torch.empty((m, c), dtype=dtype), torch.empty((m, c), dtype=dtype)
                 z = torch.empty((m, 4 * c), dtype=dtype)
-                dz = matmul(dy, proj_w, gelu_grad_at=z)
-                _weight_grad(dy, z, proj_w, gelu_x=True)
-                _weight_grad(dz, x, fc_w)
-                matmul(dz, fc_w)
-                linear_gelu_grad(x, fc_w, torch.empty(4 * c, dtype=dtype), z)
+                dz = matmul_launch(dy, proj_w, gelu_grad_at=z)
+                _weight_grad(dy, z, proj_w, gelu_x=True, mm=matmul_launch)
+                _weight_grad(dz, x, fc_w, mm=matmul_launch)
+                matmul_launch(dz, fc_w)
                 d_qkv = torch.empty((m, 3 * c), dtype=dtype)
-                matmul(d_qkv, attn_w)
-                _weight_grad(d_qkv, x, attn_w)
+                matmul_launch(d_qkv, attn_w)
+                _weight_grad(d_qkv, x, attn_w, mm=matmul_launch)

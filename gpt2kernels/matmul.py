@@ -108,6 +108,12 @@ def matmul(a: Tensor, b: Tensor, gelu_a: bool = False, gelu_b: bool = False,
     Returns:
         (M, N) in a's dtype, contiguous (``matmul(b.t(), a.t()).t()`` gives the transposed layout).
     """
+    return matmul_launch(a, b, gelu_a, gelu_b, gelu_grad_at)
+
+
+def matmul_launch(a: Tensor, b: Tensor, gelu_a: bool = False, gelu_b: bool = False,
+                  gelu_grad_at: Tensor | None = None) -> Tensor:
+    """``matmul``'s checks and launch, outside the op (for ``gpt2kernels.aot``, which records launches)."""
     check_tensor("a", a, ndim=2, dtypes=TRAIN_DTYPES, last_dim_contiguous=False)
     check_tensor("b", b, ndim=2, dtype=a.dtype, device=a.device, dtypes=None, last_dim_contiguous=False)
     (m, k), n = a.shape, b.shape[1]

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._ops import (TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_precision, kernel_op,
+from ._ops import (FLOAT_DTYPES, TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_precision, kernel_op,
                    sm_count, tl_acc)
 
 # any D up to 128 works; these (one per block size and alignment) are compiled ahead of time
@@ -205,8 +205,8 @@ def decode_settings(d: int, dtype: torch.dtype) -> tuple[int, int]:
     return (64, 2) if d <= 32 else (64, 4)
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, dtypes=None) -> None:
-    check_tensor("q", q, ndim=4, **({"dtypes": dtypes} if dtypes else {}))
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+    check_tensor("q", q, ndim=4, dtypes=dtypes)
     check_tensor("k", k, ndim=4, dtype=q.dtype, device=q.device, dtypes=None)
     check_tensor("v", v, ndim=4, dtype=q.dtype, device=q.device, dtypes=None)
     d = q.shape[-1]

@@ -109,10 +109,8 @@ def _lm_forward(self, input_ids: Tensor | None = None, *args, labels: Tensor | N
     targets = labels[..., 1:].reshape(-1).to(hidden.device)
     head = self.lm_head
     weight, bias = head.weight, head.bias
-    if torch.is_autocast_enabled(h.device.type):
-        h, weight, bias = _autocast(h, weight, bias)
-    else:
-        h = h.to(weight.dtype)
+    h, weight, bias = _autocast(h, weight, bias)
+    h = h.to(weight.dtype)
     if num_items is None:
         loss = linear_cross_entropy(h, weight, targets, bias, IGNORE_INDEX, "mean")
     else:  # transformers' gradient-accumulation convention: the sum over the whole batch's count

@@ -157,12 +157,11 @@ def _layer_norm_backward_launch(x: Tensor, weight: Tensor, grad_y: Tensor, grad_
     dy = _rows("grad_y", grad_y.to(x.dtype)).contiguous()
     ds = _rows("grad_s", grad_s.to(x.dtype)).contiguous() if grad_s is not None else dy
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    programs = max(1, min(m, BWD_PROGRAMS_PER_SM * sm_count(x.device)))
-    acc = acc_dtype(x.dtype)
-    dw = torch.empty((programs, n), dtype=acc, device=x.device)
-    db = torch.empty((programs, n), dtype=acc, device=x.device)
     if m == 0:
         return dx, weight.new_zeros(n), weight.new_zeros(n)
+    programs = min(m, BWD_PROGRAMS_PER_SM * sm_count(x.device))
+    dw = torch.empty((programs, n), dtype=acc_dtype(x.dtype), device=x.device)
+    db = torch.empty_like(dw)
     block, warps = row_settings(n)
     # The backward holds five row vectors (x, dy, w and two partials) to the forward's three: at 32
     # warps (64 registers a thread) an 8192-wide row spilled on sm_90 (Triton 3.6); 16 warps hold it.

@@ -27,8 +27,6 @@ from torch import Tensor
 
 from ._ops import NS, TRAIN_DTYPES, acc_dtype, check_device, check_tensor, tl_acc
 
-DTYPES = TRAIN_DTYPES
-
 BLOCK_V = 4096  # 13 steps over GPT-2's row; 16 fp32 values a thread at 8 warps keeps registers low
 WARPS = 8
 REDUCTIONS = ("mean", "sum", "none")
@@ -180,7 +178,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, red
     """
     check_device("cross_entropy", logits)
     _check_reduction(reduction)
-    check_tensor("logits", logits, ndim=2, dtypes=DTYPES)
+    check_tensor("logits", logits, ndim=2, dtypes=TRAIN_DTYPES)
     n, v = logits.shape
     targets = _check_targets(targets, n, v, ignore_index, logits.device)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -334,14 +332,14 @@ torch.library.register_autograd(f"{NS}::linear_cross_entropy_fwd", _linear_cross
 
 
 def _check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    check_tensor("hidden", hidden, ndim=2, dtypes=DTYPES)
-    check_tensor("weight", weight, ndim=2, dtypes=DTYPES, dtype=hidden.dtype, device=hidden.device,
+    check_tensor("hidden", hidden, ndim=2, dtypes=TRAIN_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=TRAIN_DTYPES, dtype=hidden.dtype, device=hidden.device,
                  last_dim_contiguous=False)  # only cuBLAS reads it, in any layout
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight has shape {list(weight.shape)}: its second dim must be hidden's width "
                          f"{hidden.shape[1]} (weight is [vocab, width], as nn.Linear's)")
     if bias is not None:
-        check_tensor("bias", bias, shape=(weight.shape[0],), dtypes=DTYPES, dtype=hidden.dtype,
+        check_tensor("bias", bias, shape=(weight.shape[0],), dtypes=TRAIN_DTYPES, dtype=hidden.dtype,
                      device=hidden.device)
 
 

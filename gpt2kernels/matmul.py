@@ -89,15 +89,17 @@ class MatmulConfig:
 
 def matmul_config(m: int, n: int, dtype: torch.dtype, gelu: bool = False) -> MatmulConfig:
     """Tiles for an (m, k) x (k, n) GEMM, chosen so that no variant spills registers on sm_80 or
-    sm_90 under Triton 3.6 or 3.9 (gpt2kernels.aot): the GELU on an operand's tiles holds a second copy of
-    them in fp32, so it takes half as deep a K block (128x128x64 spilled 76 bytes on sm_80 under 3.6),
-    and at fp32 twice the warps (4 spilled 24 bytes on sm_90); the derivative epilogue holds z's tile
-    beside the accumulator, so small GEMMs take 64x64 tiles (64x128 spilled at 4 and 8 warps)."""
+    sm_90 under Triton 3.6 or 3.9 (gpt2kernels.aot). The GELU on an operand's tiles holds a second
+    copy of them in fp32: at large M it takes 128x64x16 tiles (on sm_80, 128x128x64 spilled 76 bytes
+    under 3.6; with the GELU on a column-major left operand 128x128x32 spilled 64-100 under 3.6 and
+    128x128x16 8 under 3.9; 64x64x32 and 64x128x16 at 4 warps spilled 8 under 3.9), and at fp32
+    twice the warps (4 spilled 24 bytes on sm_90). The derivative epilogue holds z's tile beside the
+    accumulator, so small GEMMs take 64x64 tiles (64x128 spilled at 4 and 8 warps)."""
     if dtype.itemsize >= 4:
         return MatmulConfig(32, 64, 16, 8 if gelu else 4, 2)
     if m <= 64 or n <= 64:
         return MatmulConfig(64, 64, 64, 4, 3)
-    return MatmulConfig(128, 128, 32 if gelu else 64, 8, 3)
+    return MatmulConfig(128, 64, 16, 8, 3) if gelu else MatmulConfig(128, 128, 64, 8, 3)
 
 
 @kernel_op("matmul")

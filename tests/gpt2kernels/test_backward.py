@@ -243,13 +243,20 @@ def test_inference_only_ops_name_themselves(device):
         assert gpt2kernels.ln_linear(x, *ln, w).shape == (2, 192)
 
 
-def test_matmul_fusions_against_reference(device, monkeypatch):
-    a, b, z = _randn(37, 50, seed=1).to(device), _randn(29, 50, seed=2).to(device), _randn(37, 29, seed=3).to(device)
+@pytest.mark.parametrize("m,n", [(37, 29), (70, 90)])  # the small-GEMM tiles, and the large ones
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
+def test_matmul_fusions_against_reference(m, n, dtype, device, monkeypatch):
+    a, b, z = (_randn(*s, seed=i).to(device, dtype) for i, s in enumerate([(m, 50), (n, 50), (m, n)]))
     poison_empty(monkeypatch)
     for kwargs in ({}, {"gelu_a": True}, {"gelu_b": True}, {"gelu_grad_at": z}):
-        got = gpt2kernels.matmul(a, b.t(), **kwargs)
-        want = gpt2kernels.matmul_ref(a.double(), b.t().double(),
-                                      **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
-        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        for left in (a, a.t().contiguous().t()):  # row-major, and column-major as a transposed operand is
+            got = gpt2kernels.matmul(left, b.t(), **kwargs)
+            want = gpt2kernels.matmul_ref(a.double(), b.t().double(),
+                                          **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+            if dtype == torch.float32:
+                torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+            else:  # the inputs' rounding to 16 bits: relative to the largest value, as the other tests
+                err = (got.double() - want).abs().max() / want.abs().max()
+                assert err <= TOL[dtype], f"{kwargs}: relative error {err:.2e}"
     with pytest.raises(ValueError, match="b's first dim"):
         gpt2kernels.matmul(a, b)

@@ -3,7 +3,8 @@
     python -m benchmarks.decode_timeline                       # GPU: gpt2 and gpt2-xl, batch 1, fp16
     python -m benchmarks.decode_timeline --models gpt2 --batch 1 8
 
-Per (model, batch), on random weights after a 128-token prompt, greedy:
+Per (model, batch), on random weights after a 128-token prompt, greedy, with the decode kernels'
+programmatic dependent launch on (the default on sm_90+) and off (``pdl``):
 - ``generate_us``: one decode step as ``engine.generate`` runs it with CUDA graphs (128 new tokens,
   host loop included);
 - ``replay_us``: the step's graph replayed back to back (CUDA events around 64 replays): device time
@@ -30,6 +31,7 @@ import torch
 import engine
 from engine.core.request import Request, SamplingParams
 from engine.core.runner import admit_batch, runner_for
+from gpt2kernels import programmatic_dependent_launch
 
 from .report import write_results
 from .roofline import copy_gbps
@@ -80,8 +82,14 @@ def device_events(prof) -> list[tuple[str, float, float]]:
     return out
 
 
-def measure(model_name: str, batch: int, prompt_len: int, out_dir: Path) -> tuple[dict, list[dict]]:
-    model = engine.load_model(f"random:{model_name}", dtype=torch.float16, backend="triton", device="cuda")
+def measure(model, model_name: str, batch: int, prompt_len: int, out_dir: Path, pdl: bool) -> tuple[dict, list[dict]]:
+    """One (model, batch) with the decode kernels' programmatic dependent launch on or off."""
+    with programmatic_dependent_launch(pdl):
+        runner_for(model).drop_graphs()  # captured with the other setting's launches
+        return _measure(model, model_name, batch, prompt_len, out_dir, pdl)
+
+
+def _measure(model, model_name: str, batch: int, prompt_len: int, out_dir: Path, pdl: bool) -> tuple[dict, list[dict]]:
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, 50257, (batch, prompt_len), generator=g)
     new_tokens = 128
@@ -121,17 +129,15 @@ def measure(model_name: str, batch: int, prompt_len: int, out_dir: Path) -> tupl
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
-        with open(trace, "rb") as src, gzip.open(out_dir / f"decode_timeline_{model_name}_b{batch}.trace.json.gz",
-                                                  "wb") as dst:
+        name = f"decode_timeline_{model_name}_b{batch}{'' if pdl else '_nopdl'}.trace.json.gz"
+        with open(trace, "rb") as src, gzip.open(out_dir / name, "wb") as dst:
             shutil.copyfileobj(src, dst)
     kv_len = prompt_len + 4 + 64  # the replays' mean cache length
     nbytes = step_bytes(model.config, torch.float16, batch, kv_len)
-    row = {"model": model_name, "batch": batch, "generate_us": generate_us, "replay_us": replay_us,
+    row = {"model": model_name, "batch": batch, "pdl": pdl, "generate_us": generate_us, "replay_us": replay_us,
            "host_us": generate_us - replay_us, **totals, "bytes_us": nbytes / (copy_gbps("cuda") * 1e3)}
     row["replay_copy_frac"] = row["bytes_us"] / replay_us
-    del runner, model, graph
-    torch.cuda.empty_cache()
-    return row, [{"model": model_name, "batch": batch, **r} for r in per_kernel]
+    return row, [{"model": model_name, "batch": batch, "pdl": pdl, **r} for r in per_kernel]
 
 
 def main(argv=None):
@@ -150,15 +156,19 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, kernels = [], []
     for model_name in args.models:
+        model = engine.load_model(f"random:{model_name}", dtype=torch.float16, backend="triton", device="cuda")
         for batch in args.batch:
-            row, per_kernel = measure(model_name, batch, args.prompt_len, out_dir)
-            print(row, flush=True)
-            for k in per_kernel:
-                print("   ", k, flush=True)
-            rows.append(row)
-            kernels += per_kernel
-    cols = ["model", "batch", "generate_us", "replay_us", "host_us", "span_us", "busy_us", "gap_us", "median_gap_us",
-            "kernels", "bytes_us", "replay_copy_frac"]
+            for pdl in (True, False):
+                row, per_kernel = measure(model, model_name, batch, args.prompt_len, out_dir, pdl)
+                print(row, flush=True)
+                for k in per_kernel:
+                    print("   ", k, flush=True)
+                rows.append(row)
+                kernels += per_kernel
+        del model
+        torch.cuda.empty_cache()
+    cols = ["model", "batch", "pdl", "generate_us", "replay_us", "host_us", "span_us", "busy_us", "gap_us",
+            "median_gap_us", "kernels", "bytes_us", "replay_copy_frac"]
     write_results(args.name, "cuda", rows + kernels, cols + ["kernel", "per_step", "us_per_step", "median_us"],
                   {"dtype": "fp16", "prompt_len": args.prompt_len, "profiled_replays": PROFILED_REPLAYS},
                   notes="One greedy decode step (random weights, fp16, triton backend, CUDA graph). generate_us: per "

@@ -1,5 +1,7 @@
-"""Tile sweep for the decode GEMVs (M = 1 and 8 rows): which (BLOCK_N, BLOCK_K, warps, stages, programs
-per SM) streams GPT-2's weights fastest, and what the winners do to a whole decode step.
+"""Tile sweep for the tiled decode kernel (M = 1 and 8 rows): which (BLOCK_N, BLOCK_K, warps, stages,
+programs per SM) streams GPT-2's weights fastest, and what the winners do to a whole decode step.
+Since the GEMV kernel (gpt2kernels.gemv) runs 1-8 rows, the tiled kernel serves 9-16; the sweep forces
+it at 1 and 8 rows, the shapes its committed results were measured at.
 
     python -m benchmarks.sweep_decode_gemv            # GPU: gpt2 and gpt2-xl layer shapes
     python -m benchmarks.sweep_decode_gemv --smoke    # CPU: two configs, one small shape, interpreter
@@ -33,6 +35,7 @@ from .roofline import copy_gbps
 from .timing import graph_bench
 
 klinear = importlib.import_module("gpt2kernels.linear")  # the module: gpt2kernels.linear is the op
+kgemv = importlib.import_module("gpt2kernels.gemv")
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM): the rule's tiles first, then wider K
 # blocks (more bytes in flight per program), more stages, and more resident programs.
@@ -62,17 +65,17 @@ def config_for(cfg: tuple, n: int, k: int, sms: int) -> klinear.GemmConfig:
 def decode_tiles(choose):
     """gemm_config patched: decode-sized products take ``choose(m, n, k)`` where it gives a config,
     the default table otherwise (and again on exit)."""
-    default = klinear.gemm_config
+    default, gemv_rows = klinear.gemm_config, kgemv.GEMV_MAX_ROWS
 
     def patched(m, n, k, dtype, sms, int8_weight=False):
         config = choose(m, n, k) if m <= klinear.DECODE_MAX_ROWS else None
         return config if config is not None else default(m, n, k, dtype, sms, int8_weight)
 
-    klinear.gemm_config = patched
+    klinear.gemm_config, kgemv.GEMV_MAX_ROWS = patched, 0  # no product takes the GEMV
     try:
         yield
     finally:
-        klinear.gemm_config = default
+        klinear.gemm_config, kgemv.GEMV_MAX_ROWS = default, gemv_rows
 
 
 def _inputs(m, n, k, act, res, dtype, device, copies, int8=False):

@@ -14,7 +14,7 @@ from .linear import (gelu_mlp, gelu_mlp_ref, linear, linear_ref, ln_linear, ln_l
 from .quantize import dequantize_int8, quantize_int8
 from .matmul import matmul, matmul_ref
 from . import linear_backward  # noqa: F401  (registers linear's and gelu_mlp's backward)
-from ._ops import prepare_device
+from ._ops import prepare_device, programmatic_dependent_launch
 from .hf import patch_hf_gpt2
 from .penalties import CONTROLS, PENALTY_CONTROLS, apply_penalties, apply_penalties_ref, check_penalties
 from .sampling import SAMPLING_CONTROLS, SamplingControl, check_sampling_params, sample, sample_ref
@@ -26,5 +26,6 @@ __all__ = [
     "dequantize_int8", "flash_attention", "flash_attention_ref", "flash_attention_with_lse", "gelu_mlp",
     "gelu_mlp_ref", "layer_norm", "layer_norm_ref", "linear", "linear_cross_entropy", "linear_cross_entropy_ref",
     "linear_ref", "ln_linear", "ln_linear_ref", "ln_qkv_append", "ln_qkv_append_ref", "matmul", "matmul_ref",
-    "patch_hf_gpt2", "prepare_device", "qkv_append_ref", "quantize_int8", "sample", "sample_ref",
+    "patch_hf_gpt2", "prepare_device", "programmatic_dependent_launch", "qkv_append_ref", "quantize_int8", "sample",
+    "sample_ref",
 ]

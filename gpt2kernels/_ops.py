@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable
+import os
+from typing import Callable, Iterator
 
 import torch
 import triton
@@ -125,6 +127,31 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; 132 (an H100 SXM) for the CPU interpreter, so that
     the launch heuristics, split-K and split-KV included, take their GPU branches in CPU tests."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+# Programmatic dependent launch (PDL) for the decode kernels, on by default where the GPU has it;
+# GPT2KERNELS_PDL=0 in the environment, or ``programmatic_dependent_launch(False)``, turns it off.
+_PDL = [os.environ.get("GPT2KERNELS_PDL", "1") != "0"]
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether decode kernels on ``device`` launch with PDL (``launch_pdl=True``, ``USE_PDL``): a
+    kernel may then start while the previous one finishes, issue the loads that depend on nothing
+    earlier (its weights), and wait (``gdc_wait``) before reading anything the step wrote. Needs
+    sm_90 (Hopper) or later; never in the interpreter."""
+    return (_PDL[0] and not INTERPRETED and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+@contextlib.contextmanager
+def programmatic_dependent_launch(enabled: bool) -> Iterator[None]:
+    """Within the block, decode kernels use PDL where the GPU has it (``enabled``) or never: for
+    measuring what it gains. A CUDA graph keeps the launches it captured."""
+    before, _PDL[0] = _PDL[0], enabled
+    try:
+        yield
+    finally:
+        _PDL[0] = before
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

@@ -30,8 +30,9 @@ from typing import Any, Iterator
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns unless the (default) choice is explicit
 
-MODULES = ["gpt2kernels.embedding", "gpt2kernels.layernorm", "gpt2kernels.linear", "gpt2kernels.linear_backward",
-           "gpt2kernels.attention", "gpt2kernels.attention_backward", "gpt2kernels.penalties", "gpt2kernels.loss"]
+MODULES = ["gpt2kernels.embedding", "gpt2kernels.layernorm", "gpt2kernels.linear", "gpt2kernels.gemv",
+           "gpt2kernels.linear_backward", "gpt2kernels.attention", "gpt2kernels.attention_backward",
+           "gpt2kernels.penalties", "gpt2kernels.loss"]
 ARCHS = (80, 90)
 GPT2_SIZES = ((768, 12), (1024, 16), (1280, 20), (1600, 25))  # (n_embd, n_head): gpt2 ... gpt2-xl, head dim 64
 GPT2_VOCAB = 50257
@@ -133,6 +134,16 @@ def _label(fn, signature: dict, bound: dict, specialization: list, opts) -> str:
     return f"{fn.fn.__name__.strip('_')}[{dtype},{','.join(parts)},w{opts.num_warps}s{opts.num_stages}]"
 
 
+def for_arch(kwargs: dict, arch: int) -> dict:
+    """A launch's keyword arguments as a device of sm_``arch`` gets them: a kernel with a ``USE_PDL``
+    constexpr launches with programmatic dependent launch on sm_90 and later (``gpt2kernels.gemv``),
+    never before, whatever the recording process's device is."""
+    if "USE_PDL" not in kwargs:
+        return dict(kwargs)
+    pdl = arch >= 90
+    return {**kwargs, "USE_PDL": pdl, "launch_pdl": pdl}
+
+
 @contextlib.contextmanager
 def record_launches(execute: bool = True, archs: tuple[int, ...] = ARCHS) -> Iterator[Recording]:
     """Record every Triton kernel launch made inside the block (JIT or interpreter alike).
@@ -150,7 +161,7 @@ def record_launches(execute: bool = True, archs: tuple[int, ...] = ARCHS) -> Ite
         def run(self, *args, grid, warmup, **kwargs):
             key90 = None
             for arch in archs:
-                key, job = specialise(self, args, dict(kwargs), arch)
+                key, job = specialise(self, args, for_arch(kwargs, arch), arch)
                 rec.jobs.setdefault((arch, key), job)
                 key90 = key if arch == 90 else key90
             rec.launches.append((_jit_function(self).fn.__name__, key90))
@@ -170,7 +181,9 @@ def aot_recording() -> Recording:
     """Every variant the launchers produce at GPT-2's shapes, from each module's ``aot_launches()``."""
     with record_launches(execute=False) as rec:
         for module in MODULES:
-            importlib.import_module(module).aot_launches()
+            launches = getattr(importlib.import_module(module), "aot_launches", None)
+            if launches is not None:  # gemv's variants come through linear's launcher
+                launches()
     return rec
 
 
@@ -199,15 +212,28 @@ def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
     return {"FRAME": int(frame[1]), "SPILL": int(frame[2]) + int(frame[3])} if frame else {}
 
 
+def pdl_order(ptx: str) -> dict[str, int]:
+    """Where a kernel's programmatic-dependent-launch instructions sit in its PTX: PRE, the global
+    loads issued before the first ``griddepcontrol.wait`` (those that depend on nothing earlier in
+    the step: a GEMV's weights), and TRIGGER, 1 when it calls ``griddepcontrol.launch_dependents``.
+    Empty without a wait."""
+    wait = ptx.find("griddepcontrol.wait")
+    if wait < 0:
+        return {}
+    return {"PRE": len(re.findall(r"\bld\.global", ptx[:wait])),
+            "TRIGGER": int("griddepcontrol.launch_dependents" in ptx)}
+
+
 def compile_job(job: CompileJob) -> dict:
-    """Compile one variant as the JIT would and report its resources."""
+    """Compile one variant as the JIT would and report its resources (and ``pdl_order``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     src = ASTSource(job.fn, job.signature, job.constexprs, job.attrs)
     k = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=job.options.__dict__)
-    return {"shared_meta": k.metadata.shared, **resources(k.asm["cubin"]), **ptxas_report(k.asm["ptx"], job.arch)}
+    return {"shared_meta": k.metadata.shared, **resources(k.asm["cubin"]), **ptxas_report(k.asm["ptx"], job.arch),
+            **pdl_order(k.asm["ptx"])}
 
 
 _JOBS: list[CompileJob] = []  # filled before the worker pool forks, so workers index it
@@ -258,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         f"a subset ({args.subset} per arch) of the kernel variants"
     print(f"# python -m gpt2kernels.aot, {datetime.date.today()}, triton {triton.__version__}, ahead of time (no GPU): "
           f"{which} the launchers produce at GPT-2 shapes, as the JIT specialises them")
-    print(f"{'sm':>3} {'REG':>4} {'SHARED':>7} {'STACK':>5} {'SPILL':>5} {'LOCAL':>5}  kernel variant")
+    print(f"{'sm':>3} {'REG':>4} {'SHARED':>7} {'STACK':>5} {'SPILL':>5} {'LOCAL':>5} {'PDL':>5}  kernel variant"
+          "   (PDL: loads issued before griddepcontrol.wait; - without PDL)")
     for index, r in results:
         job = _JOBS[index]
         if isinstance(r, str):
@@ -266,10 +293,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{job.arch:>3} COMPILE ERROR: {r}  {job.label}")
             continue
         spills = r.get("LOCAL", 0) > 0 or r.get("SPILL", 0) > 0
-        failures += spills
+        # A PDL launch whose kernel never waits would read the previous kernel's outputs unsynchronised.
+        unsynced = "USE_PDL=True" in job.label and ("PRE" not in r or not r["TRIGGER"])
+        failures += spills or unsynced
         shared = max(r.get("SHARED", 0), r["shared_meta"])
         print(f"{job.arch:>3} {r.get('REG', -1):>4} {shared:>7} {r.get('STACK', 0):>5} "
-              f"{r.get('SPILL', 0):>5} {r.get('LOCAL', 0):>5}  {job.label}" + ("  SPILLS" if spills else ""))
+              f"{r.get('SPILL', 0):>5} {r.get('LOCAL', 0):>5} {r.get('PRE', '-'):>5}  {job.label}"
+              + ("  SPILLS" if spills else "") + ("  PDL WITHOUT WAIT OR TRIGGER" if unsynced else ""))
     print(f"{len(_JOBS)} compiles, {failures} failure(s)")
     return 1 if failures else 0
 

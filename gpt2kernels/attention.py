@@ -24,9 +24,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._ops import (FLOAT_DTYPES, TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_precision, kernel_op,
-                   sm_count, tl_acc)
+                   sm_count, tl_acc, use_pdl)
 
 # any D up to 128 works; these (one per block size and alignment) are compiled ahead of time
 HEAD_DIMS = (32, 64, 80, 128)
@@ -134,7 +135,12 @@ def _decode_attn_fwd_kernel(
     stride_ob, stride_oh, stride_ot,
     H, Lq, L, D, num_splits, qk_scale,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # launched early, behind the QKV projection: the next GEMV may start prefetching its
+        gdc_launch_dependents()  # weights at once; everything here reads the step's writes, so
+        gdc_wait()  # nothing loads before the wait (the lengths are advanced two kernels back)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -166,6 +172,11 @@ def _decode_attn_fwd_kernel(
         s = tl.where((cols[None, :] < hi) & (cols[None, :] <= last_key[:, None]), s, float("-inf"))
         v = tl.load(v_base + cols[:, None] * stride_vt + rd[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + rq[:, None] * stride_ot + rd[None, :]
+    if not SPLIT:  # one program per row: no partials, no arrival count
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(rq[:, None] < Lq) & d_ok[None, :])
+        return
     # No combine kernel: every split stores its partial and counts its arrival; the row's last
     # split to arrive merges all of them in split order (the same result whatever the order).
     base = bh.to(tl.int64) * num_splits
@@ -179,8 +190,7 @@ def _decode_attn_fwd_kernel(
     # the flag is a vector because the interpreter takes no scalar mask.
     last = (rq * 0 + arrived) == num_splits - 1
     out = _combine_splits(part_o_ptr, part_ml_ptr, base, num_splits, last, BLOCK_Q, BLOCK_D)
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + rq[:, None] * stride_ot + rd[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=last[:, None] & (rq[:, None] < Lq) & d_ok[None, :])
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=last[:, None] & (rq[:, None] < Lq) & d_ok[None, :])
     tl.atomic_add(count_ptr + bh, tl.where(arrived == num_splits - 1, -num_splits, 0))  # the last re-arms it
 
 
@@ -281,14 +291,24 @@ flash_attention.op = flash_attention_with_lse.op
 
 
 
+# Each split covers at least this many keys of a full cache. At 64 (one block), gpt2's batch-1 step
+# spent ~8.5 µs a layer in decode attention at 200-token rows (H200, benchmarks/decode_timeline),
+# most of it the split protocol's chain of dependent loads (partials, arrival count, combine) rather
+# than the 50 KB of keys and values; 4 blocks a split keep one program per row up to 256 positions.
+# benchmarks/sweep_decode_attention measures every split count against this rule.
+MIN_KEYS_PER_SPLIT = 256
+
+
 def decode_splits(rows: int, max_len: int, sms: int) -> int:
     """How many splits each of ``rows`` = B*H rows is cut into, for a cache of ``max_len`` slots.
 
-    Enough splits for ~2 programs per SM, each over at least 64 keys of a full cache; a power of
-    two. Depends on shapes only, never on the lengths' values, so it is fixed for a given cache.
+    Enough splits for ~2 programs per SM, each over at least ``MIN_KEYS_PER_SPLIT`` keys of a full
+    cache; a power of two. Depends on shapes only, never on the lengths' values, so it is fixed for
+    a given cache. One split runs without partials (the kernel's ``SPLIT`` off).
     """
     splits = 1
-    while rows * splits * 2 <= 2 * sms and triton.cdiv(max_len, splits * 2) >= 64 and splits < 64:
+    while (rows * splits * 2 <= 2 * sms and triton.cdiv(max_len, splits * 2) >= MIN_KEYS_PER_SPLIT
+           and splits < 64):
         splits *= 2
     return splits
 
@@ -316,12 +336,14 @@ def _decode_attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
     part_ml = torch.empty((b * h, splits, 2, block_q), dtype=torch.float32, device=q.device)
     scale = d ** -0.5 if scale is None else scale
     block_n, warps = decode_settings(d, q.dtype)
+    pdl = use_pdl(q.device)
     _decode_attn_fwd_kernel[(b * h, splits)](
         q, k_cache, v_cache, cache_lens, o, part_o, part_ml, arrival_counters(q.device, b * h),
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1), o.stride(2),
         h, lq, max_len, d, splits, scale * LOG2E, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=2)
+        DOT_PRECISION=dot_precision(q.dtype), SPLIT=splits > 1, USE_PDL=pdl, num_warps=warps, num_stages=2,
+        launch_pdl=pdl)
     return o
 
 

@@ -28,73 +28,14 @@ from torch import Tensor
 
 from .layernorm import layer_norm_ref
 from .quantize import dequantize_int8
-from .activations import gelu_tanh, gelu_tanh_grad
 from .matmul import grouped_tile
+from .epilogue import linear_epilogue, row_stats
+from .gemv import gemv_applies, gemv_launch
 from ._ops import (TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_precision, kernel_op,
                    sm_count, tl_acc)
 
 ACTIVATIONS = (None, "gelu_tanh")
 DECODE_MAX_ROWS = 16
-
-
-@triton.jit
-def _row_stats(x_ptr, rm, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """LayerNorm's mean and 1/std (fp32, (BLOCK_M,)) of rows ``rm`` of x over K, in one pass:
-    each K block's own mean and centred sum of squares, merged by Chan's formula (no
-    E[x^2] - E[x]^2 cancellation, so a large mean costs no precision)."""
-    rk = tl.arange(0, BLOCK_K)
-    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        mask = (rm[:, None] < M) & (kk[None, :] < K)
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk, mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        n_b = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
-        mean_b = tl.sum(x, axis=1) / n_b
-        centred = tl.where(mask, x - mean_b[:, None], 0.0)
-        n = k0 + n_b
-        delta = mean_b - mean
-        mean += delta * (n_b / n)
-        m2 += tl.sum(centred * centred, axis=1) + delta * delta * (k0 * n_b / n)
-    return mean, 1.0 / tl.sqrt(m2 / K + eps)
-
-
-@triton.jit
-def _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
-              kc_ptr, vc_ptr, lens_ptr, stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT: tl.constexpr,
-              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, KV_CACHE: tl.constexpr):
-    """int8 weights' column scales, bias, activation, residual in fp32 (ACTIVATION 2: the residual
-    times the GELU's derivative instead, for the backward), then one rounding and masked
-    stores of the tile: into y, or with KV_CACHE, columns [0, C) (the query) into y and [C, 3C)
-    (key, value) into the caches."""
-    if INT8_WEIGHT:
-        acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(acc.dtype)[None, :]
-    if ACTIVATION == 1:
-        acc = gelu_tanh(acc)
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    rows = rm[:, None].to(tl.int64)
-    if HAS_RESIDUAL:
-        r = tl.load(r_ptr + rows * stride_rm + rn[None, :], mask=mask, other=0.0).to(acc.dtype)
-        if ACTIVATION == 2:  # the backward's recompute: "residual" is the GELU output's gradient
-            acc = r * gelu_tanh_grad(acc)
-        else:
-            acc += r
-    out = acc.to(y_ptr.dtype.element_ty)
-    if KV_CACHE:
-        c = N // 3
-        part = rn // c  # 0 query, 1 key, 2 value
-        col = rn - part * c
-        pos = tl.load(lens_ptr + rm, mask=rm < M, other=1) - 1  # the new token's slot in each row
-        at = rows * stride_cb + (col // head_dim)[None, :] * stride_ch + pos[:, None].to(tl.int64) * stride_ct \
-            + (col % head_dim)[None, :]
-        tl.store(y_ptr + rows * stride_ym + rn[None, :], out, mask=mask & (part == 0)[None, :])
-        tl.store(kc_ptr + at, out, mask=mask & (part == 1)[None, :])
-        tl.store(vc_ptr + at, out, mask=mask & (part == 2)[None, :])
-    else:
-        tl.store(y_ptr + rows * stride_ym + rn[None, :], out, mask=mask)
 
 
 # M is B*T in a prefill and changes with every prompt; its alignment buys nothing (it only masks
@@ -131,7 +72,7 @@ def _linear_fwd_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     if NORM:  # each program normalises its rows itself: no LayerNorm kernel, no normalised copy
-        mean, rstd = _row_stats(x_ptr, rm, M, K, stride_xm, stride_xk, eps, BLOCK_M, STATS_K)
+        mean, rstd = row_stats(x_ptr, rm, M, K, stride_xm, stride_xk, eps, BLOCK_M, STATS_K)
     k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K  # this split's share of K, whole blocks
     k0 = pid_k * k_span
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + rk)[None, :] * stride_xk
@@ -163,13 +104,14 @@ def _linear_fwd_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
             for s in range(SPLIT_K):  # .cg: from L2, where the other programs' partials are
                 acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
-                      stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
-                      KV_CACHE)
+            linear_epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr,
+                            lens_ptr, stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION,
+                            HAS_RESIDUAL, KV_CACHE)
             tl.atomic_xchg(count_ptr + pid, 0)
     else:
-        _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
-                  stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, KV_CACHE)
+        linear_epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
+                        stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+                        KV_CACHE)
 
 
 @dataclass(frozen=True)
@@ -352,8 +294,12 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
     ln_w, ln_b, eps = norm if norm is not None else (y2, y2, 0.0)
     kc, vc, lens = kv_cache if kv_cache is not None else (y2, y2, y2)
     int8_weight = weight.dtype == torch.int8
-    cfg = gemm_config(m, n, k, x.dtype, sm_count(x.device), int8_weight)
     scale = weight_scale if int8_weight else y2
+    if not gelu_grad and gemv_applies(m, k, x.dtype, norm is not None):
+        gemv_launch(x2, weight, scale, bias, int(activation == "gelu_tanh"),
+                    residual.reshape(m, n) if residual is not None else None, y2, norm, kv_cache, sm_count(x.device))
+        return y
+    cfg = gemm_config(m, n, k, x.dtype, sm_count(x.device), int8_weight)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.split_k > 1:
         ws = torch.empty((cfg.split_k, m, n), dtype=acc_dtype(x.dtype), device=x.device)
@@ -562,10 +508,12 @@ def qkv_append_ref(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
     return q
 
 
-# Row counts covering every config gemm_config picks and every way the JIT specialises M:
-# decode 1 (M == 1) and 5, prefill up to 64 rows (40) and beyond (512).
-AOT_ROWS = (1, 5, 40, 512)
-AOT_DECODE_ROWS = (1, 5)  # the fused decode ops run at M <= 16 rows: M == 1 and any other M
+# Row counts covering every config gemm_config and gemv_config pick and every way the JIT specialises
+# M: the GEMV's unrolled rows (1, 2, 4, 8 for 1, 2, 3, 5), the tiled kernel's decode tiles (12: 9 to
+# 16 rows), prefill up to 64 rows (40) and beyond (512).
+AOT_ROWS = (1, 2, 3, 5, 12, 40, 512)
+# The fused decode ops: the GEMV's row counts and the tiled kernel's decode tiles.
+AOT_DECODE_ROWS = (1, 2, 3, 5, 12)
 
 
 def aot_launches() -> None:

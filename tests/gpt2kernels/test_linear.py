@@ -1,4 +1,5 @@
-"""gpt2kernels.linear / gelu_mlp against a float64 reference, decode (split-K) and prefill paths."""
+"""gpt2kernels.linear / gelu_mlp against a float64 reference: the GEMV (1-8 rows), the tiled decode
+path (9-16 rows, split-K) and prefill. The GEMV's own checks are in test_gemv.py."""
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from gpt2kernels._ops import NS
 from .helpers import assert_close_to, poison_empty
 from gpt2kernels.linear import DECODE_TUNED, gelu_mlp_ref, gemm_config, linear_ref
 
-# (M, K, N): one row, split-K (K = 1600 at M = 1), odd K and N, both regimes (M <= 16 and above).
-SHAPES = [(1, 80, 96), (1, 1600, 200), (3, 200, 1600), (16, 96, 80), (33, 96, 200), (300, 200, 96)]
+# (M, K, N): one row, the GEMV at K = 1600, odd K and N, the tiled decode tiles with split-K (12 rows,
+# K = 1600) and without (16), prefill tiles (33, 300).
+SHAPES = [(1, 80, 96), (1, 1600, 200), (3, 200, 1600), (12, 1600, 200), (16, 96, 80), (33, 96, 200), (300, 200, 96)]
 EPILOGUES = {"plain": (False, None, False), "bias": (True, None, False), "bias+gelu": (True, "gelu_tanh", False),
              "bias+gelu+residual": (True, "gelu_tanh", True), "residual": (False, None, True)}
 # bf16 tl.dot is wrong in the Triton interpreter (GPU_READINESS.md): bf16 runs on a GPU only.
@@ -43,7 +45,7 @@ def test_linear(m, k, n, dtype, epilogue, device, monkeypatch):
 
 
 def test_split_k_is_exercised():
-    assert gemm_config(1, 200, 1600, torch.float16, sms=132).split_k > 1
+    assert gemm_config(12, 200, 1600, torch.float16, sms=132).split_k > 1
     assert gemm_config(300, 96, 200, torch.float16, sms=132).split_k == 1
 
 
@@ -225,8 +227,8 @@ def test_split_k_is_deterministic_and_rearms_its_counters(device):
     arrival order, and every arrival counter back at zero for the next launch."""
     from gpt2kernels._ops import arrival_counters
 
-    x, ln_w, ln_b, w, b = _ln_inputs(2, 768, 96, torch.float16, device, seed=15)
-    assert gemm_config(2, 96, 768, torch.float16, sms=132).split_k > 1
+    x, ln_w, ln_b, w, b = _ln_inputs(12, 768, 96, torch.float16, device, seed=15)  # 12 rows: the tiled kernel
+    assert gemm_config(12, 96, 768, torch.float16, sms=132).split_k > 1
     first = gpt2kernels.ln_linear(x, ln_w, ln_b, w, b, "gelu_tanh")
     assert all(torch.equal(first, gpt2kernels.ln_linear(x, ln_w, ln_b, w, b, "gelu_tanh")) for _ in range(3))
     assert not arrival_counters(device, 4096).any()
@@ -237,8 +239,9 @@ def test_split_k_is_deterministic_and_rearms_its_counters(device):
                                  for n, k in DECODE_TUNED])
 def test_measured_decode_tiles(n, k, device, monkeypatch):
     """The tiles DECODE_TUNED picks for gpt2's shapes (wide K blocks, split-K 1 or 8) compute the same
-    product, with and without the LayerNorm prologue, with the epilogues those layers use."""
-    x, w, b, r = _inputs(1, k, n, torch.float16, device, seed=n + k)
+    product, with and without the LayerNorm prologue, with the epilogues those layers use, at the
+    row counts that still take them (9-16: fewer go to the GEMV)."""
+    x, w, b, r = _inputs(12, k, n, torch.float16, device, seed=n + k)
     ln_w, ln_b = 1 + 0.1 * torch.randn(k, device=device), 0.1 * torch.randn(k, device=device)
     act = "gelu_tanh" if n == 4 * k else None
     residual = r if n <= k else None  # the two c_proj layers

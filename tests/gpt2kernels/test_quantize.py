@@ -109,8 +109,8 @@ def test_int8_fused_ops(dtype, device, monkeypatch):
 
 
 def test_int8_split_k_decode_is_exercised_and_deterministic(device):
-    x, q, scale, b, _ = _int8_inputs(1, 1600, 200, torch.float16, device, seed=9)
-    assert gemm_config(1, 200, 1600, torch.float16, sms=132, int8_weight=True).split_k > 1
+    x, q, scale, b, _ = _int8_inputs(12, 1600, 200, torch.float16, device, seed=9)  # 12 rows: the tiled kernel
+    assert gemm_config(12, 200, 1600, torch.float16, sms=132, int8_weight=True).split_k > 1
     first = gpt2kernels.linear(x, q, b, "gelu_tanh", weight_scale=scale)
     assert all(torch.equal(first, gpt2kernels.linear(x, q, b, "gelu_tanh", weight_scale=scale)) for _ in range(2))
 

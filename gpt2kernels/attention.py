@@ -211,7 +211,9 @@ def prefill_settings(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 def decode_settings(d: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for the split-KV decode kernel."""
     if dtype == torch.float32:
-        return (32, 4) if d <= 64 else (32, 8)
+        # Above D = 64, 32 keys a block at 8 warps spilled 8 bytes on sm_90 once one split wrote its
+        # output directly (SPLIT off, with PDL; gpt2kernels.aot, Triton 3.9): 16 keys hold it.
+        return (32, 4) if d <= 64 else (16, 8)
     # D <= 32 at 4 warps spilled on sm_90 (gpt2kernels.aot, Triton 3.9); 2 warps hold it in 80 registers.
     return (64, 2) if d <= 32 else (64, 4)
 
@@ -291,24 +293,31 @@ flash_attention.op = flash_attention_with_lse.op
 
 
 
-# Each split covers at least this many keys of a full cache. At 64 (one block), gpt2's batch-1 step
-# spent ~8.5 µs a layer in decode attention at 200-token rows (H200, benchmarks/decode_timeline),
-# most of it the split protocol's chain of dependent loads (partials, arrival count, combine) rather
-# than the 50 KB of keys and values; 4 blocks a split keep one program per row up to 256 positions.
-# benchmarks/sweep_decode_attention measures every split count against this rule.
-MIN_KEYS_PER_SPLIT = 256
+# Split counts measured on an H200 (benchmarks/sweep_decode_attention, decode_attention_splits.md: fp16,
+# D 64, gpt2's and gpt2-xl's heads at batch 1 and 8, caches of 128-1024 positions, 1-32 splits).
+# Up to 256 positions one program per row won everywhere (3.5 µs against 5.4 for 2 splits at 128);
+# beyond, 4 splits of at least 128 keys were best or within 1 % (batch 1 at 1024: 8.7 µs against
+# 15.6 with one, 9.4 with 8; gpt2-xl batch 8 at 1024: 21.9 against 27.4 with one). The combine's
+# chain of dependent loads grows with the splits, so more do not pay at these lengths.
+ONE_SPLIT_MAX_LEN = 256
+MAX_DECODE_SPLITS = 4
+MIN_KEYS_PER_SPLIT = 128
+# Above this many programs (rows x splits) per SM, more splits only queue: batch 64 stays at one.
+MAX_PROGRAMS_PER_SM = 8
 
 
 def decode_splits(rows: int, max_len: int, sms: int) -> int:
-    """How many splits each of ``rows`` = B*H rows is cut into, for a cache of ``max_len`` slots.
-
-    Enough splits for ~2 programs per SM, each over at least ``MIN_KEYS_PER_SPLIT`` keys of a full
-    cache; a power of two. Depends on shapes only, never on the lengths' values, so it is fixed for
-    a given cache. One split runs without partials (the kernel's ``SPLIT`` off).
+    """How many splits each of ``rows`` = B*H rows is cut into, for a cache of ``max_len`` slots:
+    one up to ``ONE_SPLIT_MAX_LEN`` positions (written without partials: the kernel's ``SPLIT``
+    off), else up to ``MAX_DECODE_SPLITS`` (a power of two) of at least ``MIN_KEYS_PER_SPLIT``
+    keys of a full cache, while the launch stays within ``MAX_PROGRAMS_PER_SM``. Depends on shapes
+    only, never on the lengths' values, so it is fixed for a given cache.
     """
     splits = 1
-    while (rows * splits * 2 <= 2 * sms and triton.cdiv(max_len, splits * 2) >= MIN_KEYS_PER_SPLIT
-           and splits < 64):
+    if max_len <= ONE_SPLIT_MAX_LEN:
+        return splits
+    while (splits < MAX_DECODE_SPLITS and triton.cdiv(max_len, splits * 2) >= MIN_KEYS_PER_SPLIT
+           and rows * splits * 2 <= MAX_PROGRAMS_PER_SM * sms):
         splits *= 2
     return splits
 

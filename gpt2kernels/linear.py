@@ -509,11 +509,10 @@ def qkv_append_ref(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
 
 
 # Row counts covering every config gemm_config and gemv_config pick and every way the JIT specialises
-# M: the GEMV's unrolled rows (1, 2, 4, 8 for 1, 2, 3, 5), the tiled kernel's decode tiles (12: 9 to
-# 16 rows), prefill up to 64 rows (40) and beyond (512).
-AOT_ROWS = (1, 2, 3, 5, 12, 40, 512)
-# The fused decode ops: the GEMV's row counts and the tiled kernel's decode tiles.
-AOT_DECODE_ROWS = (1, 2, 3, 5, 12)
+# M: one row (the GEMV), the tiled kernel's decode tiles (5: 2 to 16 rows), prefill up to 64 rows (40)
+# and beyond (512).
+AOT_ROWS = (1, 5, 40, 512)
+AOT_DECODE_ROWS = (1, 5)  # the fused decode ops: the GEMV and the tiled decode tiles
 
 
 def aot_launches() -> None:

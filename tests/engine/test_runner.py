@@ -13,7 +13,12 @@ from engine.core.scheduler import Scheduler
 from gpt2kernels.sampling import sample_ref
 
 
-def _model(checkpoint, backend, dtype="float32", device="cpu"):
+# The triton backend's device: CPU only under the interpreter (TRITON_INTERPRET=1, as CI runs these tests).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model(checkpoint, backend, dtype="float32", device=None):
+    device = device or (TRITON_DEVICE if backend == "triton" else "cpu")
     return engine.load_model(str(checkpoint), device=device, dtype=dtype, backend=backend)
 
 
@@ -64,7 +69,7 @@ def test_decode_kernel_budget(small_vocab_checkpoint, batch):
 
 def test_int8_decode_step_keeps_the_budget_and_static_shapes(small_vocab_checkpoint):
     """int8 weights (scales in the epilogues) add no kernel and no host sync: 5 a layer, 3 outside."""
-    model = engine.load_model(str(small_vocab_checkpoint), device="cpu", dtype="float32", backend="triton",
+    model = engine.load_model(str(small_vocab_checkpoint), device=TRITON_DEVICE, dtype="float32", backend="triton",
                               quantize="int8-all")
     budget = kernel_budget(model, 1)
     assert budget["kernels"] == 5 * budget["layers"] + 3, budget

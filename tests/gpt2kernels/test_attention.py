@@ -101,11 +101,18 @@ def test_decode_many_splits(device):
 
     q, k, v, lens_t, want = _decode_case([1000, 3], 1, 64, torch.float16, device, max_len=1024)
     assert gpt2kernels.attention.decode_splits(2 * 2, 1024, 132) == 4
-    assert gpt2kernels.attention.decode_splits(2 * 2, 256, 132) == 1
     first = gpt2kernels.decode_attention(q, k, v, lens_t)
     assert_close_to(first, want, TOL[torch.float16])
     assert torch.equal(first, gpt2kernels.decode_attention(q, k, v, lens_t))
     assert not arrival_counters(device, 4096).any()
+
+
+def test_decode_split_rule_is_the_measured_one():
+    """One program per row up to 256 positions, then 4 splits (the best on an H200 at 512-1024
+    positions, batch 1 and 8); batch 64 of gpt2 stays at one (its rows alone fill the GPU)."""
+    splits = gpt2kernels.attention.decode_splits
+    assert [splits(12, n, 132) for n in (64, 256, 512, 768, 1024)] == [1, 1, 4, 4, 4]
+    assert splits(8 * 25, 1024, 132) == 4 and splits(64 * 12, 1024, 132) == 1
 
 
 def test_decode_equals_prefill_last_row(device):

@@ -136,8 +136,8 @@ def _label(fn, signature: dict, bound: dict, specialization: list, opts) -> str:
 
 def for_arch(kwargs: dict, arch: int) -> dict:
     """A launch's keyword arguments as a device of sm_``arch`` gets them: a kernel with a ``USE_PDL``
-    constexpr launches with programmatic dependent launch on sm_90 and later (``gpt2kernels.gemv``),
-    never before, whatever the recording process's device is."""
+    constexpr (the batch-1 GEMV, decode attention) launches with programmatic dependent launch on
+    sm_90 and later, never before, whatever the recording process's device is."""
     if "USE_PDL" not in kwargs:
         return dict(kwargs)
     pdl = arch >= 90

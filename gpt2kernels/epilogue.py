@@ -1,33 +1,10 @@
-"""What the linear kernels share around their products: LayerNorm statistics for a fused prologue,
-and the epilogue (scales, bias, GELU, residual, the KV-cache store) before the one rounding."""
+"""The epilogue both linear kernels (the tiled one in linear.py, the batch-1 GEMV in gemv.py) run after
+their products: scales, bias, GELU, residual or the KV-cache store, before the one rounding."""
 
 import triton
 import triton.language as tl
 
 from .activations import gelu_tanh, gelu_tanh_grad
-
-
-@triton.jit
-def row_stats(x_ptr, rm, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """LayerNorm's mean and 1/std (fp32, (BLOCK_M,)) of rows ``rm`` of x over K, in one pass:
-    each K block's own mean and centred sum of squares, merged by Chan's formula (no
-    E[x^2] - E[x]^2 cancellation, so a large mean costs no precision)."""
-    rk = tl.arange(0, BLOCK_K)
-    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        mask = (rm[:, None] < M) & (kk[None, :] < K)
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk, mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        n_b = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
-        mean_b = tl.sum(x, axis=1) / n_b
-        centred = tl.where(mask, x - mean_b[:, None], 0.0)
-        n = k0 + n_b
-        delta = mean_b - mean
-        mean += delta * (n_b / n)
-        m2 += tl.sum(centred * centred, axis=1) + delta * delta * (k0 * n_b / n)
-    return mean, 1.0 / tl.sqrt(m2 / K + eps)
 
 
 @triton.jit

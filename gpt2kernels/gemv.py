@@ -32,6 +32,7 @@ from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .epilogue import linear_epilogue
+from .layernorm import centre_and_scale
 from ._ops import use_pdl
 
 # Rows a GEMV launch takes; more go to the tiled kernel (gpt2kernels.linear). See the module's docstring.
@@ -77,16 +78,12 @@ def _gemv_kernel(
     if USE_PDL:
         gdc_wait()  # the previous kernel has finished: its outputs (x, residual, lengths) are visible
     w_first = w_first.to(tl.float32)
-    if NORM:
-        g = tl.load(ln_w_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-        beta = tl.load(ln_b_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
     k_ok = rk < K
     x = tl.load(x_ptr + rk * stride_xk, mask=k_ok, other=0.0)
-    if NORM:  # the whole row is in this tile (gemv_config): statistics in two exact passes over registers
-        xf = x.to(tl.float32)
-        mean = tl.sum(xf, axis=0) / K
-        centred = tl.where(k_ok, xf - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
+    if NORM:  # the whole row is in this tile (gemv_config): its statistics from the registers
+        g = tl.load(ln_w_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+        beta = tl.load(ln_b_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+        centred, rstd = centre_and_scale(x.to(tl.float32), k_ok, K, eps)
         x = (centred * rstd * g + beta).to(x.dtype)  # rounded as a separate LayerNorm's output would be
     acc = tl.sum(w_first * x.to(tl.float32)[None, :], axis=1)
     for k0 in range(BLOCK_K, K, BLOCK_K):  # K beyond one tile (never with NORM; not at GPT-2's shapes)

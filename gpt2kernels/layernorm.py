@@ -29,6 +29,16 @@ MAX_N = 65536  # one row must fit in registers: 65536 fp32 over 32 warps is 64 p
 
 
 @triton.jit
+def centre_and_scale(x, mask, n, eps):
+    """A row held in registers, x (BLOCK,) in its accumulation dtype with ``mask`` its n valid
+    elements: (x - mean, zero where masked; 1 / sqrt(var + eps)), in two passes (no E[x^2] -
+    E[x]^2 cancellation). LayerNorm's forward and backward and the batch-1 GEMV's prologue use it."""
+    mean = tl.sum(x, axis=0) / n
+    centred = tl.where(mask, x - mean, 0.0)
+    return centred, 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n + eps)
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(
     x_ptr,  # (M, N) input rows, last dim contiguous
     r_ptr,  # (M, N) residual rows (read only when HAS_RESIDUAL)
@@ -49,10 +59,7 @@ def _layer_norm_fwd_kernel(
     if HAS_RESIDUAL:
         x += tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(ACC)
         tl.store(s_ptr + row * stride_s + cols, x.to(s_ptr.dtype.element_ty), mask=mask)
-    mean = tl.sum(x, axis=0) / N
-    centred = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(centred * centred, axis=0) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
+    centred, rstd = centre_and_scale(x, mask, N, eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
     b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(ACC)
     tl.store(y_ptr + row * stride_y + cols, (centred * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
@@ -82,9 +89,7 @@ def _layer_norm_bwd_kernel(
         row = first + i
         mask = in_row & (cols * 0 + row < M)  # a vector: the interpreter takes no scalar in a mask
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(ACC)
-        mean = tl.sum(x, axis=0) / N
-        centred = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / N + eps)
+        centred, rstd = centre_and_scale(x, mask, N, eps)
         xhat = centred * rstd
         dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(ACC)
         dw += dy * xhat

@@ -29,7 +29,7 @@ from torch import Tensor
 from .layernorm import layer_norm_ref
 from .quantize import dequantize_int8
 from .matmul import grouped_tile
-from .epilogue import linear_epilogue, row_stats
+from .epilogue import linear_epilogue
 from .gemv import gemv_applies, gemv_launch
 from ._ops import (TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_precision, kernel_op,
                    sm_count, tl_acc)
@@ -38,8 +38,32 @@ ACTIVATIONS = (None, "gelu_tanh")
 DECODE_MAX_ROWS = 16
 
 
+@triton.jit
+def _row_stats(x_ptr, rm, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """LayerNorm's mean and 1/std (fp32, (BLOCK_M,)) of rows ``rm`` of x over K, in one pass:
+    each K block's own mean and centred sum of squares, merged by Chan's formula (no
+    E[x^2] - E[x]^2 cancellation, so a large mean costs no precision)."""
+    rk = tl.arange(0, BLOCK_K)
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask = (rm[:, None] < M) & (kk[None, :] < K)
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        n_b = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
+        mean_b = tl.sum(x, axis=1) / n_b
+        centred = tl.where(mask, x - mean_b[:, None], 0.0)
+        n = k0 + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / n)
+        m2 += tl.sum(centred * centred, axis=1) + delta * delta * (k0 * n_b / n)
+    return mean, 1.0 / tl.sqrt(m2 / K + eps)
+
+
 # M is B*T in a prefill and changes with every prompt; its alignment buys nothing (it only masks
-# rows), so only M == 1 (the batch-1 GEMV) gets its own variant, never M % 16 == 0.
+# rows), so only M == 1 gets its own variant, never M % 16 == 0. (One-row float products run
+# gemv.py's kernel; M == 1 reaches this one in fp64 and in the GELU-gradient backward.)
 @triton.jit(do_not_specialize_on_alignment=["M"])
 def _linear_fwd_kernel(
     x_ptr,      # (M, K) input
@@ -72,7 +96,7 @@ def _linear_fwd_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     if NORM:  # each program normalises its rows itself: no LayerNorm kernel, no normalised copy
-        mean, rstd = row_stats(x_ptr, rm, M, K, stride_xm, stride_xk, eps, BLOCK_M, STATS_K)
+        mean, rstd = _row_stats(x_ptr, rm, M, K, stride_xm, stride_xk, eps, BLOCK_M, STATS_K)
     k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K  # this split's share of K, whole blocks
     k0 = pid_k * k_span
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + rk)[None, :] * stride_xk

@@ -26,7 +26,7 @@ def sampler_extension():
                          "(nvcc, CUDA_HOME) was found to build the sampler's CUDA kernel. Set CUDA_HOME, or set "
                          "GPT2ENGINE_NO_EXTENSION=1 to install without it.")
     cuda = torch.version.cuda is not None
-    sources = ["csrc/sampling_cpu.cpp"] + (["csrc/sampling_cuda.cu"] if cuda else [])
+    sources = ["csrc/sampling_cpu.cpp", "csrc/decode_cpu.cpp"] + (["csrc/sampling_cuda.cu"] if cuda else [])
     flags = {"cxx": ["-O3"], "nvcc": ["-O3"]} if cuda else {"cxx": ["-O3"]}
     ext = (CUDAExtension if cuda else CppExtension)("gpt2kernels._C", sources, extra_compile_args=flags)
     return [ext], {"build_ext": BuildExtension}

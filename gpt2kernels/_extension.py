@@ -1,4 +1,5 @@
-"""Loads the compiled sampler (csrc/): built by setup.py, or compiled once on first use."""
+"""Loads the compiled extension (csrc/: the sampler and the int8 CPU decode step): built by setup.py,
+or compiled once on first use."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ CSRC = PACKAGE.parent / "csrc"
 
 
 def sources(cuda: bool) -> list[str]:
-    files = [CSRC / "sampling_cpu.cpp"] + ([CSRC / "sampling_cuda.cu"] if cuda else [])
+    files = [CSRC / "sampling_cpu.cpp", CSRC / "decode_cpu.cpp"] + ([CSRC / "sampling_cuda.cu"] if cuda else [])
     return [str(f) for f in files]
 
 
@@ -157,7 +158,7 @@ def _build_key(cuda: bool) -> str:
     """What a build is valid for: this interpreter (its path: each virtualenv has its own), this
     torch, CUDA or not, and these sources."""
     h = hashlib.sha256(f"{sys.executable} {sys.version} {torch.__version__} {torch.version.cuda} {cuda}".encode())
-    for f in sources(cuda):
+    for f in sources(cuda) + sorted(str(f) for f in CSRC.glob("*.h")):  # the headers they include too
         h.update(Path(f).read_bytes())
     return h.hexdigest()
 

@@ -104,6 +104,7 @@ class GPT2(nn.Module):
         self.ln_f = layer_norm(config.n_embd)
         self.lm_head_weight: torch.Tensor | None = None  # (vocab, C); None means wte itself (tied)
         self.lm_head_scale: torch.Tensor | None = None   # (vocab,) fp32 when lm_head_weight is int8
+        self.cpu_step = None  # int8 on CPU: the whole decode step in one call (engine.model.cpu_step)
 
     @property
     def device(self) -> torch.device:
@@ -222,7 +223,12 @@ class GPT2(nn.Module):
         the whole static cache bounded by each slot's length on the device, so every step launches
         the same kernels on the same shapes with no host sync (a CUDA graph can replay it);
         positions past a length are never attended.
+
+        A model quantised on CPU runs the whole step in one C++ call instead (``cpu_step``).
         """
+        if self.cpu_step is not None:
+            out = self.cpu_step(tokens, cache)
+            return out if self.cpu_step.head else self._lm_head(out)
         ops, cfg, eps = self.ops, self.config, self.config.layer_norm_epsilon
         b = tokens.shape[0]
         cache_lens = cache.cache_lens[:b]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import gpt2kernels
 
 from ..errors import EngineError
+from . import cpu_step
 from .cpu import has_vnni
 
 QUANTIZE_MODES = ("int8", "int8-all")
@@ -118,8 +119,10 @@ def dequantize(weight, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.
 
 
 def _linears(model):
-    for blk in model.h:
-        yield from (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)
+    """(``h.{i}.{name}``, module) of every block's four linears (``cpu_step.LINEARS``)."""
+    for i, blk in enumerate(model.h):
+        for name in cpu_step.LINEARS:
+            yield f"h.{i}.{name}", blk.get_submodule(name)
 
 
 def quantize_model(model, mode: str) -> None:
@@ -132,20 +135,26 @@ def quantize_model(model, mode: str) -> None:
     if packed and engine is None:
         raise EngineError("this PyTorch build has no quantised CPU engine (fbgemm, qnnpack): int8 is unavailable; "
                           "load without quantize")
-    for p in _linears(model):
+    int8 = {}  # name -> (int8 weight, scales), for the fused CPU step
+    for name, p in _linears(model):
         q, scale = gpt2kernels.quantize_int8(p.weight)
         bias = getattr(p, "bias", None)
         del p.weight
         if packed:
             p.weight = PackedInt8Linear(q, scale, bias, engine)
+            int8[name] = q, scale
         else:
             p.weight = torch.nn.Parameter(q, requires_grad=False)
             p.scale = scale
+    head = None
     if mode == "int8-all":
         q, scale = gpt2kernels.quantize_int8(model._lm_head_weight())
         if packed:
             model.lm_head_weight = PackedInt8Linear(q, scale, None, engine)
             model.lm_head_scale = None
+            head = q, scale
         else:
             model.lm_head_weight, model.lm_head_scale = q, scale
     model.quantize = mode
+    if packed:
+        model.cpu_step = cpu_step.build(model, int8, head)

@@ -196,3 +196,81 @@ def test_every_command_runs_every_quantize_mode(small_vocab_checkpoint, tmp_path
         assert r.status_code == 200 and "choices" in r.json(), r.text
         want = engine.generate(model, text, 2, temperature=0, stop_at_eos=False)
         assert r.json()["choices"][0]["text"] == want.texts[0] and r.json()["usage"]["completion_tokens"] == 2
+
+
+# --- the fused int8 CPU decode step ---------------------------------------------------------------------------
+def _decode_twice(model, rows, steps=3):
+    """Logits of ``steps`` decode steps from one prefill, through the fused step and op by op, each
+    step from the same cache (the fused one's, copied)."""
+    from engine.model.cache import KVCache
+
+    gen = torch.Generator().manual_seed(5)
+    lens = torch.tensor([7, 3, 11][:rows], dtype=torch.int32)
+    ids = torch.randint(0, model.config.vocab_size, (rows, 11), generator=gen)
+    cache = KVCache(model.config, rows, 32, torch.float32, torch.device("cpu"))
+    tokens = model.prefill(ids, lens, cache).argmax(-1)
+    fused, pairs = model.cpu_step, []
+    for _ in range(steps):
+        twin = KVCache(model.config, rows, 32, torch.float32, torch.device("cpu"))
+        twin.k.copy_(cache.k), twin.v.copy_(cache.v), twin.cache_lens.copy_(cache.cache_lens)
+        got = model.decode(tokens, cache)
+        model.cpu_step = None
+        try:
+            want = model.decode(tokens, twin)
+        finally:
+            model.cpu_step = fused
+        assert torch.equal(cache.cache_lens, twin.cache_lens)
+        pairs.append((got, want))
+        tokens = got.argmax(-1)
+    return pairs
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-all"])
+def test_cpu_int8_decodes_in_one_call_with_the_op_by_op_numerics(tiny_checkpoint, mode):
+    """At batch 1 the fused step quantises activations as the op-by-op path does (fbgemm's scheme):
+    its logits are the same but for a code landing on the other side of a rounding boundary. With
+    several rows it quantises each row on its own (fbgemm: one scale for all): closer to fp32."""
+    from gpt2kernels import cpu_decode
+
+    if not cpu_decode.available():
+        pytest.skip("the extension cannot be built here")
+    model = engine.load_model(tiny_checkpoint, device="cpu", quantize=mode)
+    assert model.cpu_step is not None and model.cpu_step.isa == cpu_decode.cpu_isa()
+    assert model.cpu_step.head == (mode == "int8-all")
+    for got, want in _decode_twice(model, rows=1):
+        diff = (got - want).abs()
+        assert diff.max() < 2e-2 and diff.median() < 1e-5
+    ref = engine.load_model(tiny_checkpoint, device="cpu", dtype="float32")
+    for got, want in _decode_twice(model, rows=3):
+        assert ((got - want).norm() / want.norm()) < 0.03  # two int8 schemes: each ~1 % from fp32
+    assert _decode_twice(ref, rows=3)  # (fp32 has no fused step: both sides op by op)
+
+
+def test_cpu_step_can_be_turned_off(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("GPT2ENGINE_CPU_STEP", "0")
+    assert engine.load_model(tiny_checkpoint, device="cpu", quantize="int8-all").cpu_step is None
+    monkeypatch.delenv("GPT2ENGINE_CPU_STEP")
+    assert engine.load_model(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize="int8-all").cpu_step is None
+
+
+def test_cpu_step_keeps_seeds_penalties_logprobs_and_batches(tiny_checkpoint, monkeypatch):
+    """generate through the fused step (counted): seeded sampling reproduces itself, per request
+    whatever its row; penalties and log-probabilities work as op by op."""
+    from engine.model import cpu_step
+
+    model = engine.load_model(tiny_checkpoint, device="cpu", quantize="int8-all")
+    if model.cpu_step is None:
+        pytest.skip("the extension cannot be built here")
+    calls = []
+    real = cpu_step.CpuInt8Step.__call__
+    monkeypatch.setattr(cpu_step.CpuInt8Step, "__call__", lambda self, *a: calls.append(a[0].shape[0]) or real(self, *a))
+    kw = dict(temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.3, frequency_penalty=0.5, logprobs=True,
+              top_logprobs=2, stop_at_eos=False)
+    one = engine.generate(model, [[5, 6, 7]], 12, seed=[11], **kw)
+    both = engine.generate(model, [[1, 2, 3, 4, 5, 6], [5, 6, 7]], 12, seed=[4, 11], **kw)
+    assert calls and max(calls) == 2 and min(calls) == 1
+    assert one.tokens[0] == both.tokens[1]  # its own seed, whatever the batch
+    assert len(both.logprobs[1]) == 12 and all(lp <= 0 for lp in both.logprobs[1])
+    assert all(len(top) == 2 and top[0][1] >= lp for top, lp in zip(both.top_logprobs[1], both.logprobs[1]))
+    greedy = engine.generate(model, [[5, 6, 7]], 12, temperature=0, repetition_penalty=5.0, stop_at_eos=False)
+    assert len(set(greedy.tokens[0])) == 12  # a strong repetition penalty: no token twice

@@ -8,11 +8,13 @@ Implementations (``--impls``; those that apply to the device by default):
 - ``triton``: our kernels, op by op from Python; ``eager+graph``: plain PyTorch ops in our runner, graphed;
 - ``eager+compile``: our eager decode step under ``torch.compile(mode="reduce-overhead")``;
 - ``hf``: HF transformers ``generate``; ``hf static+compile``: with a static cache and a compiled forward;
-- on CPU: ``eager``, ``hf`` and ``ct2`` (CTranslate2, when installed: ``pip install -e .[bench]``).
+- on CPU: ``eager``, ``hf``, ``ct2`` (CTranslate2, when installed: ``pip install -e .[bench]``) and
+  ``llama.cpp`` (llama-cpp-python, when installed, with ``--llama-convert``: benchmarks.peer_llama_cpp).
 
 Dtypes (``--dtypes``): fp32, fp16, bf16, and our weight-only ``int8`` / ``int8-all`` (with the
 lm_head), whose activations are fp16 on a GPU and fp32 on CPU (``engine.load_model(quantize=...)``);
-CTranslate2 runs int8 (its ``int8`` compute type) and fp32; HF only the float dtypes.
+CTranslate2 runs int8 (its ``int8`` compute type) and fp32; HF only the float dtypes; llama.cpp
+only its own ``q8_0`` and ``f16`` (GGUF conversions of the same weights, f16 KV cache).
 All load the same random weights from one safetensors directory, and every (impl, dtype) of a
 model runs round-robin in one group, so ratios between dtypes are as fair as between peers. Per
 (model, dtype, batch, impl): prefill ms (prompt forward + first token), decode tok/s (summed over
@@ -46,6 +48,10 @@ from .timing import wall
 # name -> (dtype, quantize): None lets the engine choose (fp16 on a GPU, fp32 on CPU for int8)
 DTYPES = {"fp32": (torch.float32, None), "fp16": (torch.float16, None), "bf16": (torch.bfloat16, None),
           "int8": (None, "int8"), "int8-all": (None, "int8-all")}
+# llama.cpp's own formats: bytes per weight (q8_0: blocks of 32 int8 with one fp16 scale) and of its
+# f16 KV cache per value
+LLAMA_DTYPES = {"q8_0": 34 / 32, "f16": 2.0}
+LLAMA_KV_BYTES = 2
 
 
 def save_random_checkpoint(name: str, directory: Path) -> Path:
@@ -77,6 +83,14 @@ def step_bytes(config, dtype: torch.dtype, batch: int, kv_len: float, quantize: 
     head_bytes = (v * c + 4 * v) if quantize == "int8-all" else v * c * size
     kv = batch * layers * 2 * c * kv_len * size
     return layers * (linear_bytes + small * size) + head_bytes + 2 * c * size + kv
+
+
+def llama_step_bytes(config, dtype_name: str, batch: int, kv_len: float) -> float:
+    """``step_bytes`` for llama.cpp's ``LLAMA_DTYPES``: every matmul weight and the (tied) output
+    matrix in that format, an f16 KV cache."""
+    c, f, v = config.n_embd, config.mlp_width, config.vocab_size
+    weights = config.n_layer * (3 * c * c + c * c + 2 * c * f) + v * c
+    return LLAMA_DTYPES[dtype_name] * weights + batch * 2 * config.n_layer * kv_len * c * LLAMA_KV_BYTES
 
 
 class Ours:
@@ -161,6 +175,28 @@ class CTranslate2:
         return prefill_ms, tok_s, tokens
 
 
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python (CPU peer): a GGUF conversion of the same checkpoint,
+    greedy, with ``torch.get_num_threads()`` threads; each measurement in its own process
+    (benchmarks.peer_llama_cpp)."""
+
+    converter: Path | None = None  # llama.cpp's convert_hf_to_gguf.py (--llama-convert)
+
+    def __init__(self, ckpt, device, dtype_name, impl):
+        from . import peer_llama_cpp
+
+        self.impl, self.dtype = impl, dtype_name
+        self.gguf = peer_llama_cpp.convert(ckpt, dtype_name, LlamaCpp.converter)
+        self.load_s = None
+
+    def measure(self, ids, new_tokens):
+        from . import peer_llama_cpp
+
+        prefill_ms, tok_s, tokens, self.load_s = peer_llama_cpp.measure(self.gguf, torch.get_num_threads(),
+                                                                        ids.tolist(), new_tokens)
+        return prefill_ms, tok_s, tokens
+
+
 def kernel_counts(runners, batches) -> dict[tuple[str, str, int], int]:
     """(impl, dtype, batch) -> kernels in one decode step, for our op-by-op and graphed runners."""
     from .step_trace import kernel_budget
@@ -176,7 +212,9 @@ def kernel_counts(runners, batches) -> dict[tuple[str, str, int], int]:
 def applies(impl: str, dtype_name: str, device: torch.device) -> bool:
     """Whether ``impl`` runs ``dtype_name``: HF only the float dtypes, and not fp16 on CPU (its fp16
     GEMMs there ran at 7 tok/s, with 27 s prefills at batch 8: a minute a round for nothing);
-    CTranslate2 int8 and fp32."""
+    CTranslate2 int8 and fp32; llama.cpp its own formats, which only it runs."""
+    if impl == "llama.cpp" or dtype_name in LLAMA_DTYPES:
+        return impl == "llama.cpp" and dtype_name in LLAMA_DTYPES
     if impl.startswith("hf"):
         return DTYPES[dtype_name][1] is None and not (device.type == "cpu" and dtype_name == "fp16")
     if impl == "ct2":
@@ -185,7 +223,7 @@ def applies(impl: str, dtype_name: str, device: torch.device) -> bool:
 
 
 def make(impl, ckpt, device, dtype_name):
-    kind = HF if impl.startswith("hf") else CTranslate2 if impl == "ct2" else Ours
+    kind = HF if impl.startswith("hf") else CTranslate2 if impl == "ct2" else LlamaCpp if impl == "llama.cpp" else Ours
     return kind(ckpt, device, dtype_name, impl)
 
 
@@ -214,15 +252,29 @@ def measure_round_robin(runners, batch, prompt_len, new_tokens, repeats) -> tupl
 
 
 CUDA_IMPLS = ["triton+graph", "triton", "eager+graph", "eager+compile", "hf", "hf static+compile"]
-CPU_IMPLS = ["eager", "hf", "ct2"]
+CPU_IMPLS = ["eager", "hf", "ct2", "llama.cpp"]
 
 
-def _has_ctranslate2() -> bool:
+def _importable(module: str) -> bool:
     try:
-        import ctranslate2  # noqa: F401
+        __import__(module)
     except ImportError:
         return False
     return True
+
+
+def missing_peers(impls: list[str], llama_convert: str | None) -> dict[str, str]:
+    """impl -> why its rows are left out, for the CPU peers that cannot run here."""
+    missing = {}
+    if "ct2" in impls and not _importable("ctranslate2"):
+        missing["ct2"] = "CTranslate2 is not installed (pip install -e .[bench])"
+    if "llama.cpp" in impls:
+        if not _importable("llama_cpp"):
+            missing["llama.cpp"] = "llama-cpp-python is not installed (see benchmarks/peer_llama_cpp.py)"
+        elif not llama_convert or not Path(llama_convert).is_file():
+            missing["llama.cpp"] = ("no --llama-convert (llama.cpp's convert_hf_to_gguf.py, in llama-cpp-python's "
+                                    "source distribution)")
+    return missing
 
 
 def main(argv=None):
@@ -231,7 +283,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=list(engine.CONFIGS) if cuda else ["gpt2"],
                    choices=list(engine.CONFIGS))
     p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"] if cuda else ["fp32", "fp16", "bf16", "int8"],
-                   choices=list(DTYPES), help="the first is the reference of greedy_same_as_ref")
+                   choices=list(DTYPES) + list(LLAMA_DTYPES), help="the first is the reference of greedy_same_as_ref")
     p.add_argument("--impls", nargs="+", default=CUDA_IMPLS if cuda else CPU_IMPLS, choices=CUDA_IMPLS + CPU_IMPLS)
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 64] if cuda else [1, 8])
     p.add_argument("--compile-batch", nargs="+", type=int, default=[1],
@@ -241,19 +293,21 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--repeats", type=int, default=3, help="rounds per measurement; the median is reported")
     p.add_argument("--name", default="e2e", help="results file name under benchmarks/results/<device>/")
+    p.add_argument("--llama-convert", default=None,
+                   help="llama.cpp's convert_hf_to_gguf.py, for the llama.cpp rows (dtypes q8_0, f16)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     bandwidth = roofline(device)
     copy_bps = bandwidth["copy_gbps"] * 1e9
 
+    LlamaCpp.converter = Path(args.llama_convert) if args.llama_convert else None
     impls = list(args.impls)
-    if "ct2" in impls and not _has_ctranslate2():
-        impls.remove("ct2")
-        failures_note = ["ct2: CTranslate2 is not installed (pip install -e .[bench]); its rows are left out"]
-        print(failures_note[0], flush=True)
-    else:
-        failures_note = []
-    rows, failures = [], failures_note
+    failures = []
+    for impl, why in missing_peers(impls, args.llama_convert).items():
+        impls.remove(impl)
+        failures.append(f"{impl}: {why}; its rows are left out")
+        print(failures[-1], flush=True)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             ckpt = save_random_checkpoint(name, Path(tmp) / name)
@@ -282,9 +336,12 @@ def main(argv=None):
                 r["model"] = name
                 r["kernels_per_step"] = budgets.get((r["impl"], r["dtype"], r["batch"]))
                 tokens = r.pop("tokens")
-                dtype, quantize = DTYPES[r["dtype"]]
-                dtype = dtype or activations.get(r["dtype"], torch.float32)
-                bytes_per_step = step_bytes(engine.CONFIGS[name], dtype, r["batch"], kv_len, quantize)
+                if r["dtype"] in LLAMA_DTYPES:
+                    bytes_per_step = llama_step_bytes(engine.CONFIGS[name], r["dtype"], r["batch"], kv_len)
+                else:
+                    dtype, quantize = DTYPES[r["dtype"]]
+                    dtype = dtype or activations.get(r["dtype"], torch.float32)
+                    bytes_per_step = step_bytes(engine.CONFIGS[name], dtype, r["batch"], kv_len, quantize)
                 r["roofline_frac"] = bytes_per_step * r["decode_tok_s"] / r["batch"] / copy_bps
                 if r["batch"] in reference:
                     ref = reference[r["batch"]]
@@ -301,8 +358,9 @@ def main(argv=None):
     out = write_results(args.name, device, rows, columns, extra,
                         notes="decode_tok_s sums over the batch; greedy_same_as_ref counts tokens of row 0 equal "
                               f"to our {args.dtypes[0]} run (eager where it ran) before the first difference; "
-                              "int8 rows are ours: weight-only int8 with fp16 activations on a GPU, int8 x int8 "
-                              "with activations quantised per call on CPU; "
+                              "int8 rows are ours: weight-only int8 with fp16 activations on a GPU; on CPU int8 x "
+                              "uint8 with activations quantised per row, the whole decode step in one C++ call "
+                              "(engine.model.cpu_step); llama.cpp q8_0 / f16 are its own GGUF formats; "
                               "ct2 int8 is CTranslate2's int8 compute type; roofline_frac = weight + "
                               "KV bytes per step x steps/s / measured copy bandwidth; kernels_per_step: kernels one "
                               "decode step of our runner launches (benchmarks.step_trace), replayed as they are by "

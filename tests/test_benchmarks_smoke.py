@@ -50,3 +50,20 @@ def test_the_peers_gpt2_tokenizer_is_ours(tmp_path):
     for tokenizer in (GPT2Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)):
         assert tokenizer.encode(text) == engine.encode(text, allow_special=True), type(tokenizer)
         assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256
+
+
+def test_llama_cpp_rows_only_where_it_runs(tmp_path):
+    """llama.cpp runs only its own formats, and only they run on it; without llama-cpp-python or
+    its converter its rows are left out with the reason (as CTranslate2's are)."""
+    from benchmarks import e2e
+
+    cpu = torch.device("cpu")
+    assert e2e.applies("llama.cpp", "q8_0", cpu) and e2e.applies("llama.cpp", "f16", cpu)
+    assert not e2e.applies("llama.cpp", "fp16", cpu) and not e2e.applies("eager", "q8_0", cpu)
+    assert not e2e.applies("hf", "f16", cpu) and not e2e.applies("ct2", "q8_0", cpu)
+    why = e2e.missing_peers(["eager", "llama.cpp"], str(tmp_path / "no_such_converter.py"))
+    assert set(why) == {"llama.cpp"} and ("not installed" in why["llama.cpp"] or "--llama-convert" in why["llama.cpp"])
+    config = engine.CONFIGS["gpt2"]  # q8_0: 34 bytes per 32 weights; f16 2 bytes and an f16 cache in both
+    weights = 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 50257 * 768
+    assert e2e.llama_step_bytes(config, "q8_0", 1, 0) == pytest.approx(weights * 34 / 32)
+    assert e2e.llama_step_bytes(config, "f16", 2, 10) == pytest.approx(2 * weights + 2 * 2 * 12 * 10 * 768 * 2)

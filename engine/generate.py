@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print no text as it streams, but one JSON object (texts, tokens, seeds, timings) as the "
                         "last line of stdout, for scripts")
     p.add_argument("--threads", type=int_at_least("--threads", 1), default=None,
-                   help="CPU threads for PyTorch (default: PyTorch's, one per physical core)")
+                   help="CPU threads for PyTorch (default: one per physical core that other processes leave free, "
+                        "re-read each second while decoding)")
     add_placement_options(p, "default: float16 on a GPU; on CPU the dtype measured fastest on this machine "
                              "(timed once, then cached; the stats line says so), float32 with --quantize")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
@@ -120,13 +121,14 @@ def run(args) -> int:
 
     from gpt2kernels.sampling import as_int64
 
+    from .core.cpu_threads import pin_threads
     from .errors import EngineError
     from .generation import generate
     from .model.loader import load_model
 
     start = time.perf_counter()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        pin_threads(args.threads)
     prompt = _read_prompt(args)
     seed = args.seed if args.seed is not None else secrets.randbits(63)
     try:

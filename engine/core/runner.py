@@ -8,6 +8,7 @@ The host reads each step's tokens outside the step (``TokenReader``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from gpt2kernels.sampling import prepare_sampler, sample_next_
 from ..errors import EngineError
 from ..model.cache import KVCache
 from ..model.gpt2 import GPT2
+from .cpu_threads import start_sampling, step_threads
 from .request import Request
 from .slots import TOP_LOGPROBS, SlotState
 
@@ -89,6 +91,8 @@ class Runner:
         self._pool = None
         self.host_cache_lens: list[int] = []  # each slot's cache length, as the host knows it
         self.decode_step = self._decode_step  # benchmarks may swap in torch.compile(self._decode_step)
+        if self.device.type == "cpu":
+            start_sampling()
 
     # --- persistent state ---------------------------------------------------------------------------
     def reserve(self, slots: int, max_len: int) -> None:
@@ -252,7 +256,8 @@ class Runner:
         if graph is not None:
             graph.replay()
         else:
-            self.decode_step(rows, plan.penalized, plan.logprobs)
+            with step_threads() if self.device.type == "cpu" else contextlib.nullcontext():
+                self.decode_step(rows, plan.penalized, plan.logprobs)  # on CPU: the cores others leave free
         for s in range(rows):
             self.host_cache_lens[s] += 1
 

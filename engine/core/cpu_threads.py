@@ -1,0 +1,130 @@
+"""How many threads a CPU decode step uses: the cores other processes leave free.
+
+A decode step is ~150 small ops op by op (or a few dozen parallel regions in the fused int8
+step), each ending in an OpenMP barrier. When another process keeps a core busy, the OS
+deschedules one of our threads for whole time slices and every barrier waits for it. Measured on
+the 2-core EPYC, gpt2 fp32 at batch 1 with one core kept busy: 51 ms a token at 2 threads, 25 at
+1 (31 quiet either way: the step is bound by memory bandwidth, which one core nearly saturates
+here); at batch 8, 201 ms against 72. So each CPU step runs under ``step_threads``, which reads
+how busy the processor is (``/proc/stat``, less this process's own time) at most once a second
+and runs the step on the cores left free, never on more threads than PyTorch has. ``pin_threads`` (the CLI's ``--threads``), or ``OMP_NUM_THREADS`` in the
+environment, fixes the count instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Callable
+
+import torch
+
+SAMPLE_SECONDS = 1.0  # how often the load is re-read: /proc/stat costs ~20 µs, a step ~5 ms on gpt2 int8
+FIRST_SAMPLE_SECONDS = 0.1  # the first reading, from the runner's creation: 10 ticks of /proc/stat's 100 Hz
+
+
+def read_proc_stat() -> tuple[float, float] | None:
+    """(busy, idle) seconds of every CPU together since boot, from ``/proc/stat``; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]] + [0] * (8 - len(fields[1:9]))
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return (user + nice + system + irq + softirq + steal) / hz, (idle + iowait) / hz
+
+
+class ThreadChooser:
+    """PyTorch's thread count for CPU steps, from how many of ``cores`` other processes keep busy.
+
+    ``read_stat`` gives the processor's (busy, idle) seconds, ``own_seconds`` this process's CPU
+    seconds, ``clock`` the wall time: the three clocks a test replaces.
+    """
+
+    def __init__(self, cores: int | None = None, max_threads: int | None = None,
+                 read_stat: Callable[[], tuple[float, float] | None] = read_proc_stat,
+                 own_seconds: Callable[[], float] = time.process_time, clock: Callable[[], float] = time.monotonic,
+                 pinned: bool | None = None):
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.cores = cores
+        self.max_threads = max_threads or torch.get_num_threads()
+        self.read_stat, self.own_seconds, self.clock = read_stat, own_seconds, clock
+        self.pinned = "OMP_NUM_THREADS" in os.environ if pinned is None else pinned
+        self.choice = self.max_threads
+        self._last = None  # (wall, busy, own) at the last sample
+        self._measured = False  # whether choice comes from a reading yet
+
+    def pin(self, threads: int) -> None:
+        """Use ``threads`` from now on, whatever the load (the user's choice)."""
+        self.pinned, self.choice = True, threads
+        self.max_threads = threads
+        torch.set_num_threads(threads)
+
+    def others_busy(self) -> float | None:
+        """Cores' worth of CPU time other processes used since the last call (None at the first, or
+        without ``/proc/stat``)."""
+        stat = self.read_stat()
+        if stat is None:
+            return None
+        now, own = self.clock(), self.own_seconds()
+        last, self._last = self._last, (now, stat[0], own)
+        if last is None or now <= last[0]:
+            return None
+        return max(0.0, (stat[0] - last[1]) - (own - last[2])) / (now - last[0])
+
+    def threads(self) -> int:
+        """The thread count for the next step: the cores others leave free (rounded, at least 1, at
+        most ``max_threads``), re-read at most every ``SAMPLE_SECONDS``."""
+        if self.pinned:
+            return self.choice
+        window = SAMPLE_SECONDS if self._measured else FIRST_SAMPLE_SECONDS
+        if self._last is not None and self.clock() - self._last[0] < window:
+            return self.choice
+        busy = self.others_busy()
+        if busy is not None:
+            self.choice = max(1, min(self.max_threads, round(self.cores - busy)))
+            self._measured = True
+        return self.choice
+
+
+_CHOOSER: ThreadChooser | None = None
+
+
+def chooser() -> ThreadChooser:
+    """This process's one chooser (threads are a process-wide setting), made on first use."""
+    global _CHOOSER
+    if _CHOOSER is None:
+        _CHOOSER = ThreadChooser()
+    return _CHOOSER
+
+
+def pin_threads(threads: int) -> None:
+    """Fix PyTorch's thread count for this process's CPU steps (``--threads``)."""
+    chooser().pin(threads)
+
+
+def start_sampling() -> None:
+    """Take the first reading now (a runner on CPU is being made), so that the first step already
+    knows the load."""
+    chooser().threads()
+
+
+@contextlib.contextmanager
+def step_threads():
+    """Run a CPU step at ``chooser().threads()`` threads, then give PyTorch its count back (so that
+    the rest of the process, and what it caches per thread count, never sees the step's choice)."""
+    before, n = torch.get_num_threads(), chooser().threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)  # ~0.1 µs a pair here
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -8,6 +8,12 @@ gpt2's products (one layer's MLP, weighted by its 12 layers, and the lm_head) th
 backend in each dtype at 1 and 8 rows, and picks the dtype
 that is fastest overall among those never slower than fp32 (fp32 itself when none is). The choice
 is cached per processor, PyTorch version and thread count, so later loads only read it.
+
+int8 competes too where the int8 CPU step is compiled (``gpt2kernels.cpu_decode``): its GEMV on
+the same shapes and rows. Chosen, a load with no dtype quantises every linear and the lm_head
+(``int8-all``: greedy tokens equal to fp32 on >= 95 % of 128 steps, perplexity within 2 %) and
+decodes in one C++ call a step; on the 2-core EPYC gpt2 then decoded at ~220 tok/s at batch 1
+against ~40 in bf16, its float choice. An explicit dtype keeps float weights.
 """
 
 from __future__ import annotations
@@ -23,14 +29,17 @@ from typing import Callable
 
 import torch
 
+from gpt2kernels import cpu_decode, quantize_int8
+
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INT8 = "int8"  # the int8-all model with its fused CPU step: a choice beside DTYPE_NAMES
 # (out, in, times per token) of gpt2's products: an MLP (c_fc, c_proj: 2/3 of a layer's weights) in
 # each of 12 layers, and the lm_head, 30% of the weights alone and unlike the rest: its fp16 GEMV
 # was 1.8x faster than bf16 here while the MLP's was 1.1x slower.
 PROBE_SHAPES = ((3072, 768, 12), (768, 3072, 12), (50257, 768, 1))
 PROBE_ROWS = (1, 8)    # batch 1 (interactive) and 8 (a small batch): the two regimes the choice must serve
 PROBE_REPEATS = 5      # medians of 5 after a warm-up: ~0.5 s in all on the 2-core EPYC
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: int8 among the choices
 
 
 @functools.cache
@@ -73,25 +82,33 @@ def _cache_key() -> str:
     return f"v{CACHE_VERSION}|{cpu_name()}|{' '.join(flags)}|torch {torch.__version__}|threads {threads}"
 
 
-def probe_dtypes(linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, tuple[float, ...]]:
+def probe_dtypes(linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 int8: bool | None = None) -> dict[str, tuple[float, ...]]:
     """Seconds of gpt2's products for one token (``PROBE_SHAPES``, each a median, weighted by how
     often a token runs it) through ``linear(x, weight)`` (the eager backend's, passed in: this module
-    sits below the backends), per dtype name, at each of ``PROBE_ROWS`` rows."""
+    sits below the backends), per dtype name, at each of ``PROBE_ROWS`` rows; with ``int8`` (default:
+    where the int8 CPU step is compiled) also ``INT8``'s, through its GEMV."""
+    if int8 is None:
+        int8 = cpu_decode.available()
     gen = torch.Generator().manual_seed(0)
     weights = [(0.02 * torch.randn(n, k, generator=gen), times) for n, k, times in PROBE_SHAPES]
+    # name -> [(product of x, x's dtype, times per token)]
+    products = {name: [(functools.partial(linear, weight=w.to(dtype)), dtype, times) for w, times in weights]
+                for name, dtype in DTYPE_NAMES.items()}
+    if int8:
+        products[INT8] = [(_int8_product(w), torch.float32, times) for w, times in weights]
     result = {}
-    for name, dtype in DTYPE_NAMES.items():
+    for name, funcs in products.items():
         per_rows = []
         for rows in PROBE_ROWS:
             total = 0.0
-            for w, times in weights:
-                w = w.to(dtype)
-                x = torch.randn(rows, w.shape[1], generator=gen).to(dtype)
-                linear(x, w)  # warm-up
+            for (f, dtype, times), (_, k, _) in zip(funcs, PROBE_SHAPES):
+                x = torch.randn(rows, k, generator=gen).to(dtype)
+                f(x)  # warm-up
                 samples = []
                 for _ in range(PROBE_REPEATS):
                     start = time.perf_counter()
-                    linear(x, w)
+                    f(x)
                     samples.append(time.perf_counter() - start)
                 total += times * statistics.median(samples)
             per_rows.append(total)
@@ -99,8 +116,14 @@ def probe_dtypes(linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -
     return result
 
 
+def _int8_product(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    q, scale = quantize_int8(w)
+    packed, colsum = cpu_decode.pack_int8(q)
+    return lambda x: cpu_decode.int8_linear(x, packed, colsum, scale, None, w.shape[1])
+
+
 def choose_dtype(times: dict[str, tuple[float, ...]]) -> str:
-    """The dtype name never slower than float32 at any row count and fastest by the geometric mean
+    """The choice never slower than float32 at any row count and fastest by the geometric mean
     of its time ratios to float32; float32 when no other qualifies."""
     base = times["float32"]
 
@@ -111,21 +134,22 @@ def choose_dtype(times: dict[str, tuple[float, ...]]) -> str:
     return min(qualified, key=lambda n: statistics.geometric_mean(ratios(n)), default="float32")
 
 
-def default_cpu_dtype(linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.dtype, bool]:
-    """(the CPU default dtype for this machine, whether it was measured now rather than read from the
-    cache); a measurement times ``linear`` (``probe_dtypes``)."""
+def default_cpu_choice(linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[str, bool]:
+    """(this machine's CPU default: a ``DTYPE_NAMES`` name or ``INT8``, whether it was measured now
+    rather than read from the cache); a measurement times ``linear`` (``probe_dtypes``)."""
     path, key = _cache_file(), _cache_key()
+    choices = set(DTYPE_NAMES) | ({INT8} if cpu_decode.available() else set())
     try:
         cached = json.loads(path.read_text())
-        if cached.get("key") == key and cached.get("dtype") in DTYPE_NAMES:
-            return DTYPE_NAMES[cached["dtype"]], False
+        if cached.get("key") == key and cached.get("dtype") in choices:
+            return cached["dtype"], False
     except (OSError, ValueError, AttributeError):
         pass
-    times = probe_dtypes(linear)
+    times = probe_dtypes(linear, int8=INT8 in choices)
     choice = choose_dtype(times)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"key": key, "dtype": choice, "seconds": times}, indent=1))
     except OSError:
         pass  # an unwritable cache only costs the probe again next time
-    return DTYPE_NAMES[choice], True
+    return choice, True

@@ -13,7 +13,7 @@ import gpt2kernels
 from ..errors import EngineError
 from ..tokenizer import VOCAB_SIZE
 from .backends import eager_linear, get_backend
-from .cpu import default_cpu_dtype
+from .cpu import DTYPE_NAMES, INT8, default_cpu_choice
 from .gpt2 import GPT2
 from .quantize import check_quantize, quantize_model
 from .weights import LM_HEAD, load_state_dict
@@ -30,14 +30,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device: torch.device, quantize: str | None = None, backend: str = "eager") -> tuple[torch.dtype, str]:
-    """(the dtype a load with no dtype uses, why: for the CLI's report)."""
+def default_dtype(device: torch.device, quantize: str | None = None, backend: str = "eager"
+                  ) -> tuple[torch.dtype, str | None, str]:
+    """(the dtype a load with no dtype uses, its quantisation: ``quantize`` or the CPU's measured
+    choice, why: for the CLI's report)."""
     if device.type == "cuda":
-        return GPU_DEFAULT_DTYPE, "the GPU default"
+        return GPU_DEFAULT_DTYPE, quantize, "the GPU default"
     if quantize is not None and backend == "eager":
-        return CPU_INT8_DTYPE, "int8 on CPU computes in float32"
-    dtype, measured = default_cpu_dtype(eager_linear)
-    return dtype, "measured fastest on this CPU" if measured else "this CPU's measured fastest, cached"
+        return CPU_INT8_DTYPE, quantize, "int8 on CPU computes in float32"
+    choice, measured = default_cpu_choice(eager_linear)
+    why = "measured fastest on this CPU" if measured else "this CPU's measured fastest, cached"
+    if choice == INT8 and backend == "eager" and quantize is None:
+        return CPU_INT8_DTYPE, "int8-all", f"int8-all {why}"
+    return DTYPE_NAMES.get(choice, torch.float32), quantize, why
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -58,7 +63,8 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     source: a local HF directory, a hub name (``gpt2``, ``openai-community/gpt2-xl``) or
     ``random:<size>`` (seeded random weights, no network). device: default cuda when available.
     dtype: float32/float16/bfloat16; default float16 on GPU, on CPU the dtype measured fastest on
-    this machine (``engine.model.cpu``; float32 with ``quantize``). backend: ``eager`` or ``triton``,
+    this machine (``engine.model.cpu``; float32 with ``quantize``), which may be ``int8-all`` with
+    float32 activations where the int8 CPU step is fastest (``model.quantize`` says so). backend: ``eager`` or ``triton``,
     default triton on CUDA and eager elsewhere. quantize: None, ``"int8"`` (the four linears of
     every block) or ``"int8-all"`` (and the lm_head): weight-only int8 with per-output-channel
     scales computed here (``engine.model.quantize``). The model records its load time in
@@ -79,7 +85,7 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     quantize = check_quantize(quantize)
     backend = backend or ("triton" if device.type == "cuda" else "eager")
     ops = get_backend(backend)
-    dtype, dtype_reason = (parse_dtype(dtype), "requested") if dtype is not None \
+    dtype, quantize, dtype_reason = (parse_dtype(dtype), quantize, "requested") if dtype is not None \
         else default_dtype(device, quantize, backend)
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise EngineError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU)")

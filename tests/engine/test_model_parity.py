@@ -79,8 +79,12 @@ def test_default_cpu_dtype_is_this_machines_measured_choice(tiny_checkpoint):
     """No dtype on CPU: the one engine.model.cpu measured (and cached) for this processor; its accuracy is
     that dtype's, checked by test_low_precision_tracks_fp32."""
     model = engine.load_model(tiny_checkpoint, device="cpu")
-    measured = engine.model.cpu.default_cpu_dtype(engine.model.backends.eager_linear)[0]
-    assert model.dtype == measured and "CPU" in model.dtype_reason
+    measured = engine.model.cpu.default_cpu_choice(engine.model.backends.eager_linear)[0]
+    if measured == "int8":  # int8-all with fp32 activations (test_quantize checks its accuracy)
+        assert model.quantize == "int8-all" and model.dtype == torch.float32
+    else:
+        assert model.dtype == engine.model.cpu.DTYPE_NAMES[measured] and model.quantize is None
+    assert "CPU" in model.dtype_reason
 
 
 def test_fp16_greedy_matches_fp32(tiny_checkpoint, model32):

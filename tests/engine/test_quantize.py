@@ -127,20 +127,40 @@ def test_choose_dtype_never_picks_one_slower_than_fp32(times, want):
 def test_default_dtype_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
-    monkeypatch.setattr(cpu, "probe_dtypes", lambda linear: calls.append(linear) or
+    monkeypatch.setattr(cpu, "probe_dtypes", lambda linear, int8: calls.append(linear) or
                         {"float32": (1.0, 1.0), "float16": (0.5, 2.0), "bfloat16": (0.8, 0.7)})
-    assert cpu.default_cpu_dtype(eager_linear) == (torch.bfloat16, True)
-    assert cpu.default_cpu_dtype(eager_linear) == (torch.bfloat16, False) and len(calls) == 1
+    assert cpu.default_cpu_choice(eager_linear) == ("bfloat16", True)
+    assert cpu.default_cpu_choice(eager_linear) == ("bfloat16", False) and len(calls) == 1
     cached = json.loads((tmp_path / "gpt2engine" / "cpu_dtype.json").read_text())
     assert cached["dtype"] == "bfloat16" and f"threads {torch.get_num_threads()}" in cached["key"]
     (tmp_path / "gpt2engine" / "cpu_dtype.json").write_text("{not json")  # a damaged cache is measured again
-    assert cpu.default_cpu_dtype(eager_linear) == (torch.bfloat16, True) and len(calls) == 2
+    assert cpu.default_cpu_choice(eager_linear) == ("bfloat16", True) and len(calls) == 2
 
 
-def test_probe_times_every_dtype_at_both_row_counts():
+def test_probe_times_every_dtype_and_int8_at_both_row_counts():
+    from gpt2kernels import cpu_decode
+
     times = cpu.probe_dtypes(eager_linear)
-    assert set(times) == {"float32", "float16", "bfloat16"}
+    assert set(times) == {"float32", "float16", "bfloat16"} | ({"int8"} if cpu_decode.available() else set())
     assert all(len(t) == len(cpu.PROBE_ROWS) and all(v > 0 for v in t) for t in times.values())
+    assert set(cpu.probe_dtypes(eager_linear, int8=False)) == {"float32", "float16", "bfloat16"}
+
+
+def test_a_measured_int8_default_loads_int8_all_and_says_so(tiny_checkpoint, tmp_path, monkeypatch):
+    """Where int8 measured fastest, a load with no dtype is int8-all with fp32 activations and the
+    fused step; an explicit dtype keeps float weights."""
+    from gpt2kernels import cpu_decode
+
+    if not cpu_decode.available():
+        pytest.skip("the extension cannot be built here")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu, "probe_dtypes", lambda linear, int8: {
+        "float32": (1.0, 1.0), "float16": (0.5, 2.0), "bfloat16": (0.8, 0.7), "int8": (0.3, 0.4)})
+    model = engine.load_model(tiny_checkpoint, device="cpu")
+    assert model.quantize == "int8-all" and model.dtype == torch.float32 and model.cpu_step is not None
+    assert model.dtype_reason == "int8-all measured fastest on this CPU"
+    assert engine.load_model(tiny_checkpoint, device="cpu", dtype="bfloat16").quantize is None
+    assert engine.load_model(tiny_checkpoint, device="cpu", quantize="int8").quantize == "int8"
 
 
 # --- every command, every quantize mode, every backend CPU runs ------------------------------------------

@@ -39,6 +39,8 @@ from safetensors.torch import save_file
 
 import engine
 from engine.core.runner import runner_for
+from engine.model.backends import eager_linear
+from engine.model.cpu import default_cpu_choice
 from engine.model.weights import random_hf_state_dict
 
 from .report import bar_plot, device_slug, write_results
@@ -353,6 +355,8 @@ def main(argv=None):
 
     extra = {"roofline": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
              "weights": "random (seed 0), same safetensors for every implementation", "failures": failures}
+    if device.type == "cpu":  # what a load with no dtype runs here (engine.model.cpu's measured choice)
+        extra["cpu_default"] = default_cpu_choice(eager_linear)[0]
     columns = ["model", "dtype", "batch", "impl", "load_s", "prefill_ms", "decode_tok_s", "roofline_frac",
                "kernels_per_step", "greedy_same_as_ref"]
     out = write_results(args.name, device, rows, columns, extra,

@@ -50,12 +50,19 @@ def save_gpt2_tokenizer(ckpt) -> None:
 def measure(model_dir: Path, ckpt: Path, compute_type: str, threads: int, ids: list[list[int]],
             new_tokens: int) -> tuple[float, float, list[int], float]:
     """(prefill ms, decode tok/s summed over the rows, row 0's tokens, load s), measured in a fresh process."""
-    cmd = [sys.executable, "-m", "benchmarks.peer_ctranslate2", str(model_dir), str(ckpt), compute_type,
-           str(threads), str(new_tokens)]
-    r = subprocess.run(cmd, input=json.dumps(ids), capture_output=True, text=True, check=False,
-                       cwd=Path(__file__).resolve().parents[1])
+    return measure_in_process("CTranslate2", ["benchmarks.peer_ctranslate2", str(model_dir), str(ckpt), compute_type,
+                                              str(threads), str(new_tokens)], ids)
+
+
+def measure_in_process(peer: str, module_args: list[str], ids: list[list[int]]
+                       ) -> tuple[float, float, list[int], float]:
+    """Run ``python -m *module_args`` with the prompts' ids as JSON on stdin; its last stdout line is
+    a JSON object with prefill_ms, decode_tok_s, tokens and load_s, returned in that order. A
+    failure raises RuntimeError naming ``peer`` and its last line of stderr."""
+    r = subprocess.run([sys.executable, "-m", *module_args], input=json.dumps(ids), capture_output=True, text=True,
+                       check=False, cwd=Path(__file__).resolve().parents[1])
     if r.returncode != 0:
-        raise RuntimeError(f"CTranslate2 worker failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise RuntimeError(f"{peer} worker failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
     return out["prefill_ms"], out["decode_tok_s"], out["tokens"], out["load_s"]
 

@@ -56,13 +56,10 @@ def convert(ckpt: Path, outtype: str, converter: Path) -> Path:
 def measure(gguf: Path, threads: int, ids: list[list[int]], new_tokens: int) -> tuple[float, float, list[int], float]:
     """(prefill ms, decode tok/s summed over the rows, row 0's tokens, load s), in a fresh process:
     a warm-up run, then the timed one."""
-    cmd = [sys.executable, "-m", "benchmarks.peer_llama_cpp", "--worker", str(gguf), str(threads), str(new_tokens)]
-    r = subprocess.run(cmd, input=json.dumps(ids), capture_output=True, text=True, check=False,
-                       cwd=Path(__file__).resolve().parents[1])
-    if r.returncode != 0:
-        raise RuntimeError(f"llama.cpp worker failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    return out["prefill_ms"], out["decode_tok_s"], out["tokens"], out["load_s"]
+    from .peer_ctranslate2 import measure_in_process
+
+    return measure_in_process("llama.cpp", ["benchmarks.peer_llama_cpp", "--worker", str(gguf), str(threads),
+                                            str(new_tokens)], ids)
 
 
 def _worker(gguf: str, threads: int, new_tokens: int) -> None:

@@ -174,55 +174,50 @@ void gemv_tiles(const GemvArgs& a, i64 t0, i64 t1) {
     }
   }
 }
-#elif GPT2_ISA == 1
+#else
+#if GPT2_ISA == 1
 // AVX2: 16 weights (4 columns x 4 k) widened to int16 and multiplied by the row's 4 codes with
 // vpmaddwd, which sums pairs into int32 without saturating (255 x 128 x 2 < 2^31), so the two
 // partial sums of each column are added at the end. Half a tile (32 columns, 8 accumulators) at a time.
-void gemv_tiles(const GemvArgs& a, i64 t0, i64 t1) {
+GPT2_INLINE void tile_row(const i8* tile, i64 groups, const u8* xr, i32* acc) {
   alignas(32) i32 part[64][2];
-  alignas(64) i32 acc[1][64];
-  const i64 groups = a.kp / 4;
-  for (i64 t = t0; t < t1; ++t) {
-    const i8* tile = a.packed + t * groups * 256;
-    for (i64 r = 0; r < a.rows; ++r) {
-      const u8* xr = a.xq + r * a.kp;
-      for (int half = 0; half < 2; ++half) {
-        __m256i s[8];
-        for (int j = 0; j < 8; ++j) s[j] = _mm256_setzero_si256();
-        const i8* w = tile + half * 128;
-        for (i64 g = 0; g < groups; ++g, w += 256) {
-          const i64 codes = static_cast<i64>(xr[4 * g]) | static_cast<i64>(xr[4 * g + 1]) << 16 |
-                            static_cast<i64>(xr[4 * g + 2]) << 32 | static_cast<i64>(xr[4 * g + 3]) << 48;
-          const __m256i xb = _mm256_set1_epi64x(codes);
-          for (int j = 0; j < 8; ++j) {
-            const __m256i wj = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * j)));
-            s[j] = _mm256_add_epi32(s[j], _mm256_madd_epi16(wj, xb));
-          }
-        }
-        for (int j = 0; j < 8; ++j)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(part[half * 32 + 4 * j]), s[j]);
+  for (int half = 0; half < 2; ++half) {
+    __m256i s[8];
+    for (int j = 0; j < 8; ++j) s[j] = _mm256_setzero_si256();
+    const i8* w = tile + half * 128;
+    for (i64 g = 0; g < groups; ++g, w += 256) {
+      const i64 codes = static_cast<i64>(xr[4 * g]) | static_cast<i64>(xr[4 * g + 1]) << 16 |
+                        static_cast<i64>(xr[4 * g + 2]) << 32 | static_cast<i64>(xr[4 * g + 3]) << 48;
+      const __m256i xb = _mm256_set1_epi64x(codes);
+      for (int j = 0; j < 8; ++j) {
+        const __m256i wj = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * j)));
+        s[j] = _mm256_add_epi32(s[j], _mm256_madd_epi16(wj, xb));
       }
-      for (int j = 0; j < 64; ++j) acc[0][j] = part[j][0] + part[j][1];
-      epilogue(a, r, 1, t * 64, acc);
     }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(part[half * 32 + 4 * j]), s[j]);
   }
+  for (int j = 0; j < 64; ++j) acc[j] = part[j][0] + part[j][1];
 }
 #else
+// Portable: the same products in plain loops.
+GPT2_INLINE void tile_row(const i8* tile, i64 groups, const u8* xr, i32* acc) {
+  for (int j = 0; j < 64; ++j) acc[j] = 0;
+  const i8* w = tile;
+  for (i64 g = 0; g < groups; ++g, w += 256)
+    for (int j = 0; j < 64; ++j)
+      for (int q = 0; q < 4; ++q) acc[j] += static_cast<i32>(xr[4 * g + q]) * w[4 * j + q];
+}
+#endif
+
+// One row at a time: each tile's 64 dot products of the row, then the epilogue.
 void gemv_tiles(const GemvArgs& a, i64 t0, i64 t1) {
   alignas(64) i32 acc[1][64];
   const i64 groups = a.kp / 4;
-  for (i64 t = t0; t < t1; ++t) {
-    const i8* tile = a.packed + t * groups * 256;
+  for (i64 t = t0; t < t1; ++t)
     for (i64 r = 0; r < a.rows; ++r) {
-      const u8* xr = a.xq + r * a.kp;
-      for (int j = 0; j < 64; ++j) acc[0][j] = 0;
-      const i8* w = tile;
-      for (i64 g = 0; g < groups; ++g, w += 256)
-        for (int j = 0; j < 64; ++j)
-          for (int q = 0; q < 4; ++q) acc[0][j] += static_cast<i32>(xr[4 * g + q]) * w[4 * j + q];
+      tile_row(a.packed + t * groups * 256, groups, a.xq + r * a.kp, acc[0]);
       epilogue(a, r, 1, t * 64, acc);
     }
-  }
 }
 #endif
 

@@ -124,12 +124,12 @@ def _compile() -> bool:
         return False
     failure = build_dir / "build_failed.txt"
     if failure.is_file() and failure.read_text(errors="replace").startswith(f"{compiler}\n"):
-        _note(f"the sampling extension failed to compile before (log: {failure}; delete it to retry); "
-              "using the PyTorch reference sampler")
+        _note(f"the C++ extension failed to compile before (log: {failure}; delete it to retry); "
+              "using the PyTorch reference sampler, and int8 op by op on CPU")
         return False
     with _build_lock(build_dir):
         if not (build_dir / f"{LIB}.so").exists():  # later processes load the cached build silently
-            _note(f"compiling the {'CPU+CUDA' if cuda else 'CPU'} sampling extension once "
+            _note(f"compiling the {'CPU+CUDA' if cuda else 'CPU'} extension (sampler, int8 CPU step) once "
                   f"(cached in {build_dir})...")
         # torch logs a multi-line banner about compiler names on its way; the outcome is all we report
         torch_log = logging.getLogger("torch.utils.cpp_extension")
@@ -141,8 +141,8 @@ def _compile() -> bool:
                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3"] if cuda else None)
         except Exception as e:  # missing headers, a broken toolchain: the reference still samples correctly
             failure.write_text(f"{compiler}\n{e}\n")  # the failure of this compiler: another one may work
-            _note(f"could not compile the sampling extension ({_first_line(e)}; log: {failure}); "
-                  "using the PyTorch reference sampler")
+            _note(f"could not compile the C++ extension ({_first_line(e)}; log: {failure}); "
+                  "using the PyTorch reference sampler, and int8 op by op on CPU")
             return False
         finally:
             torch_log.setLevel(level)

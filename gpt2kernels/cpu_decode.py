@@ -169,8 +169,8 @@ class Int8Decoder:
     return the hidden states after ln_f. wte (vocab, C) and wpe (positions, C) are fp32.
     """
 
-    def __init__(self, wte: torch.Tensor, wpe: torch.Tensor, blocks: list[dict], ln_f: tuple[torch.Tensor, torch.Tensor],
-                 head: tuple[torch.Tensor, torch.Tensor] | None, n_head: int, eps: float = 1e-5,
+    def __init__(self, wte: torch.Tensor, wpe: torch.Tensor, blocks: list[dict],
+                 ln_f: tuple[torch.Tensor, torch.Tensor], head: tuple[torch.Tensor, torch.Tensor] | None, n_head: int, eps: float = 1e-5,
                  isa: str | None = None):
         _ops()
         c = wte.shape[1]

@@ -7,8 +7,8 @@ the 2-core EPYC, gpt2 fp32 at batch 1 with one core kept busy: 51 ms a token at 
 1 (31 quiet either way: the step is bound by memory bandwidth, which one core nearly saturates
 here); at batch 8, 201 ms against 72. So each CPU step runs under ``step_threads``, which reads
 how busy the processor is (``/proc/stat``, less this process's own time) at most once a second
-and runs the step on the cores left free, never on more threads than PyTorch has. ``pin_threads`` (the CLI's ``--threads``), or ``OMP_NUM_THREADS`` in the
-environment, fixes the count instead.
+and runs the step on the cores left free, never on more threads than PyTorch has. ``pin_threads``
+(the CLI's ``--threads``), or ``OMP_NUM_THREADS`` in the environment, fixes the count instead.
 """
 
 from __future__ import annotations

@@ -283,7 +283,8 @@ def test_cpu_step_keeps_seeds_penalties_logprobs_and_batches(tiny_checkpoint, mo
         pytest.skip("the extension cannot be built here")
     calls = []
     real = cpu_step.CpuInt8Step.__call__
-    monkeypatch.setattr(cpu_step.CpuInt8Step, "__call__", lambda self, *a: calls.append(a[0].shape[0]) or real(self, *a))
+    monkeypatch.setattr(cpu_step.CpuInt8Step, "__call__",
+                        lambda self, *a: calls.append(a[0].shape[0]) or real(self, *a))
     kw = dict(temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.3, frequency_penalty=0.5, logprobs=True,
               top_logprobs=2, stop_at_eos=False)
     one = engine.generate(model, [[5, 6, 7]], 12, seed=[11], **kw)

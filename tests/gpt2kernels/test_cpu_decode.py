@@ -29,7 +29,8 @@ def test_int8_linear_matches_ref(m, n, k, isa):
     q, scale = _weight(n, k, gen)
     packed, colsum = cpu_decode.pack_int8(q)
     x, bias, res = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen), torch.randn(m, n, generator=gen)
-    for activation, b, r in ((None, None, None), ("gelu_tanh", bias, None), (None, bias, res), ("gelu_tanh", None, res)):
+    cases = ((None, None, None), ("gelu_tanh", bias, None), (None, bias, res), ("gelu_tanh", None, res))
+    for activation, b, r in cases:
         got = cpu_decode.int8_linear(x, packed, colsum, scale, b, k, activation, r, isa=isa)
         torch.testing.assert_close(got, cpu_decode.int8_linear_ref(x, q, scale, b, activation, r), atol=ATOL, rtol=RTOL)
 
@@ -149,3 +150,17 @@ def test_decode_step_errors_name_the_value_and_change_nothing():
     with pytest.raises(RuntimeError, match=r"cache_lens must be a contiguous int32 CPU tensor"):
         decoder.step(torch.tensor([1, 2]), lens.long(), k, v, out)
     assert torch.equal(lens, torch.tensor([3, 2], dtype=torch.int32)) and torch.equal(k, k_before)
+
+
+def test_decode_step_rows_do_not_depend_on_the_batch():
+    """Each row is quantised and computed on its own: a batch's rows equal their single runs bit for bit."""
+    m = _model(seed=torch.seed() % 2**31)
+    decoder = cpu_decode.Int8Decoder(**m)
+    k, v = _cache(m, slots=3, max_len=16)
+    lens = torch.tensor([4, 9, 1], dtype=torch.int32)
+    tokens = torch.tensor([5, 60, 96])
+    batch = decoder.step(tokens, lens.clone(), k.clone(), v.clone(), torch.empty(3, 97))
+    for r in range(3):
+        alone = decoder.step(tokens[r:r + 1], lens[r:r + 1].clone(), k[:, r:r + 1].clone(), v[:, r:r + 1].clone(),
+                             torch.empty(1, 97))
+        assert torch.equal(alone[0], batch[r])

@@ -170,8 +170,8 @@ class Int8Decoder:
     """
 
     def __init__(self, wte: torch.Tensor, wpe: torch.Tensor, blocks: list[dict],
-                 ln_f: tuple[torch.Tensor, torch.Tensor], head: tuple[torch.Tensor, torch.Tensor] | None, n_head: int, eps: float = 1e-5,
-                 isa: str | None = None):
+                 ln_f: tuple[torch.Tensor, torch.Tensor], head: tuple[torch.Tensor, torch.Tensor] | None,
+                 n_head: int, eps: float = 1e-5, isa: str | None = None):
         _ops()
         c = wte.shape[1]
         mlp = blocks[0]["mlp.c_fc"][0].shape[0]

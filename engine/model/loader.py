@@ -66,8 +66,8 @@ def load_model(source: str | os.PathLike = "gpt2", device: str | torch.device | 
     this machine (``engine.model.cpu``; float32 with ``quantize``), which may be ``int8-all`` with
     float32 activations where the int8 CPU step is fastest (``model.quantize`` says so).
     backend: ``eager`` or ``triton``, default triton on CUDA and eager elsewhere. quantize: None,
-    ``"int8"`` (the four linears of every block) or ``"int8-all"`` (and the lm_head): weight-only int8 with per-output-channel
-    scales computed here (``engine.model.quantize``). The model records its load time in
+    ``"int8"`` (the four linears of every block) or ``"int8-all"`` (and the lm_head): weight-only
+    int8 with per-output-channel scales computed here (``engine.model.quantize``). The model records its load time in
     ``model.load_seconds``, its backend's name in ``model.backend``, its quantisation in
     ``model.quantize`` and why it has its dtype in ``model.dtype_reason``.
     """

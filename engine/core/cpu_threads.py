@@ -59,6 +59,7 @@ class ThreadChooser:
         self.choice = self.max_threads
         self._last = None  # (wall, busy, own) at the last sample
         self._measured = False  # whether choice comes from a reading yet
+        self._last_free = self.max_threads  # the free cores the last reading found
 
     def pin(self, threads: int) -> None:
         """Use ``threads`` from now on, whatever the load (the user's choice)."""
@@ -88,8 +89,11 @@ class ThreadChooser:
             return self.choice
         busy = self.others_busy()
         if busy is not None:
-            self.choice = max(1, min(self.max_threads, round(self.cores - busy)))
-            self._measured = True
+            free = max(1, min(self.max_threads, round(self.cores - busy)))
+            # Fewer threads only when two readings in a row say so: a load that came and went
+            # within the last second (a benchmark's peer process, a compile) is not worth a slower step.
+            self.choice = free if not self._measured else max(free, self._last_free)
+            self._last_free, self._measured = free, True
         return self.choice
 
 

@@ -53,7 +53,27 @@ def test_the_load_is_reread_each_second_and_follows_it():
     machine.advance(0.5)
     assert chooser.threads() == 1  # not re-read within the second
     machine.advance(0.6)
+    assert chooser.threads() == 2  # more threads at once
+
+
+def test_a_passing_load_does_not_cost_threads():
+    """Fewer threads need two readings in a row that say so: a peer that ran for a second and ended is ignored."""
+    machine = FakeMachine(others=0.0)
+    chooser = machine.chooser()
+    chooser.threads()
+    machine.advance(0.15)
     assert chooser.threads() == 2
+    machine.others = 1.0
+    machine.advance(1.1)
+    assert chooser.threads() == 2  # one busy second
+    machine.others = 0.0
+    machine.advance(1.1)
+    assert chooser.threads() == 2
+    machine.others = 1.0
+    machine.advance(1.1)
+    assert chooser.threads() == 2
+    machine.advance(1.1)
+    assert chooser.threads() == 1  # busy for two readings: one thread
 
 
 def test_our_own_busy_threads_are_not_counted_as_others():

@@ -4,9 +4,10 @@
 
 Ours (each dtype, batch 1, greedy) and HF transformers fp32, all on the same random weights, in
 rounds: every implementation quiet, then every implementation while a second Python process spins
-on one core (``while True: pass``); medians per (implementation, condition), and busy / quiet per
-implementation. Our CPU steps run on the cores other processes leave free
-(``engine.core.cpu_threads``); HF runs at PyTorch's thread count.
+on one core (``while True: pass``), each phase after an unmeasured generate of ours that lets the
+thread choice settle; medians per (implementation, condition), and busy / quiet per implementation.
+Our CPU steps run on the cores other processes leave free (``engine.core.cpu_threads``); HF runs at
+PyTorch's thread count.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def main(argv=None):
                 for condition in ("quiet", "busy"):
                     spinner = subprocess.Popen([sys.executable, "-c", SPIN]) if condition == "busy" else None
                     try:
-                        if spinner:
-                            time.sleep(1.5)  # long enough for the step's thread choice to see it
+                        # The thread choice follows the load after two readings a second apart, taken
+                        # during steps: an unmeasured generate of ~2 s lets it settle in each phase.
+                        time.sleep(0.5)
+                        runners[0].measure(ids, args.new_tokens)
                         for r in runners:
                             samples.setdefault((r.impl, r.dtype, condition), []).append(
                                 r.measure(ids, args.new_tokens)[1])

@@ -155,8 +155,10 @@ def test_a_client_gone_mid_stream_frees_its_slot(served, monkeypatch):
     while scheduler.active or scheduler.waiting:
         assert time.time() < deadline, "the abandoned request still holds its slot"
         time.sleep(0.01)
-    # ended by the disconnect, long before its 120 tokens: the slot was freed at the next step
-    assert request.finish_reason == "cancelled" and len(request.tokens) < 120
+    # ended by the disconnect, long before its 120 tokens: the slot was freed at the next step. (The
+    # engine side's reason: the text side's finish_reason is set by the server's loop thread, which
+    # may not have drained the request yet when the slot is already free.)
+    assert request.end_reason == "cancelled" and len(request.tokens) < 120
 
 
 def test_queue_limit_answers_503(served, model):

@@ -1,6 +1,7 @@
 """The model: GPT-2's configuration (``config``), checkpoints (``weights``, ``loader``), the network
 over pluggable kernels (``gpt2``, ``backends``: eager PyTorch or our Triton kernels), its KV cache
-(``cache``), int8 weights (``quantize``) and the CPU's measured defaults (``cpu``)."""
+(``cache``), int8 weights (``quantize``) with their one-call CPU decode step (``cpu_step``) and the
+CPU's measured defaults (``cpu``)."""
 
 from .cache import KVCache
 from .config import CONFIGS, GPT2Config

@@ -43,37 +43,34 @@ def test_threads_are_the_cores_others_leave_free(cores, others, max_threads, wan
     assert chooser.threads() == want
 
 
-def test_the_load_is_reread_each_second_and_follows_it():
-    machine = FakeMachine(others=1.0)
+def _follow(machine, script):
+    """A chooser's first reading with ``others`` cores busy now, then per (others, seconds, want):
+    that load for that long, after which ``threads()`` must be ``want``."""
     chooser = machine.chooser()
     chooser.threads()
-    machine.advance(0.15)
-    assert chooser.threads() == 1
-    machine.others = 0.0  # the other process ended
-    machine.advance(0.5)
-    assert chooser.threads() == 1  # not re-read within the second
-    machine.advance(0.6)
-    assert chooser.threads() == 2  # more threads at once
+    for others, seconds, want in script:
+        machine.others = others
+        machine.advance(seconds)
+        assert chooser.threads() == want, (others, seconds)
+
+
+def test_the_load_is_reread_each_second_and_follows_it():
+    _follow(FakeMachine(others=1.0), [
+        (1.0, 0.15, 1),
+        (0.0, 0.5, 1),  # the other process ended, but the load is not re-read within the second
+        (0.0, 0.6, 2),  # more threads at once
+    ])
 
 
 def test_a_passing_load_does_not_cost_threads():
     """Fewer threads need two readings in a row that say so: a peer that ran for a second and ended is ignored."""
-    machine = FakeMachine(others=0.0)
-    chooser = machine.chooser()
-    chooser.threads()
-    machine.advance(0.15)
-    assert chooser.threads() == 2
-    machine.others = 1.0
-    machine.advance(1.1)
-    assert chooser.threads() == 2  # one busy second
-    machine.others = 0.0
-    machine.advance(1.1)
-    assert chooser.threads() == 2
-    machine.others = 1.0
-    machine.advance(1.1)
-    assert chooser.threads() == 2
-    machine.advance(1.1)
-    assert chooser.threads() == 1  # busy for two readings: one thread
+    _follow(FakeMachine(others=0.0), [
+        (0.0, 0.15, 2),
+        (1.0, 1.1, 2),  # one busy second
+        (0.0, 1.1, 2),
+        (1.0, 1.1, 2),
+        (1.0, 1.1, 1),  # busy for two readings: one thread
+    ])
 
 
 def test_our_own_busy_threads_are_not_counted_as_others():

@@ -14,6 +14,7 @@
 
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -382,11 +383,20 @@ class Int8Decoder : public torch::CustomClassHolder {
 
 int64_t cpu_isa() { return detected_isa(); }
 
+// How many threads an at::parallel_for of this library runs on: the chunks one loop is split into.
+// ATen's parallel_for is inline; compiled without OpenMP it runs every loop on one thread.
+int64_t parallel_threads() {
+  std::atomic<int64_t> chunks{0};
+  at::parallel_for(0, int64_t{1} << 16, 1, [&](int64_t, int64_t) { chunks.fetch_add(1); });
+  return chunks.load();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gpt2engine_C, m) {
   // The instruction set the int8 CPU kernels use here: 0 portable, 1 avx2, 2 avx512_vnni.
   m.def("cpu_isa() -> int", &cpu_isa);
+  m.def("parallel_threads() -> int", &parallel_threads);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor colsum, Tensor scale, Tensor? bias, int k, str? activation, "
         "Tensor? residual, int isa=-1) -> Tensor");
   m.impl("int8_linear", c10::DispatchKey::CPU, &int8_linear);

@@ -260,6 +260,51 @@ GPT2_INLINE void axpy_(float* o, float p, const float* v, i64 n) {
   for (; j < n; ++j) o[j] += p * v[j];
 }
 
+// One (row, head) with head_dim 16 * V (GPT-2's 64 at every size: V = 4): scores of q against
+// keys [0, len), softmax, the weighted sum of values into o. q lives in registers, scaled once.
+template <int V>
+GPT2_INLINE void attend_fixed(const float* q, const float* kb, const float* vb, i64 len, float scale, float* s,
+                              float* o) {
+  constexpr int D = 16 * V;
+  v16f qv[V], acc[V];
+  for (int j = 0; j < V; ++j) qv[j] = load16_(q + 16 * j) * scale;
+  float best = -3.0e38f;
+  for (i64 t = 0; t < len; ++t) {
+    const float* k = kb + t * D;
+    v16f dot = qv[0] * load16_(k);
+    for (int j = 1; j < V; ++j) dot += qv[j] * load16_(k + 16 * j);
+    s[t] = sum16_(dot);
+    best = fmax_(best, s[t]);
+  }
+  float total = 0.0f;
+  for (i64 t = 0; t < len; ++t) {
+    s[t] = exp_(s[t] - best);
+    total += s[t];
+  }
+  for (int j = 0; j < V; ++j) acc[j] = v16f{};
+  for (i64 t = 0; t < len; ++t)
+    for (int j = 0; j < V; ++j) acc[j] += s[t] * load16_(vb + t * D + 16 * j);
+  const float inv = 1.0f / total;
+  for (int j = 0; j < V; ++j) store16_(o + 16 * j, acc[j] * inv);
+}
+
+// Any head_dim: the same passes over runtime-length rows.
+GPT2_INLINE void attend_any(const float* q, const float* kb, const float* vb, i64 len, i64 d, float scale, float* s,
+                            float* o) {
+  float best = -3.0e38f;
+  for (i64 t = 0; t < len; ++t) {
+    s[t] = dot_(q, kb + t * d, d) * scale;
+    best = fmax_(best, s[t]);
+  }
+  for (i64 t = 0; t < len; ++t) s[t] = exp_(s[t] - best);
+  float total = 0.0f;
+  for (i64 t = 0; t < len; ++t) total += s[t];
+  for (i64 j = 0; j < d; ++j) o[j] = 0.0f;
+  for (i64 t = 0; t < len; ++t) axpy_(o, s[t], vb + t * d, d);
+  const float inv = 1.0f / total;
+  for (i64 j = 0; j < d; ++j) o[j] *= inv;
+}
+
 // Stores each (row, head)'s new key and value at its last position, then attends over [0, len).
 void attention_heads(const AttentionArgs& a, i64 i0, i64 i1) {
   const i64 d = a.head_dim, c = a.heads * d;
@@ -272,19 +317,11 @@ void attention_heads(const AttentionArgs& a, i64 i0, i64 i1) {
     __builtin_memcpy(kb + (len - 1) * d, q + c, d * sizeof(float));
     __builtin_memcpy(vb + (len - 1) * d, q + 2 * c, d * sizeof(float));
     float* s = a.scores + i * a.max_len;
-    float best = -3.0e38f;
-    for (i64 t = 0; t < len; ++t) {
-      s[t] = dot_(q, kb + t * d, d) * scale;
-      best = fmax_(best, s[t]);
-    }
-    for (i64 t = 0; t < len; ++t) s[t] = exp_(s[t] - best);
-    float total = 0.0f;
-    for (i64 t = 0; t < len; ++t) total += s[t];
     float* o = a.out + row * a.out_stride + h * d;
-    for (i64 j = 0; j < d; ++j) o[j] = 0.0f;
-    for (i64 t = 0; t < len; ++t) axpy_(o, s[t], vb + t * d, d);
-    const float inv = 1.0f / total;
-    for (i64 j = 0; j < d; ++j) o[j] *= inv;
+    if (d == 64)
+      attend_fixed<4>(q, kb, vb, len, scale, s, o);
+    else
+      attend_any(q, kb, vb, len, d, scale, s, o);
   }
 }
 

@@ -50,6 +50,12 @@ def cpu_isa() -> str:
     return ISA_NAMES[_ops().cpu_isa()]
 
 
+def parallel_threads() -> int:
+    """How many threads the compiled kernels' parallel loops run on now: ``torch.get_num_threads()``
+    when the extension was built with OpenMP (``_extension.openmp_flags``), 1 when it was not."""
+    return _ops().parallel_threads()
+
+
 def supported_isas() -> list[str]:
     """Every instruction set this processor can run the kernels in, portable first."""
     return list(ISA_NAMES[:_ops().cpu_isa() + 1])

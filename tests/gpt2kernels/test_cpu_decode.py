@@ -1,6 +1,8 @@
 """The int8 CPU kernels (csrc/decode_cpu.cpp): the GEMV against its reference in every instruction set
 this processor runs, the packed layout, the whole decode step against ``decode_step_ref``, and the errors."""
 
+import os
+
 import pytest
 import torch
 
@@ -107,10 +109,11 @@ def _assert_close_up_to_a_code(got, want):
 
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("head", [True, False])
-def test_decode_step_matches_ref_over_steps(isa, head):
+@pytest.mark.parametrize("c,heads", [(64, 4), (128, 2)])  # head_dim 16 (any width), 64 (GPT-2's, registers)
+def test_decode_step_matches_ref_over_steps(isa, head, c, heads):
     """Rows at different lengths (one at position 0), several steps, the cache written where the
     reference writes it and nowhere else, the output NaN-poisoned before each step."""
-    m = _model(head=head, seed=torch.seed() % 2**31)
+    m = _model(c=c, heads=heads, head=head, seed=torch.seed() % 2**31)
     decoder = cpu_decode.Int8Decoder(**m, isa=isa)
     assert decoder.isa == isa
     k, v = _cache(m, slots=4, max_len=24)
@@ -122,7 +125,7 @@ def test_decode_step_matches_ref_over_steps(isa, head):
         out = torch.full((3, decoder.width), float("nan"))
         got = decoder.step(tokens, lens, k, v, out)
         want = cpu_decode.decode_step_ref(**m, tokens=tokens, cache_lens=lens_ref, k_cache=k_ref, v_cache=v_ref)
-        assert got is out and got.shape == (3, 97 if head else 64)
+        assert got is out and got.shape == (3, 97 if head else c)
         _assert_close_up_to_a_code(got, want)
         assert torch.equal(lens, lens_ref)
         _assert_close_up_to_a_code(k, k_ref)
@@ -164,3 +167,33 @@ def test_decode_step_rows_do_not_depend_on_the_batch():
         alone = decoder.step(tokens[r:r + 1], lens[r:r + 1].clone(), k[:, r:r + 1].clone(), v[:, r:r + 1].clone(),
                              torch.empty(1, 97))
         assert torch.equal(alone[0], batch[r])
+
+
+@pytest.fixture
+def threads():
+    """torch.set_num_threads for one test, restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_parallel_loops_run_on_torch_threads(threads):
+    """The extension's loops split over torch's intra-op threads (a build without OpenMP ran every
+    one on one thread, at half the bandwidth of two cores)."""
+    for n in sorted({1, min(2, os.cpu_count() or 1)}):
+        threads(n)
+        assert cpu_decode.parallel_threads() == n
+
+
+def test_decode_step_does_not_depend_on_the_thread_count(threads):
+    """Threads split a GEMV's columns and attention's heads, never a sum: 1 and 2 threads agree bit for bit."""
+    m = _model(c=128, heads=2, mlp=512, vocab=300, seed=torch.seed() % 2**31)
+    decoder = cpu_decode.Int8Decoder(**m)
+    k, v = _cache(m, slots=2, max_len=16)
+    lens = torch.tensor([3, 11], dtype=torch.int32)
+    results = []
+    for n in (1, 2):
+        threads(n)
+        out = torch.full((2, 300), float("nan"))
+        results.append(decoder.step(torch.tensor([7, 299]), lens.clone(), k.clone(), v.clone(), out))
+    assert not results[0].isnan().any() and torch.equal(results[0], results[1])

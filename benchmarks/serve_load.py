@@ -207,7 +207,7 @@ def main(argv=None) -> None:
         loop.stop()
     agg = {(r["path"], r["clients"]): r["out_tok_per_s"] for r in rows}
     n = args.clients
-    extra = {"model": args.model, "dtype": str(model.dtype), "backend": model.backend,
+    extra = {"model": args.model, "dtype": str(model.dtype), "quantize": model.quantize, "backend": model.backend,
              "threads": torch.get_num_threads(),
              "clients": n, "requests_per_client": args.requests, "prompt_tokens": args.prompt_tokens,
              "max_tokens": args.max_tokens, "cuda_graph": scheduler.cuda_graph,

@@ -39,7 +39,7 @@ INT8 = "int8"  # the int8-all model with its fused CPU step: a choice beside DTY
 PROBE_SHAPES = ((3072, 768, 12), (768, 3072, 12), (50257, 768, 1))
 PROBE_ROWS = (1, 8)    # batch 1 (interactive) and 8 (a small batch): the two regimes the choice must serve
 PROBE_REPEATS = 5      # medians of 5 after a warm-up: ~0.5 s in all on the 2-core EPYC
-CACHE_VERSION = 3  # 3: int8 among the choices
+CACHE_VERSION = 4  # 3: int8 among the choices; 4: its GEMV on every thread (the extension built with OpenMP)
 
 
 @functools.cache

@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int_in("--port", 0, 65535), default=8000, help="TCP port (0: any free one)")
-    add_placement_options(p, "default: float16 on CUDA; on CPU bfloat16 where the processor has native bf16, "
-                             "else float32; float32 with --quantize on CPU")
+    add_placement_options(p, "default: float16 on CUDA; on CPU int8-all where its fused step is measured "
+                             "fastest, else bfloat16 where the processor has native bf16, else float32; "
+                             "float32 with --quantize on CPU")
     p.add_argument("--max-batch", type=int_at_least("--max-batch", 1), default=None,
                    help="requests decoded together (default: 64 on CUDA, 16 on CPU)")
     p.add_argument("--max-waiting", type=int_at_least("--max-waiting", 0), default=MAX_WAITING,

@@ -137,6 +137,19 @@ def test_default_dtype_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert cpu.default_cpu_choice(eager_linear) == ("bfloat16", True) and len(calls) == 2
 
 
+@pytest.mark.parametrize("choice,want", [("int8", None), ("float32", "cpu float")])
+def test_server_default_on_cpu_follows_the_measured_int8_choice(choice, want, monkeypatch):
+    """The server's CPU default is the loader's int8-all where that was measured fastest (its fused
+    step batches too), else its float dtype for batched GEMMs; an explicit quantisation keeps float32."""
+    from engine.model import loader
+    from engine.serve.defaults import server_dtype
+
+    monkeypatch.setattr(loader, "default_cpu_choice", lambda linear: (choice, False))
+    float_default = "bfloat16" if cpu.cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
+    assert server_dtype("cpu") == (float_default if want == "cpu float" else want)
+    assert server_dtype("cpu", quantize="int8") is None and server_dtype("cuda") is None
+
+
 def test_probe_times_every_dtype_and_int8_at_both_row_counts():
     from gpt2kernels import cpu_decode
 

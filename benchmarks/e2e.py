@@ -366,7 +366,10 @@ def main(argv=None):
                               "uint8 with activations quantised per row, the whole decode step in one C++ call "
                               "(engine.model.cpu_step); llama.cpp q8_0 / f16 are its own GGUF formats; "
                               "ct2 int8 is CTranslate2's int8 compute type; roofline_frac = weight + "
-                              "KV bytes per step x steps/s / measured copy bandwidth; kernels_per_step: kernels one "
+                              "KV bytes per step x steps/s / measured copy bandwidth (read + write bytes: a "
+                              "decode step only reads, and on CPU, where a copy also reads each destination line "
+                              "before writing it, a read stream can pass that figure: fractions above 1); "
+                              "kernels_per_step: kernels one "
                               "decode step of our runner launches (benchmarks.step_trace), replayed as they are by "
                               "+graph (none for torch.compile and HF, whose kernels we do not count).")
     labels = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda x: (list(engine.CONFIGS).index(x[0]), x[1]))

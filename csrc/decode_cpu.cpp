@@ -157,9 +157,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   return out;
 }
 
-// Memory in 2 MiB pages where the kernel grants them (transparent huge pages, on request): the
-// weights stream at 40.6 GB/s from such pages against 35.2 from 4 KiB ones (a 103 MB int8 GEMV, 2
-// threads, the 2-core EPYC): fewer TLB misses, and the prefetchers stop at fewer page boundaries.
+// Memory in 2 MiB pages where the kernel grants them (transparent huge pages, on request): fewer
+// TLB misses, and the prefetchers stop at fewer page boundaries. gpt2's batch-1 step took 2.40-2.49
+// ms from such pages against 2.52-2.67 from 4 KiB ones (medians of 128 steps, builds alternating,
+// 2 threads, the 2-core EPYC; its bandwidth drifts between runs, so only alternating runs compare).
 class HugePageArena {
  public:
   static constexpr size_t kPage = size_t{2} << 20;

@@ -20,23 +20,10 @@ from typing import Callable
 
 import torch
 
+from ..model.cpu import LoadMeter, free_cores, read_proc_stat, usable_cores
+
 SAMPLE_SECONDS = 1.0  # how often the load is re-read: /proc/stat costs ~20 µs, a step ~5 ms on gpt2 int8
 FIRST_SAMPLE_SECONDS = 0.1  # the first reading, from the runner's creation: 10 ticks of /proc/stat's 100 Hz
-
-
-def read_proc_stat() -> tuple[float, float] | None:
-    """(busy, idle) seconds of every CPU together since boot, from ``/proc/stat``; None where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    ticks = [int(v) for v in fields[1:9]] + [0] * (8 - len(fields[1:9]))
-    user, nice, system, idle, iowait, irq, softirq, steal = ticks
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    return (user + nice + system + irq + softirq + steal) / hz, (idle + iowait) / hz
 
 
 class ThreadChooser:
@@ -50,14 +37,12 @@ class ThreadChooser:
                  read_stat: Callable[[], tuple[float, float] | None] = read_proc_stat,
                  own_seconds: Callable[[], float] = time.process_time, clock: Callable[[], float] = time.monotonic,
                  pinned: bool | None = None):
-        if cores is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.cores = cores
+        self.cores = usable_cores() if cores is None else cores
         self.max_threads = max_threads or torch.get_num_threads()
-        self.read_stat, self.own_seconds, self.clock = read_stat, own_seconds, clock
+        self.clock = clock
+        self.meter = LoadMeter(read_stat, own_seconds, clock)
         self.pinned = "OMP_NUM_THREADS" in os.environ if pinned is None else pinned
         self.choice = self.max_threads
-        self._last = None  # (wall, busy, own) at the last sample
         self._measured = False  # whether choice comes from a reading yet
         self._last_free = self.max_threads  # the free cores the last reading found
 
@@ -67,29 +52,18 @@ class ThreadChooser:
         self.max_threads = threads
         torch.set_num_threads(threads)
 
-    def others_busy(self) -> float | None:
-        """Cores' worth of CPU time other processes used since the last call (None at the first, or
-        without ``/proc/stat``)."""
-        stat = self.read_stat()
-        if stat is None:
-            return None
-        now, own = self.clock(), self.own_seconds()
-        last, self._last = self._last, (now, stat[0], own)
-        if last is None or now <= last[0]:
-            return None
-        return max(0.0, (stat[0] - last[1]) - (own - last[2])) / (now - last[0])
-
     def threads(self) -> int:
         """The thread count for the next step: the cores others leave free (rounded, at least 1, at
         most ``max_threads``), re-read at most every ``SAMPLE_SECONDS``."""
         if self.pinned:
             return self.choice
         window = SAMPLE_SECONDS if self._measured else FIRST_SAMPLE_SECONDS
-        if self._last is not None and self.clock() - self._last[0] < window:
+        last = self.meter.last_reading
+        if last is not None and self.clock() - last < window:
             return self.choice
-        busy = self.others_busy()
+        busy = self.meter.others_busy()
         if busy is not None:
-            free = max(1, min(self.max_threads, round(self.cores - busy)))
+            free = free_cores(self.cores, busy, self.max_threads)
             # Fewer threads only when two readings in a row say so: a load that came and went
             # within the last second (a benchmark's peer process, a compile) is not worth a slower step.
             self.choice = free if not self._measured else max(free, self._last_free)

@@ -75,11 +75,12 @@ def test_low_precision_tracks_fp32(tiny_checkpoint, model32, dtype):
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
-def test_default_cpu_dtype_is_this_machines_measured_choice(tiny_checkpoint):
-    """No dtype on CPU: the one engine.model.cpu measured (and cached) for this processor; its accuracy is
-    that dtype's, checked by test_low_precision_tracks_fp32."""
+@pytest.mark.parametrize("measured", ["int8", "bfloat16", "float32"])
+def test_default_cpu_dtype_is_this_machines_measured_choice(tiny_checkpoint, measured, monkeypatch):
+    """No dtype on CPU: the one engine.model.cpu measured for this processor (test_quantize tests the
+    measurement); its accuracy is that dtype's, checked by test_low_precision_tracks_fp32."""
+    monkeypatch.setattr(engine.model.loader, "default_cpu_choice", lambda linear: (measured, False))
     model = engine.load_model(tiny_checkpoint, device="cpu")
-    measured = engine.model.cpu.default_cpu_choice(engine.model.backends.eager_linear)[0]
     if measured == "int8":  # int8-all with fp32 activations (test_quantize checks its accuracy)
         assert model.quantize == "int8-all" and model.dtype == torch.float32
     else:

@@ -124,17 +124,49 @@ def test_choose_dtype_never_picks_one_slower_than_fp32(times, want):
     assert cpu.choose_dtype(times) == want
 
 
+class Load:
+    """A ``LoadMeter`` whose other processes keep ``cores`` cores busy."""
+
+    def __init__(self, cores):
+        self.cores = cores
+
+    def others_busy(self):
+        return self.cores
+
+
 def test_default_dtype_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
     monkeypatch.setattr(cpu, "probe_dtypes", lambda linear, int8: calls.append(linear) or
                         {"float32": (1.0, 1.0), "float16": (0.5, 2.0), "bfloat16": (0.8, 0.7)})
-    assert cpu.default_cpu_choice(eager_linear) == ("bfloat16", True)
-    assert cpu.default_cpu_choice(eager_linear) == ("bfloat16", False) and len(calls) == 1
+    assert cpu.default_cpu_choice(eager_linear, Load(0.0)) == ("bfloat16", True)
+    assert cpu.default_cpu_choice(eager_linear, Load(0.0)) == ("bfloat16", False) and len(calls) == 1
     cached = json.loads((tmp_path / "gpt2engine" / "cpu_dtype.json").read_text())
     assert cached["dtype"] == "bfloat16" and f"threads {torch.get_num_threads()}" in cached["key"]
     (tmp_path / "gpt2engine" / "cpu_dtype.json").write_text("{not json")  # a damaged cache is measured again
-    assert cpu.default_cpu_choice(eager_linear) == ("bfloat16", True) and len(calls) == 2
+    assert cpu.default_cpu_choice(eager_linear, Load(0.0)) == ("bfloat16", True) and len(calls) == 2
+
+
+def test_default_dtype_on_a_busy_machine_is_probed_on_the_free_cores_and_not_cached(tmp_path, monkeypatch):
+    """Another process keeps a core busy: the probe runs at the threads the steps will get, and its
+    choice serves this load only; the next load, on a quiet machine, measures again and caches."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
+    threads = []
+    monkeypatch.setattr(cpu, "probe_dtypes", lambda linear, int8: threads.append(torch.get_num_threads()) or
+                        {"float32": (1.0, 1.0), "bfloat16": (0.8, 0.7)})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cpu.default_cpu_choice(eager_linear, Load(1.0)) == ("bfloat16", True)
+        assert torch.get_num_threads() == 2 and not (tmp_path / "gpt2engine" / "cpu_dtype.json").exists()
+        assert cpu.default_cpu_choice(eager_linear, Load(0.1)) == ("bfloat16", True)
+        assert cpu.default_cpu_choice(eager_linear, Load(0.1)) == ("bfloat16", False)
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [1, 2]
+
+
 
 
 @pytest.mark.parametrize("choice,want", [("int8", None), ("float32", "cpu float")])

@@ -1,8 +1,8 @@
 // A whole GPT-2 decode step on CPU in one call, over int8 weights packed once at load: embedding,
 // every block (LayerNorm, QKV, cache write, attention, projections, GELU, residuals), ln_f and the
 // lm_head, in fp32 with int8 x uint8 products. Python's per-op dispatch (~150 small ops a token)
-// is gone; each GEMV streams its packed weights once per step, split by 64-column tiles over
-// PyTorch's intra-op threads (torch.set_num_threads).
+// is gone; each GEMV streams its packed weights once per step, split by 64-column tiles over as
+// many threads as torch.set_num_threads gives the calling thread (a team of its own: thread_team.h).
 //
 // The kernels come in three builds of decode_cpu_isa.h (AVX-512 VNNI, AVX2, portable), chosen at
 // run time by what the processor supports; the semantics are gpt2kernels.cpu_decode's references.
@@ -14,15 +14,18 @@
 
 #include <sys/mman.h>
 
-#include <atomic>
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "decode_cpu.h"
+#include "thread_team.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
@@ -79,6 +82,24 @@ const Kernels& kernels_for(int64_t isa) {
 
 int64_t padded_k(int64_t k) { return (k + 3) / 4 * 4; }
 
+// The calling thread's team (the engine thread's, in a server): its workers are its own.
+ThreadTeam& team() {
+  static thread_local ThreadTeam t;
+  return t;
+}
+
+// f(begin, end) over [0, items) in contiguous runs, one per thread: as many as torch's intra-op
+// thread count for this thread (torch.set_num_threads), at most one per item.
+template <class F>
+void parallel_range(int64_t items, const F& f) {
+  const int n = static_cast<int>(std::min<int64_t>(items, at::get_num_threads()));
+  if (n <= 1) {
+    if (items > 0) f(0, items);
+    return;
+  }
+  team().run(n, [&](int i, int parts) { f(items * i / parts, items * (i + 1) / parts); });
+}
+
 // A packed weight with its per-channel data, checked once. `data` is the packed values: the
 // tensor's, or (in a decoder) a copy in its huge-page arena, the tensor then released.
 struct Int8Weight {
@@ -121,7 +142,7 @@ void run_gemv(const Kernels& kern, const Int8Weight& w, int64_t rows, const uint
               bool gelu) {
   GemvArgs a{w.data, w.colsum.data_ptr<int32_t>(), w.scale.data_ptr<float>(), w.bias_ptr(),
              w.n, padded_k(w.k), rows, xq, xs, xz, out, out_stride, residual, res_stride, gelu};
-  at::parallel_for(0, (w.n + 63) / 64, 1, [&](int64_t t0, int64_t t1) { kern.gemv_tiles(a, t0, t1); });
+  parallel_range((w.n + 63) / 64, [&](int64_t t0, int64_t t1) { kern.gemv_tiles(a, t0, t1); });
 }
 
 at::Tensor check_float_rows(const at::Tensor& x, const char* name, int64_t width) {
@@ -281,7 +302,7 @@ class Int8Decoder : public torch::CustomClassHolder {
       AttentionArgs a{qkv_.data(), 3 * c_, k_cache.data_ptr<float>() + l * layer_stride,
                       v_cache.data_ptr<float>() + l * layer_stride, lens, heads_, d, max_len, scores_.data(),
                       att_.data(), c_};
-      at::parallel_for(0, b * heads_, 1, [&](int64_t i0, int64_t i1) { kern_->attention_heads(a, i0, i1); });
+      parallel_range(b * heads_, [&](int64_t i0, int64_t i1) { kern_->attention_heads(a, i0, i1); });
       quantize(b, att_.data(), c_);
       run_gemv(*kern_, L.proj, b, xq_.data(), xs_.data(), xz_.data(), x, c_, x, c_, false);
       norm_and_quantize(b, x, L.ln2_w, L.ln2_b);
@@ -357,7 +378,7 @@ class Int8Decoder : public torch::CustomClassHolder {
   // Rows of `x` (b, width) -> xq_ / xs_ / xz_, one row per thread when there are several.
   void quantize(int64_t b, const float* x, int64_t width) {
     const int64_t kp = padded_k(width);
-    at::parallel_for(0, b, 1, [&](int64_t r0, int64_t r1) {
+    parallel_range(b, [&](int64_t r0, int64_t r1) {
       kern_->quantize_rows(x + r0 * width, width, r1 - r0, width, kp, xq_.data() + r0 * kp, xs_.data() + r0,
                            xz_.data() + r0);
     });
@@ -384,12 +405,17 @@ class Int8Decoder : public torch::CustomClassHolder {
 
 int64_t cpu_isa() { return detected_isa(); }
 
-// How many threads an at::parallel_for of this library runs on: the chunks one loop is split into.
-// ATen's parallel_for is inline; compiled without OpenMP it runs every loop on one thread.
+// How many threads the step's parallel loops run on from this thread: the distinct threads that
+// ran a part of one.
 int64_t parallel_threads() {
-  std::atomic<int64_t> chunks{0};
-  at::parallel_for(0, int64_t{1} << 16, 1, [&](int64_t, int64_t) { chunks.fetch_add(1); });
-  return chunks.load();
+  std::mutex mutex;
+  std::vector<std::thread::id> seen;
+  parallel_range(int64_t{1} << 16, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (std::find(seen.begin(), seen.end(), std::this_thread::get_id()) == seen.end())
+      seen.push_back(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(seen.size());
 }
 
 }  // namespace

@@ -30,7 +30,7 @@ def sources(cuda: bool) -> list[str]:
 
 def openmp_flags() -> list[str]:
     """``-fopenmp`` where torch runs its intra-op threads on OpenMP: ``at::parallel_for`` is inline in
-    ATen's headers, so without it every parallel loop of csrc/ runs on one thread."""
+    ATen's headers, so without it the sampler's loop over rows runs on one thread."""
     return ["-fopenmp"] if torch.backends.openmp.is_available() else []
 
 

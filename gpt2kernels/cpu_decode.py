@@ -51,8 +51,10 @@ def cpu_isa() -> str:
 
 
 def parallel_threads() -> int:
-    """How many threads the compiled kernels' parallel loops run on now: ``torch.get_num_threads()``
-    when the extension was built with OpenMP (``_extension.openmp_flags``), 1 when it was not."""
+    """How many threads the step's parallel loops run on from the calling thread: its
+    ``torch.get_num_threads()``, on a team of worker threads the calling thread owns
+    (``csrc/thread_team.h``: they spin between a step's loops from any thread, where OpenMP's
+    slept off the main thread)."""
     return _ops().parallel_threads()
 
 

@@ -2,6 +2,7 @@
 this processor runs, the packed layout, the whole decode step against ``decode_step_ref``, and the errors."""
 
 import os
+import threading
 
 import pytest
 import torch
@@ -177,23 +178,45 @@ def threads():
     torch.set_num_threads(before)
 
 
+def _in_thread(fn):
+    """fn() on a new Python thread (a server's engine thread), with torch's thread count set there
+    as the main thread's; its result."""
+    result, n = [], torch.get_num_threads()
+
+    def run():
+        torch.set_num_threads(n)
+        result.append(fn())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
 def test_parallel_loops_run_on_torch_threads(threads):
-    """The extension's loops split over torch's intra-op threads (a build without OpenMP ran every
-    one on one thread, at half the bandwidth of two cores)."""
+    """The step's loops split over as many threads as torch's count, from the main thread and from
+    any other (the first build ran every loop on one thread: no OpenMP for ATen's inline parallel_for;
+    the next, on OpenMP, slept between loops off the main thread)."""
     for n in sorted({1, min(2, os.cpu_count() or 1)}):
         threads(n)
         assert cpu_decode.parallel_threads() == n
+        assert _in_thread(cpu_decode.parallel_threads) == n
 
 
 def test_decode_step_does_not_depend_on_the_thread_count(threads):
-    """Threads split a GEMV's columns and attention's heads, never a sum: 1 and 2 threads agree bit for bit."""
+    """Threads split a GEMV's columns and attention's heads, never a sum: 1 and 2 threads, on the main
+    thread or another, agree bit for bit."""
     m = _model(c=128, heads=2, mlp=512, vocab=300, seed=torch.seed() % 2**31)
     decoder = cpu_decode.Int8Decoder(**m)
     k, v = _cache(m, slots=2, max_len=16)
     lens = torch.tensor([3, 11], dtype=torch.int32)
     results = []
+
+    def step():
+        out = torch.full((2, 300), float("nan"))
+        return decoder.step(torch.tensor([7, 299]), lens.clone(), k.clone(), v.clone(), out)
+
     for n in (1, 2):
         threads(n)
-        out = torch.full((2, 300), float("nan"))
-        results.append(decoder.step(torch.tensor([7, 299]), lens.clone(), k.clone(), v.clone(), out))
-    assert not results[0].isnan().any() and torch.equal(results[0], results[1])
+        results += [step(), _in_thread(step)]
+    assert not results[0].isnan().any() and all(torch.equal(results[0], r) for r in results[1:])

@@ -27,11 +27,8 @@ def sampler_extension():
                          "GPT2ENGINE_NO_EXTENSION=1 to install without it.")
     cuda = torch.version.cuda is not None
     sources = ["csrc/sampling_cpu.cpp", "csrc/decode_cpu.cpp"] + (["csrc/sampling_cuda.cu"] if cuda else [])
-    # ATen's parallel_for is inline: without OpenMP, the sampler's loop over rows runs on one thread
-    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-    flags = {"cxx": ["-O3", *openmp], "nvcc": ["-O3"]} if cuda else {"cxx": ["-O3", *openmp]}
-    ext = (CUDAExtension if cuda else CppExtension)("gpt2kernels._C", sources, extra_compile_args=flags,
-                                                     extra_link_args=openmp)
+    flags = {"cxx": ["-O3"], "nvcc": ["-O3"]} if cuda else {"cxx": ["-O3"]}
+    ext = (CUDAExtension if cuda else CppExtension)("gpt2kernels._C", sources, extra_compile_args=flags)
     return [ext], {"build_ext": BuildExtension}
 
 

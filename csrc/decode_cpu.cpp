@@ -82,24 +82,6 @@ const Kernels& kernels_for(int64_t isa) {
 
 int64_t padded_k(int64_t k) { return (k + 3) / 4 * 4; }
 
-// The calling thread's team (the engine thread's, in a server): its workers are its own.
-ThreadTeam& team() {
-  static thread_local ThreadTeam t;
-  return t;
-}
-
-// f(begin, end) over [0, items) in contiguous runs, one per thread: as many as torch's intra-op
-// thread count for this thread (torch.set_num_threads), at most one per item.
-template <class F>
-void parallel_range(int64_t items, const F& f) {
-  const int n = static_cast<int>(std::min<int64_t>(items, at::get_num_threads()));
-  if (n <= 1) {
-    if (items > 0) f(0, items);
-    return;
-  }
-  team().run(n, [&](int i, int parts) { f(items * i / parts, items * (i + 1) / parts); });
-}
-
 // A packed weight with its per-channel data, checked once. `data` is the packed values: the
 // tensor's, or (in a decoder) a copy in its huge-page arena, the tensor then released.
 struct Int8Weight {
@@ -175,6 +157,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   kern.quantize_rows(xc.data_ptr<float>(), k, rows, k, kp, xq.data(), xs.data(), xz.data());
   run_gemv(kern, w, rows, xq.data(), xs.data(), xz.data(), out.data_ptr<float>(), n,
            res.defined() ? res.data_ptr<float>() : nullptr, n, activation.has_value());
+  team().rest();
   return out;
 }
 
@@ -312,11 +295,13 @@ class Int8Decoder : public torch::CustomClassHolder {
     }
     float* o = out.data_ptr<float>();
     if (!has_head()) {
+      team().rest();
       kern_->layer_norm_rows(x, c_, b, c_, lnf_w_.data_ptr<float>(), lnf_b_.data_ptr<float>(), eps_, o, c_);
       return;
     }
     norm_and_quantize(b, x, lnf_w_, lnf_b_);
     run_gemv(*kern_, head_, b, xq_.data(), xs_.data(), xz_.data(), o, vocab_, nullptr, 0, false);
+    team().rest();
   }
 
  private:
@@ -415,6 +400,7 @@ int64_t parallel_threads() {
     if (std::find(seen.begin(), seen.end(), std::this_thread::get_id()) == seen.end())
       seen.push_back(std::this_thread::get_id());
   });
+  team().rest();
   return static_cast<int64_t>(seen.size());
 }
 

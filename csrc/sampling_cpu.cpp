@@ -3,7 +3,6 @@
 // Sort-free where it can be: top-k by selection (nth_element), top-p by sorting only the tokens
 // above a probability threshold that provably holds the nucleus.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,6 +14,7 @@
 
 #include "philox.h"
 #include "sampling.h"
+#include "thread_team.h"
 
 namespace gpt2engine {
 
@@ -145,7 +145,7 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, const 
   const int64_t* sp = rt.seed.data_ptr<int64_t>();
   int64_t* offp = rt.offset.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  cpu_decode::parallel_range(rows, [&](int64_t begin, int64_t end) {
     std::vector<float> scaled(vocab), scratch;
     std::vector<double> weights(vocab);
     std::vector<int64_t> ids;
@@ -157,6 +157,7 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, const 
       if (advance) offp[r] += 1;
     }
   });
+  cpu_decode::team().rest();
 }
 
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,

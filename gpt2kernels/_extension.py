@@ -28,12 +28,6 @@ def sources(cuda: bool) -> list[str]:
     return [str(f) for f in files]
 
 
-def openmp_flags() -> list[str]:
-    """``-fopenmp`` where torch runs its intra-op threads on OpenMP: ``at::parallel_for`` is inline in
-    ATen's headers, so without it the sampler's loop over rows runs on one thread."""
-    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
-
-
 def _cuda_build_possible() -> bool:
     return torch.version.cuda is not None and (shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME"))
 
@@ -144,8 +138,7 @@ def _compile() -> bool:
         try:
             cpp_extension.load(
                 name=LIB, sources=sources(cuda), build_directory=str(build_dir), is_python_module=False, verbose=False,
-                extra_cflags=["-O3", *openmp_flags()], extra_ldflags=openmp_flags(),
-                extra_cuda_cflags=["-O3"] if cuda else None)
+                extra_cflags=["-O3"], extra_cuda_cflags=["-O3"] if cuda else None)
         except Exception as e:  # missing headers, a broken toolchain: the reference still samples correctly
             failure.write_text(f"{compiler}\n{e}\n")  # the failure of this compiler: another one may work
             _note(f"could not compile the C++ extension ({_first_line(e)}; log: {failure}); "

@@ -3,6 +3,7 @@ this processor runs, the packed layout, the whole decode step against ``decode_s
 
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -220,3 +221,34 @@ def test_decode_step_does_not_depend_on_the_thread_count(threads):
         threads(n)
         results += [step(), _in_thread(step)]
     assert not results[0].isnan().any() and all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or (os.cpu_count() or 1) < 2, reason="needs fork and 2 cores")
+def test_decode_step_runs_in_a_child_forked_after_a_threaded_step(threads):
+    """The worker threads stay in the parent at a fork: a child's first step makes its own, where
+    waiting for the parent's would hang."""
+    m = _model(c=128, heads=2, mlp=512, vocab=300, seed=1)
+    decoder = cpu_decode.Int8Decoder(**m)
+    k, v = _cache(m, slots=1, max_len=8)
+    threads(2)
+
+    def step():
+        return decoder.step(torch.tensor([5]), torch.tensor([2], dtype=torch.int32), k.clone(), v.clone(),
+                            torch.empty(1, 300))
+
+    want = step()
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only with the parent's result
+        try:
+            os._exit(0 if torch.equal(step(), want) and cpu_decode.parallel_threads() == 2 else 1)
+        finally:
+            os._exit(2)
+    for _ in range(600):  # 60 s
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's step hung")

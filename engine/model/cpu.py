@@ -43,7 +43,7 @@ PROBE_REPEATS = 5      # the fastest of 5 after a warm-up (a run another process
                        # lengthens itself): ~0.5 s in all on the 2-core EPYC
 PROBE_SETTLE_SECONDS = 0.1  # the load reading before a probe: 10 ticks of /proc/stat's 100 Hz
 QUIET_CORES = 0.5  # others' load (cores) above which a probe's choice serves this process but is not cached
-CACHE_VERSION = 4  # 3: int8 among the choices; 4: its GEMV on every thread (the extension built with OpenMP)
+CACHE_VERSION = 4  # 3: int8 among the choices; 4: its GEMV on every thread (the first build ran on one)
 
 
 @functools.cache

@@ -1,8 +1,9 @@
 """How many threads a CPU decode step uses: the cores other processes leave free.
 
 A decode step is ~150 small ops op by op, each ending in an OpenMP barrier (or 60-120 parallel
-loops of the fused int8 step's worker team, each ending in a wait for its workers). When another process keeps a core busy, the OS
-deschedules one of our threads for whole time slices and every barrier waits for it. Measured on
+loops of the fused int8 step's worker team, each ending in a wait for its workers). When another
+process keeps a core busy, the OS deschedules one of our threads for whole time slices and every
+barrier waits for it. Measured on
 the 2-core EPYC, gpt2 fp32 at batch 1 with one core kept busy: 51 ms a token at 2 threads, 25 at
 1 (31 quiet either way: the step is bound by memory bandwidth, which one core nearly saturates
 here); at batch 8, 201 ms against 72. So each CPU step runs under ``step_threads``, which reads

@@ -3,13 +3,13 @@
 A decode step is ~150 small ops op by op, each ending in an OpenMP barrier (or 60-120 parallel
 loops of the fused int8 step's worker team, each ending in a wait for its workers). When another
 process keeps a core busy, the OS deschedules one of our threads for whole time slices and every
-barrier waits for it. Measured on
-the 2-core EPYC, gpt2 fp32 at batch 1 with one core kept busy: 51 ms a token at 2 threads, 25 at
-1 (31 quiet either way: the step is bound by memory bandwidth, which one core nearly saturates
-here); at batch 8, 201 ms against 72. So each CPU step runs under ``step_threads``, which reads
-how busy the processor is (``/proc/stat``, less this process's own time) at most once a second
-and runs the step on the cores left free, never on more threads than PyTorch has. ``pin_threads``
-(the CLI's ``--threads``), or ``OMP_NUM_THREADS`` in the environment, fixes the count instead.
+barrier waits for it. Measured on the 2-core EPYC, gpt2 fp32 at batch 1 with one core kept busy:
+51 ms a token at 2 threads, 25 at 1 (31 quiet either way: the step is bound by memory bandwidth,
+which one core nearly saturates here); at batch 8, 201 ms against 72. So each CPU step runs
+under ``step_threads``, which reads how busy the processor is (``/proc/stat``, less this
+process's own time) at most once a second and runs the step on the cores left free, never on
+more threads than PyTorch has. ``pin_threads`` (the CLI's ``--threads``), or ``OMP_NUM_THREADS``
+in the environment, fixes the count instead.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from typing import Callable
 
 import torch
 
-from ..model.cpu import LoadMeter, free_cores, read_proc_stat, usable_cores
+from ..model.cpu import SHORTEST_READING_SECONDS, LoadMeter, free_cores, read_proc_stat, usable_cores
 
 SAMPLE_SECONDS = 1.0  # how often the load is re-read: /proc/stat costs ~20 µs, a step ~5 ms on gpt2 int8
-FIRST_SAMPLE_SECONDS = 0.1  # the first reading, from the runner's creation: 10 ticks of /proc/stat's 100 Hz
 
 
 class ThreadChooser:
@@ -40,7 +39,6 @@ class ThreadChooser:
                  pinned: bool | None = None):
         self.cores = usable_cores() if cores is None else cores
         self.max_threads = max_threads or torch.get_num_threads()
-        self.clock = clock
         self.meter = LoadMeter(read_stat, own_seconds, clock)
         self.pinned = "OMP_NUM_THREADS" in os.environ if pinned is None else pinned
         self.choice = self.max_threads
@@ -58,9 +56,9 @@ class ThreadChooser:
         most ``max_threads``), re-read at most every ``SAMPLE_SECONDS``."""
         if self.pinned:
             return self.choice
-        window = SAMPLE_SECONDS if self._measured else FIRST_SAMPLE_SECONDS
+        window = SAMPLE_SECONDS if self._measured else SHORTEST_READING_SECONDS  # the first: from creation
         last = self.meter.last_reading
-        if last is not None and self.clock() - last < window:
+        if last is not None and self.meter.clock() - last < window:
             return self.choice
         busy = self.meter.others_busy()
         if busy is not None:

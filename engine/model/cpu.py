@@ -41,7 +41,7 @@ PROBE_SHAPES = ((3072, 768, 12), (768, 3072, 12), (50257, 768, 1))
 PROBE_ROWS = (1, 8)    # batch 1 (interactive) and 8 (a small batch): the two regimes the choice must serve
 PROBE_REPEATS = 5      # the fastest of 5 after a warm-up (a run another process preempted only
                        # lengthens itself): ~0.5 s in all on the 2-core EPYC
-PROBE_SETTLE_SECONDS = 0.1  # the load reading before a probe: 10 ticks of /proc/stat's 100 Hz
+SHORTEST_READING_SECONDS = 0.1  # a load reading's shortest window: 10 ticks of /proc/stat's 100 Hz
 QUIET_CORES = 0.5  # others' load (cores) above which a probe's choice serves this process but is not cached
 CACHE_VERSION = 4  # 3: int8 among the choices; 4: its GEMV on every thread (the first build ran on one)
 
@@ -213,7 +213,7 @@ def default_cpu_choice(linear: Callable[[torch.Tensor, torch.Tensor], torch.Tens
         pass
     meter = meter or LoadMeter()
     meter.others_busy()
-    time.sleep(PROBE_SETTLE_SECONDS)
+    time.sleep(SHORTEST_READING_SECONDS)
     before = meter.others_busy()
     threads = torch.get_num_threads()
     torch.set_num_threads(threads if before is None else free_cores(usable_cores(), before, threads))

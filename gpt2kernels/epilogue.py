@@ -1,5 +1,7 @@
-"""The epilogue both linear kernels (the tiled one in linear.py, the batch-1 GEMV in gemv.py) run after
-their products: scales, bias, GELU, residual or the KV-cache store, before the one rounding."""
+"""The epilogues both linear kernels (the tiled one in linear.py, the batch-1 GEMV in gemv.py) run after
+their products: scales, bias, GELU, residual or the KV-cache store, before the one rounding
+(``linear_epilogue``); and, for a greedy decode step's lm_head, each row's argmax over every
+program's columns (``argmax_epilogue``)."""
 
 import triton
 import triton.language as tl
@@ -15,7 +17,7 @@ def linear_epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, st
     """int8 weights' column scales, bias, activation, residual in fp32 (ACTIVATION 2: the residual
     times the GELU's derivative instead, for the backward), then one rounding and masked
     stores of the tile: into y, or with KV_CACHE, columns [0, C) (the query) into y and [C, 3C)
-    (key, value) into the caches."""
+    (key, value) into the caches. Returns the rounded tile."""
     if INT8_WEIGHT:
         acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
     if HAS_BIAS:
@@ -43,3 +45,57 @@ def linear_epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, st
         tl.store(vc_ptr + at, out, mask=mask & (part == 2)[None, :])
     else:
         tl.store(y_ptr + rows * stride_ym + rn[None, :], out, mask=mask)
+    return out
+
+
+# Index a masked-out or -inf-only partial never wins with (any real column's index is lower).
+NO_INDEX = 2147483647
+
+
+@triton.jit
+def argmax_epilogue(out, rm, rn, M, N, pid_n, n_tiles, part_ptr, count_ptr, tok_ptr, REDUCE: tl.constexpr):
+    """Greedy tokens from a linear's rounded output tiles: ``tok[r]`` = the first column holding the
+    maximum of row r of the whole output (its lowest index on ties), or -1 where the row holds a NaN
+    or only -inf, as the sampler's greedy path decides (``gpt2kernels.sampling``).
+
+    Each program stores its tile's per-row maximum (NaN if the tile holds one) and that maximum's
+    first column into ``part_ptr`` (fp32 (2, M, n_tiles): values, then indices as int32 bits) at
+    column ``pid_n``, then counts its arrival at ``count_ptr`` (int32, zero, shared by the programs
+    of rows ``rm``); the last to arrive reduces the ``n_tiles`` partials in column order, ``REDUCE``
+    at a time, writes ``tok`` (int64) and re-arms the counter. Integer counters only: the same
+    tokens whatever order the programs finish in.
+    """
+    valid = (rm[:, None] < M) & (rn[None, :] < N)
+    v = out.to(tl.float32)  # the rounded logits, as the sampler would read them (fp16 -> fp32 is exact)
+    tile_nan = tl.max(tl.where(valid & (v != v), 1, 0), axis=1)
+    v = tl.where(valid & (v == v), v, float("-inf"))
+    best = tl.max(v, axis=1)
+    first = tl.min(tl.where(v == best[:, None], rn[None, :], NO_INDEX), axis=1)
+    best = tl.where(tile_nan > 0, float("nan"), best)
+    row_ok = rm < M
+    at = rm.to(tl.int64) * n_tiles + pid_n
+    tl.store(part_ptr + at, best, mask=row_ok)
+    tl.store(part_ptr + M * n_tiles + at, first.to(tl.float32, bitcast=True), mask=row_ok)
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == n_tiles - 1:
+        rt = tl.arange(0, REDUCE)
+        run_v = tl.full(best.shape, float("-inf"), tl.float32)
+        run_i = tl.full(best.shape, NO_INDEX, tl.int32)
+        bad = tl.zeros(best.shape, tl.int32)
+        for t0 in range(0, n_tiles, REDUCE):  # in column order: a later chunk wins only when strictly greater
+            tt = t0 + rt
+            mask = row_ok[:, None] & (tt < n_tiles)[None, :]
+            offs = rm[:, None].to(tl.int64) * n_tiles + tt[None, :]
+            pv = tl.load(part_ptr + offs, mask=mask, other=float("-inf"), cache_modifier=".cg")
+            pi = tl.load(part_ptr + M * n_tiles + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            pi = tl.where(mask, pi.to(tl.int32, bitcast=True), NO_INDEX)
+            bad |= tl.max(tl.where(pv != pv, 1, 0), axis=1)
+            pv = tl.where(pv == pv, pv, float("-inf"))
+            chunk_v = tl.max(pv, axis=1)
+            chunk_i = tl.min(tl.where(pv == chunk_v[:, None], pi, NO_INDEX), axis=1)
+            take = chunk_v > run_v
+            run_i = tl.where(take, chunk_i, run_i)
+            run_v = tl.where(take, chunk_v, run_v)
+        tok = tl.where((bad > 0) | (run_v == float("-inf")), -1, run_i)
+        tl.store(tok_ptr + rm, tok.to(tl.int64), mask=row_ok)
+        tl.atomic_xchg(count_ptr, 0)

@@ -31,9 +31,9 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .epilogue import linear_epilogue
+from .epilogue import argmax_epilogue, linear_epilogue
 from .layernorm import centre_and_scale
-from ._ops import use_pdl
+from ._ops import arrival_counters, use_pdl
 
 # Rows a GEMV launch takes; more go to the tiled kernel (gpt2kernels.linear). See the module's docstring.
 GEMV_MAX_ROWS = 1
@@ -46,6 +46,9 @@ MAX_BLOCK_N = 64
 # at least this many anyway (gpt2's 768 x 768 at 4 x 1024); narrow layers (test models, 64 wide)
 # get wider column blocks instead of one program per column, which in the interpreter took minutes.
 MIN_TILE_ELEMENTS = 4096
+# Partials the greedy lm_head's last program reduces at a time: gpt2's 50257 columns in 8-row tiles
+# leave 6283, 7 steps of 1024 (8 fp32 values and 8 indices a thread at 4 warps).
+ARGMAX_REDUCE = 1024
 
 
 @triton.jit
@@ -61,12 +64,15 @@ def _gemv_kernel(
     kc_ptr,     # (1, H, L, D) key cache, unit D stride (written when KV_CACHE)
     vc_ptr,     # (1, H, L, D) value cache, the key cache's strides (written when KV_CACHE)
     lens_ptr,   # (1,) int32 cache length including the new token (read when KV_CACHE)
+    part_ptr,   # (2, 1, programs) fp32 argmax partials (when ARGMAX)
+    count_ptr,  # (1,) int32 zero: the programs' arrivals (when ARGMAX), left at zero
+    tok_ptr,    # (1,) int64 greedy token out (when ARGMAX)
     N, K,
     stride_xk, stride_wn, stride_wk, stride_rm, stride_ym, stride_cb, stride_ch, stride_ct,
     head_dim, eps,
     NORM: tl.constexpr, INT8_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, KV_CACHE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    ARGMAX: tl.constexpr, REDUCE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # the next kernel may launch once every program got here, and prefetch its own weights
         gdc_launch_dependents()
@@ -91,9 +97,13 @@ def _gemv_kernel(
         w = tl.load(w_ptrs + k0 * stride_wk, mask=n_ok & (kk[None, :] < K), other=0).to(tl.float32)
         xk = tl.load(x_ptr + kk * stride_xk, mask=kk < K, other=0.0)
         acc += tl.sum(w * xk.to(tl.float32)[None, :], axis=1)
-    linear_epilogue(acc[None, :], tl.arange(0, 1), rn, 1, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr,
-                    vc_ptr, lens_ptr, stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION,
-                    HAS_RESIDUAL, KV_CACHE)
+    rm = tl.arange(0, 1)
+    out = linear_epilogue(acc[None, :], rm, rn, 1, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr,
+                          vc_ptr, lens_ptr, stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS,
+                          ACTIVATION, HAS_RESIDUAL, KV_CACHE)
+    if ARGMAX:
+        argmax_epilogue(out, rm, rn, 1, N, tl.program_id(0), tl.num_programs(0), part_ptr, count_ptr, tok_ptr,
+                        REDUCE)
 
 def gemv_config(n: int, k: int, dtype: torch.dtype, sms: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K) for a (1, k) x (k, n) product with ``dtype`` activations on ``sms`` SMs.
@@ -123,23 +133,31 @@ def gemv_applies(m: int, k: int, dtype: torch.dtype, norm: bool) -> bool:
 
 def gemv_launch(x2: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, activation: int,
                 residual: Tensor | None, y2: Tensor, norm: tuple[Tensor, Tensor, float] | None,
-                kv_cache: tuple[Tensor, Tensor, Tensor] | None, sms: int) -> None:
+                kv_cache: tuple[Tensor, Tensor, Tensor] | None, sms: int, tokens: Tensor | None = None) -> None:
     """Launch the GEMV for checked, allocated operands (``gpt2kernels.linear``'s launcher does both):
     x2 (1, K); weight (N, K) in x2's dtype or int8 with its fp32 ``scale`` (N,); bias (N,) or None;
     activation 0 (none) or 1 (tanh GELU); residual (1, N) or None; y2 the output, (1, N), or
-    (1, N / 3) with ``kv_cache`` (k_cache, v_cache, cache_lens); norm (ln_weight, ln_bias, eps) or None."""
+    (1, N / 3) with ``kv_cache`` (k_cache, v_cache, cache_lens); norm (ln_weight, ln_bias, eps) or None;
+    tokens: int64 (1,) to receive the output's argmax (``argmax_epilogue``), or None."""
     k = x2.shape[1]
     n = weight.shape[0]
     block_n, block_k = gemv_config(n, k, x2.dtype, sms)
+    programs = triton.cdiv(n, block_n)
+    argmax = tokens is not None
+    if argmax:
+        parts = torch.empty((2, 1, programs), dtype=torch.float32, device=x2.device)
+        counts = arrival_counters(x2.device, 1)
+    else:
+        parts = counts = tokens = y2
     r2 = residual if residual is not None else y2
     ln_w, ln_b, eps = norm if norm is not None else (y2, y2, 0.0)
     kc, vc, lens = kv_cache if kv_cache is not None else (y2, y2, y2)
     cache_strides = (kc.stride(0), kc.stride(1), kc.stride(2), kc.shape[3]) if kv_cache is not None else (0, 0, 0, 1)
     pdl = use_pdl(x2.device)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x2, ln_w, ln_b, weight, scale, bias if bias is not None else y2, r2, y2, kc, vc, lens, n, k, x2.stride(1),
-        weight.stride(0), weight.stride(1), r2.stride(0), y2.stride(0), *cache_strides,
+    _gemv_kernel[(programs,)](
+        x2, ln_w, ln_b, weight, scale, bias if bias is not None else y2, r2, y2, kc, vc, lens, parts, counts, tokens,
+        n, k, x2.stride(1), weight.stride(0), weight.stride(1), r2.stride(0), y2.stride(0), *cache_strides,
         eps, NORM=norm is not None, INT8_WEIGHT=weight.dtype == torch.int8, HAS_BIAS=bias is not None,
         ACTIVATION=activation, HAS_RESIDUAL=residual is not None, KV_CACHE=kv_cache is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=pdl, num_warps=8 if x2.dtype == torch.float32 else 4,
-        num_stages=1, launch_pdl=pdl)
+        BLOCK_N=block_n, BLOCK_K=block_k, ARGMAX=argmax, REDUCE=ARGMAX_REDUCE, USE_PDL=pdl,
+        num_warps=8 if x2.dtype == torch.float32 else 4, num_stages=1, launch_pdl=pdl)

@@ -28,14 +28,18 @@ from torch import Tensor
 
 from .layernorm import layer_norm_ref
 from .quantize import dequantize_int8
+from .sampling import greedy_ref
 from .matmul import grouped_tile
-from .epilogue import linear_epilogue
+from .epilogue import argmax_epilogue, linear_epilogue
 from .gemv import gemv_applies, gemv_launch
 from ._ops import (TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_precision, kernel_op,
                    sm_count, tl_acc)
 
 ACTIVATIONS = (None, "gelu_tanh")
 DECODE_MAX_ROWS = 16
+# Argmax partials (rows x tiles) the last program of a row block reduces at a time: 16 rows x 128
+# tiles at decode sizes (gpt2's lm_head has 786 column tiles), the same count as a 16 x 128 tile.
+ARGMAX_PARTIALS = 2048
 
 
 @triton.jit
@@ -78,7 +82,10 @@ def _linear_fwd_kernel(
     vc_ptr,     # (M, H, L, D) value cache, the key cache's strides (written when KV_CACHE)
     lens_ptr,   # (M,) int32 cache lengths including the new token (read when KV_CACHE)
     ws_ptr,     # (SPLIT_K, M, N) fp32 partial sums (when SPLIT_K > 1)
-    count_ptr,  # (tiles,) int32 zeros: arrivals per output tile (when SPLIT_K > 1), left at zero
+    count_ptr,  # int32 zeros, left at zero: arrivals per output tile (tiles,) when SPLIT_K > 1, then with
+                # ARGMAX per row block (cdiv(M, BLOCK_M),)
+    part_ptr,   # (2, M, cdiv(N, BLOCK_N)) fp32 argmax partials (when ARGMAX)
+    tok_ptr,    # (M,) int64 greedy tokens out (when ARGMAX)
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_ym, stride_cb, stride_ch, stride_ct,
     head_dim, eps,
@@ -87,6 +94,7 @@ def _linear_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, STATS_K: tl.constexpr,
     ACC: tl.constexpr,  # fp32; fp64 for fp64 inputs (gradcheck)
+    ARGMAX: tl.constexpr, REDUCE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -128,14 +136,27 @@ def _linear_fwd_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
             for s in range(SPLIT_K):  # .cg: from L2, where the other programs' partials are
                 acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            linear_epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr,
-                            lens_ptr, stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION,
-                            HAS_RESIDUAL, KV_CACHE)
+            out = linear_epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr,
+                                  lens_ptr, stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS,
+                                  ACTIVATION, HAS_RESIDUAL, KV_CACHE)
             tl.atomic_xchg(count_ptr + pid, 0)
+            if ARGMAX:
+                _greedy_tokens(out, rm, rn, M, N, pid_m, pid_n, part_ptr, count_ptr, tok_ptr, BLOCK_M, BLOCK_N, REDUCE)
     else:
-        linear_epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr, lens_ptr,
-                        stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
-                        KV_CACHE)
+        out = linear_epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, kc_ptr, vc_ptr,
+                              lens_ptr, stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS, ACTIVATION,
+                              HAS_RESIDUAL, KV_CACHE)
+        if ARGMAX:
+            _greedy_tokens(out, rm, rn, M, N, pid_m, pid_n, part_ptr, count_ptr, tok_ptr, BLOCK_M, BLOCK_N, REDUCE)
+
+
+@triton.jit
+def _greedy_tokens(out, rm, rn, M, N, pid_m, pid_n, part_ptr, count_ptr, tok_ptr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, REDUCE: tl.constexpr):
+    """``argmax_epilogue`` for one tile: its row block counts arrivals after the split-K counters."""
+    split_counters = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    argmax_epilogue(out, rm, rn, M, N, pid_n, tl.cdiv(N, BLOCK_N), part_ptr, count_ptr + split_counters + pid_m,
+                    tok_ptr, REDUCE)
 
 
 @dataclass(frozen=True)
@@ -285,13 +306,14 @@ def _check_kv_cache(x: Tensor, weight: Tensor, k_cache: Tensor, v_cache: Tensor,
 def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
                    residual: Tensor | None, norm: tuple[Tensor, Tensor, float] | None = None,
                    kv_cache: tuple[Tensor, Tensor, Tensor] | None = None, weight_scale: Tensor | None = None,
-                   gelu_grad: bool = False) -> Tensor:
+                   gelu_grad: bool = False, tokens: Tensor | None = None) -> Tensor:
     """The one launcher behind every linear op: checks, allocates, picks the tiles and launches.
 
     norm: (ln_weight, ln_bias, eps) to LayerNorm x's rows in the prologue. kv_cache: (k_cache,
     v_cache, cache_lens) to store columns [C, 3C) of a fused QKV projection into the caches; the
     output is then the query, (M, C). weight_scale: (N,) fp32 scales of an int8 weight.
     gelu_grad: the epilogue returns ``residual * gelu'(x @ weight.T + bias)`` (see ``linear_gelu_grad``).
+    tokens: int64 (M,) to receive each output row's argmax (``ln_linear_argmax``).
     """
     _check_linear(x, weight, bias, activation, weight_scale)
     n, k = weight.shape
@@ -305,13 +327,20 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         out_shape = (x.shape[0], n // 3)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    if tokens is not None:
+        check_tensor("tokens", tokens, shape=(m,), dtypes=None, dtype=torch.int64, device=x.device)
+        if n == 0:
+            raise ValueError("weight has no rows (N = 0): there is no column to take the argmax of")
     y = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     if k == 0:
         if norm is not None or kv_cache is not None:
             raise ValueError("x has no columns (K = 0): there is nothing to normalise")
-        return linear_ref(x, weight, bias, activation, residual, weight_scale)  # no product to compute
+        y = linear_ref(x, weight, bias, activation, residual, weight_scale)  # no product to compute
+        if tokens is not None:
+            tokens.copy_(greedy_ref(y))
+        return y
     y2 = y.view(m, -1)
     r2 = residual.reshape(m, n) if residual is not None else y2
     b = bias if bias is not None else y2
@@ -321,26 +350,31 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
     scale = weight_scale if int8_weight else y2
     if not gelu_grad and gemv_applies(m, k, x.dtype, norm is not None):
         gemv_launch(x2, weight, scale, bias, int(activation == "gelu_tanh"),
-                    residual.reshape(m, n) if residual is not None else None, y2, norm, kv_cache, sm_count(x.device))
+                    residual.reshape(m, n) if residual is not None else None, y2, norm, kv_cache, sm_count(x.device),
+                    tokens)
         return y
     cfg = gemm_config(m, n, k, x.dtype, sm_count(x.device), int8_weight)
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    row_blocks, col_blocks = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
+    tiles = row_blocks * col_blocks
+    ws = counts = parts = y2
     if cfg.split_k > 1:
         ws = torch.empty((cfg.split_k, m, n), dtype=acc_dtype(x.dtype), device=x.device)
         counts = arrival_counters(x.device, tiles)
-    else:
-        ws = counts = y2
+    if tokens is not None:
+        parts = torch.empty((2, m, col_blocks), dtype=torch.float32, device=x.device)
+        counts = arrival_counters(x.device, tiles + row_blocks)  # the row blocks' counters after split-K's
     cache_strides = (kc.stride(0), kc.stride(1), kc.stride(2), kc.shape[3]) if kv_cache is not None else (0, 0, 0, 1)
     _linear_fwd_kernel[(tiles, cfg.split_k)](
-        x2, ln_w, ln_b, weight, scale, b, r2, y2, kc, vc, lens, ws, counts, m, n, k,
+        x2, ln_w, ln_b, weight, scale, b, r2, y2, kc, vc, lens, ws, counts, parts,
+        tokens if tokens is not None else y2, m, n, k,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), r2.stride(0), y2.stride(0),
         *cache_strides, eps, NORM=norm is not None, INT8_WEIGHT=int8_weight, HAS_BIAS=bias is not None,
         ACTIVATION=2 if gelu_grad else int(activation == "gelu_tanh"), HAS_RESIDUAL=residual is not None,
         KV_CACHE=kv_cache is not None,
         SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         STATS_K=stats_block(cfg, k) if norm is not None else cfg.block_k,
-        DOT_PRECISION=dot_precision(x.dtype), ACC=tl_acc(x.dtype), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        DOT_PRECISION=dot_precision(x.dtype), ACC=tl_acc(x.dtype), ARGMAX=tokens is not None,
+        REDUCE=ARGMAX_PARTIALS // cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
@@ -441,6 +475,39 @@ def _(x, ln_weight, ln_bias, weight, bias=None, activation=None, eps=1e-5, weigh
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@kernel_op("ln_linear_argmax", mutates_args=("tokens",),
+           inference_only="it picks a decode step's greedy tokens; train with gpt2kernels.layer_norm then "
+               "gpt2kernels.linear")
+def ln_linear_argmax(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, tokens: Tensor,
+                      bias: Tensor | None = None, eps: float = 1e-5, weight_scale: Tensor | None = None) -> Tensor:
+    """A greedy decode step's lm_head in one kernel: ``ln_linear`` (no activation), and each row's
+    greedy token written into ``tokens``, so that no sampler kernel runs after it.
+
+    ``tokens[r]`` is the first column holding the maximum of row r of the returned logits (as
+    rounded to x's dtype), or -1 where that row holds a NaN or only -inf: what ``gpt2kernels.sample``
+    picks at temperature 0 (``gpt2kernels.greedy_ref``). Every program writes its columns' maximum;
+    the last to finish (an integer arrival counter) reduces them in column order, so the tokens do
+    not depend on the order the programs ran in.
+
+    Args:
+        x: (M, K), fp32/fp16/bf16, any strides; ln_weight, ln_bias: (K,).
+        weight: (N, K), N >= 1, in x's dtype or int8 with ``weight_scale`` (N,) fp32.
+        tokens: int64 (M,) on x's device, contiguous; overwritten.
+        bias: (N,) or None; eps: LayerNorm's epsilon.
+    Returns:
+        logits: (M, N) in x's dtype, as ``ln_linear`` returns them.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be (M, K), one row per token, got shape {list(x.shape)}")
+    return _linear_launch(x, weight, bias, None, None, norm=(ln_weight, ln_bias, eps), weight_scale=weight_scale,
+                          tokens=tokens)
+
+
+@ln_linear_argmax.op.register_fake
+def _(x, ln_weight, ln_bias, weight, tokens, bias=None, eps=1e-5, weight_scale=None):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 @kernel_op("ln_qkv_append", mutates_args=("k_cache", "v_cache"),
            inference_only="it writes a decode step's KV cache; train with gpt2kernels.layer_norm, "
                "gpt2kernels.linear and gpt2kernels.flash_attention")
@@ -509,6 +576,14 @@ def ln_linear_ref(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
                   activation: str | None = None, eps: float = 1e-5, weight_scale: Tensor | None = None) -> Tensor:
     """``act(LayerNorm(x) @ weight.T + bias)`` in plain PyTorch: ``layer_norm_ref`` then ``linear_ref``."""
     return linear_ref(layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias, activation, weight_scale=weight_scale)
+
+
+def ln_linear_argmax_ref(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, tokens: Tensor,
+                         bias: Tensor | None = None, eps: float = 1e-5, weight_scale: Tensor | None = None) -> Tensor:
+    """``ln_linear_argmax`` in plain PyTorch: ``ln_linear_ref``, then ``greedy_ref`` into ``tokens``."""
+    y = ln_linear_ref(x, ln_weight, ln_bias, weight, bias, None, eps, weight_scale)
+    tokens.copy_(greedy_ref(y))
+    return y
 
 
 def ln_qkv_append_ref(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,

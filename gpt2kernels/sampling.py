@@ -189,6 +189,13 @@ def _sorted_candidates(scaled: torch.Tensor, k_eff: torch.Tensor, p: torch.Tenso
     return torch.sort(scaled, dim=-1, descending=True, stable=True)
 
 
+def greedy_ref(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's greedy token as every sampler picks it: the first index of the row's maximum, or -1
+    for a row holding NaN or only -inf. logits (B, V) float; returns int64 (B,) on their device."""
+    bad = torch.isnan(logits).any(-1) | torch.isneginf(logits).all(-1)
+    return torch.where(bad, -1, logits.argmax(-1))
+
+
 def sample_ref(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
                seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0, min_p: Param = 0.0) -> torch.Tensor:
     """Draw one token per row. logits (B, V) fp32/fp16/bf16, rows may be strided.
@@ -202,15 +209,15 @@ def sample_ref(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0,
     rows, vocab = logits.shape
     dev = logits.device
     x = logits.float()
-    bad = torch.isnan(x).any(-1) | torch.isneginf(x).all(-1)
-    greedy_tokens = x.argmax(-1)
+    greedy_tokens = greedy_ref(x)
+    bad = greedy_tokens < 0
     temp = _row_tensor(temperature, rows, torch.float32, dev)
     k = _row_tensor(top_k, rows, torch.int64, dev)
     p = _row_tensor(top_p, rows, torch.float64, dev)
     scaled = x / torch.where(temp == 0, 1.0, temp)[:, None]
     greedy = (temp == 0) | (k == 1) | ~torch.isfinite(scaled.max(-1).values)
     if bool(greedy.all()):
-        return torch.where(bad, -1, greedy_tokens)
+        return greedy_tokens
 
     scaled = torch.where(greedy[:, None], 0.0, scaled)  # greedy rows take argmax; keep inf out of the sums
     k_eff = torch.where(k > 0, k.clamp(max=vocab), vocab)

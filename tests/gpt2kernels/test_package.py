@@ -44,8 +44,9 @@ def test_no_package_of_ours_named_kernels():
 
 
 # --- what a user of the package sees ------------------------------------------------------------------
-TRITON_OPS = ["layer_norm", "add_layer_norm", "linear", "gelu_mlp", "ln_linear", "ln_qkv_append", "flash_attention",
-              "decode_attention", "decode_embed", "apply_penalties", "cross_entropy", "linear_cross_entropy"]
+TRITON_OPS = ["layer_norm", "add_layer_norm", "linear", "gelu_mlp", "ln_linear", "ln_linear_argmax", "ln_qkv_append",
+              "flash_attention", "decode_attention", "decode_embed", "apply_penalties", "cross_entropy",
+              "linear_cross_entropy"]
 
 
 def test_every_triton_op_is_public_with_a_reference():
@@ -88,6 +89,8 @@ calls = {
     "linear": lambda: gpt2kernels.linear(x, torch.randn(5, 64)),
     "gelu_mlp": lambda: gpt2kernels.gelu_mlp(x, torch.randn(8, 64), torch.zeros(8), torch.randn(64, 8), b),
     "ln_linear": lambda: gpt2kernels.ln_linear(x, w, b, torch.randn(5, 64)),
+    "ln_linear_argmax": lambda: gpt2kernels.ln_linear_argmax(x, w, b, torch.randn(5, 64),
+                                                               torch.zeros(3, dtype=torch.long)),
     "ln_qkv_append": lambda: gpt2kernels.ln_qkv_append(x[:1], w, b, torch.randn(192, 64), torch.zeros(192),
                                                        kc, kc.clone(), lens),
     "flash_attention": lambda: gpt2kernels.flash_attention(q, q, q),

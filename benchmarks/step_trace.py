@@ -135,10 +135,11 @@ def _first_layers(model, n: int):
         model.h = blocks
 
 
-def kernel_budget(model, batch: int, penalized: bool = False) -> dict:
+def kernel_budget(model, batch: int, penalized: bool = False, greedy: bool = False) -> dict:
     """Kernels in one decode step of ``batch`` rows of ``model`` after a 5-token prompt: the total,
     those each layer adds (the step with 2 layers minus the step with 1) and those outside the layers.
-    ``penalized``: the step of a batch with repetition/presence/frequency penalties.
+    ``penalized``: the step of a batch with repetition/presence/frequency penalties; ``greedy``: of
+    a greedy batch (temperature 0), otherwise sampled.
 
     Without a GPU the Triton launches are recorded, not interpreted (minutes at gpt2's width): no
     launch and no op of the step depends on a kernel's output values (the step has no host sync).
@@ -147,8 +148,8 @@ def kernel_budget(model, batch: int, penalized: bool = False) -> dict:
     from engine.core.runner import admit_batch, runner_for
 
     runner = runner_for(model)
-    sampling = [SamplingParams(temperature=0.7, top_k=40, seed=r, repetition_penalty=1.2 if penalized else 1.0)
-                for r in range(batch)]
+    sampling = [SamplingParams(temperature=0.0 if greedy else 0.7, top_k=40, seed=r,
+                               repetition_penalty=1.2 if penalized else 1.0) for r in range(batch)]
     requests = [Request([1, 2, 3, 4, 5], 8, s) for s in sampling]
     from gpt2kernels.aot import record_launches
 
@@ -157,7 +158,7 @@ def kernel_budget(model, batch: int, penalized: bool = False) -> dict:
         plan = admit_batch(runner, requests)
 
     def step():
-        runner._decode_step(plan.rows, plan.penalized)
+        runner._decode_step(plan.rows, plan.penalized, plan.logprobs, plan.greedy)
 
     total = step_kernels(step, execute)
     with _first_layers(model, 1):
@@ -170,13 +171,16 @@ def kernel_budget(model, batch: int, penalized: bool = False) -> dict:
 
 
 def count(model_name: str, backend: str, batch: int, dtype: str) -> dict:
-    """The kernel budget of a random-weight ``model_name``, and the host syncs of its decode step."""
+    """The kernel budget of a random-weight ``model_name``'s sampled decode step (and the total of its
+    greedy step, ``greedy_kernels``), and the host syncs of its decode step."""
     import engine
 
     model = engine.load_model(f"random:{model_name}", dtype=dtype, backend=backend)
     budget = kernel_budget(model, batch)
+    greedy = kernel_budget(model, batch, greedy=True)["kernels"]
     trace, _ = trace_step(lambda: engine.core.runner.runner_for(model)._decode_step(batch), model.device.type == "cuda")
-    return {"model": model_name, "backend": backend, "batch": batch, **budget, "host_syncs": trace.host_syncs()}
+    return {"model": model_name, "backend": backend, "batch": batch, **budget, "greedy_kernels": greedy,
+            "host_syncs": trace.host_syncs()}
 
 
 def main(argv=None):

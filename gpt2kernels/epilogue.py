@@ -49,11 +49,12 @@ def linear_epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, st
 
 
 # Index a masked-out or -inf-only partial never wins with (any real column's index is lower).
-NO_INDEX = 2147483647
+NO_INDEX = tl.constexpr(2147483647)
 
 
 @triton.jit
-def argmax_epilogue(out, rm, rn, M, N, pid_n, n_tiles, part_ptr, count_ptr, tok_ptr, REDUCE: tl.constexpr):
+def argmax_epilogue(out, rm, rn, M, N, row0, pid_n, n_tiles, part_ptr, count_ptr, tok_ptr, BLOCK_M: tl.constexpr,
+                    REDUCE: tl.constexpr):
     """Greedy tokens from a linear's rounded output tiles: ``tok[r]`` = the first column holding the
     maximum of row r of the whole output (its lowest index on ties), or -1 where the row holds a NaN
     or only -inf, as the sampler's greedy path decides (``gpt2kernels.sampling``).
@@ -61,16 +62,16 @@ def argmax_epilogue(out, rm, rn, M, N, pid_n, n_tiles, part_ptr, count_ptr, tok_
     Each program stores its tile's per-row maximum (NaN if the tile holds one) and that maximum's
     first column into ``part_ptr`` (fp32 (2, M, n_tiles): values, then indices as int32 bits) at
     column ``pid_n``, then counts its arrival at ``count_ptr`` (int32, zero, shared by the programs
-    of rows ``rm``); the last to arrive reduces the ``n_tiles`` partials in column order, ``REDUCE``
-    at a time, writes ``tok`` (int64) and re-arms the counter. Integer counters only: the same
-    tokens whatever order the programs finish in.
+    of rows ``rm``, which start at ``row0``); the last to arrive reduces the ``n_tiles`` partials in
+    column order, ``REDUCE`` at a time, writes ``tok`` (int64) and re-arms the counter. Integer
+    counters only: the same tokens whatever order the programs finish in.
     """
     valid = (rm[:, None] < M) & (rn[None, :] < N)
     v = out.to(tl.float32)  # the rounded logits, as the sampler would read them (fp16 -> fp32 is exact)
     tile_nan = tl.max(tl.where(valid & (v != v), 1, 0), axis=1)
     v = tl.where(valid & (v == v), v, float("-inf"))
     best = tl.max(v, axis=1)
-    first = tl.min(tl.where(v == best[:, None], rn[None, :], NO_INDEX), axis=1)
+    first = tl.min(tl.where(v == best[:, None], rn[None, :], NO_INDEX), axis=1)  # the lowest id on ties
     best = tl.where(tile_nan > 0, float("nan"), best)
     row_ok = rm < M
     at = rm.to(tl.int64) * n_tiles + pid_n
@@ -78,24 +79,28 @@ def argmax_epilogue(out, rm, rn, M, N, pid_n, n_tiles, part_ptr, count_ptr, tok_
     tl.store(part_ptr + M * n_tiles + at, first.to(tl.float32, bitcast=True), mask=row_ok)
     tl.debug_barrier()  # every thread's partial is written before the release below
     if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == n_tiles - 1:
+        rm = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rm < M
         rt = tl.arange(0, REDUCE)
-        run_v = tl.full(best.shape, float("-inf"), tl.float32)
-        run_i = tl.full(best.shape, NO_INDEX, tl.int32)
-        bad = tl.zeros(best.shape, tl.int32)
-        for t0 in range(0, n_tiles, REDUCE):  # in column order: a later chunk wins only when strictly greater
+        run_v = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        run_at = tl.zeros((BLOCK_M,), tl.int32)  # the winning partial's position
+        bad = tl.zeros((BLOCK_M,), tl.int32)
+        values = part_ptr + rm[:, None].to(tl.int64) * n_tiles
+        # In column order, a later chunk winning only when strictly greater and the first position
+        # winning within one: the partials' columns grow with their position, so that is the lowest id.
+        for t0 in range(0, n_tiles, REDUCE):
             tt = t0 + rt
-            mask = row_ok[:, None] & (tt < n_tiles)[None, :]
-            offs = rm[:, None].to(tl.int64) * n_tiles + tt[None, :]
-            pv = tl.load(part_ptr + offs, mask=mask, other=float("-inf"), cache_modifier=".cg")
-            pi = tl.load(part_ptr + M * n_tiles + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            pi = tl.where(mask, pi.to(tl.int32, bitcast=True), NO_INDEX)
+            pv = tl.load(values + tt[None, :], mask=row_ok[:, None] & (tt < n_tiles)[None, :], other=float("-inf"),
+                         cache_modifier=".cg")
             bad |= tl.max(tl.where(pv != pv, 1, 0), axis=1)
             pv = tl.where(pv == pv, pv, float("-inf"))
             chunk_v = tl.max(pv, axis=1)
-            chunk_i = tl.min(tl.where(pv == chunk_v[:, None], pi, NO_INDEX), axis=1)
+            chunk_at = tl.min(tl.where(pv == chunk_v[:, None], rt[None, :], REDUCE), axis=1)
             take = chunk_v > run_v
-            run_i = tl.where(take, chunk_i, run_i)
+            run_at = tl.where(take, t0 + chunk_at, run_at)
             run_v = tl.where(take, chunk_v, run_v)
-        tok = tl.where((bad > 0) | (run_v == float("-inf")), -1, run_i)
+        first = tl.load(part_ptr + M * n_tiles + rm.to(tl.int64) * n_tiles + run_at, mask=row_ok, other=0.0,
+                        cache_modifier=".cg").to(tl.int32, bitcast=True)
+        tok = tl.where((bad > 0) | (run_v == float("-inf")), -1, first)
         tl.store(tok_ptr + rm, tok.to(tl.int64), mask=row_ok)
         tl.atomic_xchg(count_ptr, 0)

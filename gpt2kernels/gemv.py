@@ -47,7 +47,7 @@ MAX_BLOCK_N = 64
 # get wider column blocks instead of one program per column, which in the interpreter took minutes.
 MIN_TILE_ELEMENTS = 4096
 # Partials the greedy lm_head's last program reduces at a time: gpt2's 50257 columns in 8-row tiles
-# leave 6283, 7 steps of 1024 (8 fp32 values and 8 indices a thread at 4 warps).
+# leave 6283, 7 steps of 1024 (8 fp32 values a thread at 4 warps; only the winner's index is read).
 ARGMAX_REDUCE = 1024
 
 
@@ -102,8 +102,8 @@ def _gemv_kernel(
                           vc_ptr, lens_ptr, stride_cb, stride_ch, stride_ct, head_dim, INT8_WEIGHT, HAS_BIAS,
                           ACTIVATION, HAS_RESIDUAL, KV_CACHE)
     if ARGMAX:
-        argmax_epilogue(out, rm, rn, 1, N, tl.program_id(0), tl.num_programs(0), part_ptr, count_ptr, tok_ptr,
-                        REDUCE)
+        argmax_epilogue(out, rm, rn, 1, N, 0, tl.program_id(0), tl.num_programs(0), part_ptr, count_ptr, tok_ptr,
+                        1, REDUCE)
 
 def gemv_config(n: int, k: int, dtype: torch.dtype, sms: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K) for a (1, k) x (k, n) product with ``dtype`` activations on ``sms`` SMs.

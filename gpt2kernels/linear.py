@@ -37,9 +37,10 @@ from ._ops import (TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_
 
 ACTIVATIONS = (None, "gelu_tanh")
 DECODE_MAX_ROWS = 16
-# Argmax partials (rows x tiles) the last program of a row block reduces at a time: 16 rows x 128
-# tiles at decode sizes (gpt2's lm_head has 786 column tiles), the same count as a 16 x 128 tile.
-ARGMAX_PARTIALS = 2048
+# Argmax partials (rows x tiles) the last program of a row block reduces at a time: 16 rows x 64 tiles
+# at decode sizes (13 steps over gpt2's 786 lm_head tiles). 2048 spilled on sm_80 (24 bytes, 16-row
+# fp16 tiles; gpt2kernels.aot, Triton 3.9).
+ARGMAX_PARTIALS = 1024
 
 
 @triton.jit
@@ -155,8 +156,9 @@ def _greedy_tokens(out, rm, rn, M, N, pid_m, pid_n, part_ptr, count_ptr, tok_ptr
                    BLOCK_N: tl.constexpr, REDUCE: tl.constexpr):
     """``argmax_epilogue`` for one tile: its row block counts arrivals after the split-K counters."""
     split_counters = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    argmax_epilogue(out, rm, rn, M, N, pid_n, tl.cdiv(N, BLOCK_N), part_ptr, count_ptr + split_counters + pid_m,
-                    tok_ptr, REDUCE)
+    argmax_epilogue(out, rm, rn, M, N, pid_m * BLOCK_M, pid_n, tl.cdiv(N, BLOCK_N), part_ptr,
+                    count_ptr + split_counters + pid_m,
+                    tok_ptr, BLOCK_M, REDUCE)
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,13 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, int8_weigh
         # 8 warps halve each thread's share of the tile.
         return GemmConfig(64, 128, 64, 8 if int8_weight and dtype == torch.bfloat16 else 4, 4)
     return GemmConfig(128, 128, 64, 8, 3)
+
+
+def argmax_warps(cfg: GemmConfig) -> int:
+    """Warps for a tile that also runs ``argmax_epilogue``: the 64-row tiles (batches 32 and 64 at
+    16 bits) spilled 8-200 bytes at 4 warps on sm_80 and sm_90 (gpt2kernels.aot, Triton 3.9); at 8,
+    which halve each thread's share of the tile, none does. The others keep their own."""
+    return max(cfg.num_warps, 8) if cfg.block_m > 16 else cfg.num_warps
 
 
 def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
@@ -374,7 +383,8 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         STATS_K=stats_block(cfg, k) if norm is not None else cfg.block_k,
         DOT_PRECISION=dot_precision(x.dtype), ACC=tl_acc(x.dtype), ARGMAX=tokens is not None,
-        REDUCE=ARGMAX_PARTIALS // cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        REDUCE=ARGMAX_PARTIALS // cfg.block_m, num_warps=argmax_warps(cfg) if tokens is not None else cfg.num_warps,
+        num_stages=cfg.num_stages)
     return y
 
 
@@ -612,13 +622,15 @@ def qkv_append_ref(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
 # and beyond (512).
 AOT_ROWS = (1, 5, 40, 512)
 AOT_DECODE_ROWS = (1, 5)  # the fused decode ops: the GEMV and the tiled decode tiles
+AOT_GREEDY_ROWS = (1, 5, 40)  # a greedy step's lm_head: also the 64-row tiles of batches 32 and 64
 
 
 def aot_launches() -> None:
     """Call the launcher for GPT-2's linears at every size: c_attn (bias), attention c_proj (bias,
     and bias + residual as the fused API offers it), c_fc (bias + GELU), MLP c_proj (bias, bias +
-    residual) and lm_head (no bias, N = 50257), fp16/bf16/fp32, at ``AOT_ROWS`` rows; and the fused
-    decode ops (``ln_qkv_append``, ``ln_linear`` for c_fc and lm_head) at ``AOT_DECODE_ROWS``.
+    residual) and lm_head (no bias, N = 50257), fp16/bf16/fp32, at ``AOT_ROWS`` rows; the fused
+    decode ops (``ln_qkv_append``, ``ln_linear`` for c_fc and lm_head) at ``AOT_DECODE_ROWS``; and
+    the greedy lm_head (``ln_linear_argmax``) at ``AOT_GREEDY_ROWS``.
     For ``gpt2kernels.aot``, which records the launches without running them."""
     from .aot import GPT2_SIZES, GPT2_VOCAB
 
@@ -645,6 +657,9 @@ def aot_launches() -> None:
                 _linear_launch(x, torch.empty((4 * c, c), dtype=dtype), torch.empty(4 * c, dtype=dtype), "gelu_tanh",
                                None, norm=ln)
                 _linear_launch(x, torch.empty((GPT2_VOCAB, c), dtype=dtype), None, None, None, norm=ln)
+            for m in AOT_GREEDY_ROWS:
+                _linear_launch(torch.empty((m, c), dtype=dtype), torch.empty((GPT2_VOCAB, c), dtype=dtype), None,
+                               None, None, norm=ln, tokens=torch.empty(m, dtype=torch.int64))
             for m in (40, 8192):  # the training backward's GELU gradient (linear_gelu_grad), both weight layouts
                 for w in (torch.empty((4 * c, c), dtype=dtype), torch.empty((c, 4 * c), dtype=dtype).t()):
                     _linear_launch(torch.empty((m, c), dtype=dtype), w, torch.empty(4 * c, dtype=dtype), None,
@@ -683,3 +698,7 @@ def _int8_aot_launches() -> None:
                         _linear_launch(x, w, bias, None, torch.empty((m, n), dtype=dtype), weight_scale=s)
                     if n == GPT2_VOCAB:  # a prefill's lm_head, on each row's last position
                         _linear_launch(x, w, None, None, None, weight_scale=s)
+                if n == GPT2_VOCAB:  # a greedy step's lm_head
+                    for m in AOT_GREEDY_ROWS:
+                        _linear_launch(torch.empty((m, k), dtype=dtype), w, None, None, None, norm=ln, weight_scale=s,
+                                       tokens=torch.empty(m, dtype=torch.int64))

@@ -56,6 +56,11 @@ class SamplingParams:
             raise ParameterError("seed", f"seed must be an int, got {self.seed!r}")
 
     @property
+    def greedy(self) -> bool:
+        """Every token is the argmax (temperature 0 or top_k 1): no draw, so the seed never matters."""
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 

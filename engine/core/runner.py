@@ -53,17 +53,34 @@ def rounded_len(needed: int, n_positions: int) -> int:
 @dataclass(frozen=True)
 class StepPlan:
     """One decode step: slots [0, rows) run; ``penalized``: the step applies penalties (some row has
-    them) and counts tokens; ``logprobs``: it records log-probabilities into ``logprob_out``. It
-    keys the step's CUDA graph."""
+    them) and counts tokens; ``logprobs``: it records log-probabilities into ``logprob_out``;
+    ``greedy``: every row is greedy and none penalised, so the lm_head kernel can pick the tokens
+    and no sampler runs (where the model ``fuses_greedy``). It keys the step's CUDA graph."""
     rows: int
     penalized: bool = False
     logprobs: bool = False
+    greedy: bool = False
 
     @classmethod
     def of(cls, rows: int, requests) -> "StepPlan":
         """The plan of a step of ``rows`` rows running ``requests``: with penalties if one has them,
-        with log-probabilities if one asks for them."""
-        return cls(rows, any(r.sampling.penalized for r in requests), any(r.logprobs is not None for r in requests))
+        with log-probabilities if one asks for them, greedy if all are (free rows are greedy too)."""
+        requests = list(requests)
+        penalized = any(r.sampling.penalized for r in requests)
+        return cls(rows, penalized, any(r.logprobs is not None for r in requests),
+                   not penalized and all(r.sampling.greedy for r in requests))
+
+    def covers(self, plan: "StepPlan") -> bool:
+        """Whether this plan's graph can run ``plan``'s step: as many rows or more, and a mode that does
+        more (penalties at their free values and unread log-probabilities change no token; the
+        sampler picks greedy rows' tokens as the greedy lm_head does)."""
+        return (self.rows >= plan.rows and self.penalized >= plan.penalized and self.logprobs >= plan.logprobs
+                and self.greedy <= plan.greedy)
+
+    @property
+    def extra_work(self) -> int:
+        """The optional parts this plan's step runs: penalties, log-probabilities, a sampler."""
+        return self.penalized + self.logprobs + (not self.greedy)
 
 
 def runner_for(model: GPT2) -> "Runner":
@@ -135,9 +152,17 @@ class Runner:
         prepare_sampler(self.device)  # outside the step: a build without this device's kernel fails here
         prepare_device(self.device)
 
-    def _decode_step(self, rows: int, penalized: bool = False, logprobs: bool = False) -> None:
-        """The static step over slots [0, rows): only device buffers in, only device buffers out."""
+    def _decode_step(self, rows: int, penalized: bool = False, logprobs: bool = False, greedy: bool = False) -> None:
+        """The static step over slots [0, rows): only device buffers in, only device buffers out.
+        ``greedy`` (every row greedy, none penalised), on a model that ``fuses_greedy``: the lm_head
+        kernel writes the tokens and no sampler runs. ``offset`` is then left as it was: it only keys
+        draws, and a greedy request never draws."""
         tokens = self.slots.tokens[:rows]
+        if greedy and self.model.fuses_greedy:
+            logits = self.model.decode(tokens, self.cache, self._kv_len(rows), greedy_into=tokens)
+            if logprobs:
+                self._record_logprobs(logits, slice(0, rows))
+            return
         logits = self.model.decode(tokens, self.cache, self._kv_len(rows))
         self._sample(logits, slice(0, rows), penalized, last=tokens, logprobs=logprobs)
 
@@ -167,10 +192,15 @@ class Runner:
             if gathered:
                 state.counts[rows] = counts
         sample_next_(logits, *state.sampling_args(rows), state.seed[rows], offset, tokens)
-        if logprobs:
-            state.logprob_out[rows] = self._logprobs(logits, state.temperature[rows], tokens)
         if gathered:
             state.offset[rows], state.tokens[rows] = offset, tokens
+        if logprobs:
+            self._record_logprobs(logits, rows)
+
+    def _record_logprobs(self, logits: torch.Tensor, rows: slice | torch.Tensor) -> None:
+        """Write the ``logprob_out`` rows of ``rows``, whose tokens are in ``tokens`` (``_logprobs``)."""
+        state = self.slots
+        state.logprob_out[rows] = self._logprobs(logits, state.temperature[rows], state.tokens[rows])
 
     def _logprobs(self, logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Rows of ``logprob_out`` for sampled ``tokens``: log-probabilities under the distribution
@@ -205,12 +235,12 @@ class Runner:
         side.wait_stream(stream)
         with torch.cuda.stream(side):  # warm-up: every kernel variant compiles and autotunes here
             for _ in range(2):
-                self._decode_step(rows, plan.penalized, plan.logprobs)
+                self._decode_step(rows, plan.penalized, plan.logprobs, plan.greedy)
         stream.wait_stream(side)
         self._pool = self._pool or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._decode_step(rows, plan.penalized, plan.logprobs)
+            self._decode_step(rows, plan.penalized, plan.logprobs, plan.greedy)
         self.graphs[plan] = graph
         self.release(range(rows))
 
@@ -256,8 +286,8 @@ class Runner:
         if graph is not None:
             graph.replay()
         else:
-            with step_threads() if self.device.type == "cpu" else contextlib.nullcontext():
-                self.decode_step(rows, plan.penalized, plan.logprobs)  # on CPU: the cores others leave free
+            with step_threads() if self.device.type == "cpu" else contextlib.nullcontext():  # CPU: the cores left free
+                self.decode_step(rows, plan.penalized, plan.logprobs, plan.greedy)
         for s in range(rows):
             self.host_cache_lens[s] += 1
 

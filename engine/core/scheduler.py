@@ -104,12 +104,14 @@ class Scheduler:
 
     def _allocate(self, batch: int, max_len: int) -> None:
         """The server's sizing: ``batch`` slots of ``max_len`` positions and, with graphs, every
-        bucket's step in every mode (with and without penalties and log-probabilities)."""
+        bucket's step in every mode (with and without penalties and log-probabilities; and greedy,
+        without penalties, where the model's lm_head picks greedy tokens)."""
         self.runner.reserve(self._capacity(batch), max_len)
         if self.cuda_graph:
             buckets = sorted({graph_bucket(b) for b in range(1, batch + 1)})
-            self.capture_seconds += self.runner.capture([StepPlan(b, penalized, logprobs) for b in buckets
-                                                         for penalized in (False, True) for logprobs in (False, True)])
+            modes = [(False, False), (True, False)] + ([(False, True)] if self.model.fuses_greedy else [])
+            self.capture_seconds += self.runner.capture([StepPlan(b, penalized, logprobs, greedy) for b in buckets
+                                                         for penalized, greedy in modes for logprobs in (False, True)])
 
     def size_for(self, requests: list[Request], cuda_graph: bool) -> float:
         """Before ``generate()`` submits ``requests``: while the scheduler is idle, grow the batch to
@@ -211,13 +213,11 @@ class Scheduler:
         plan = StepPlan.of(rows, self.active.values())
         if not self.cuda_graph:
             return plan
-        # The smallest captured graph that covers the step: more rows, or a mode that does more
-        # (penalties at their free values and unread log-probabilities change no token).
-        covering = [p for p in self.runner.graphs if p.rows >= rows and p.penalized >= plan.penalized
-                    and p.logprobs >= plan.logprobs]
+        # The smallest captured graph that covers the step (StepPlan.covers), doing the least beside it.
+        covering = [p for p in self.runner.graphs if p.covers(plan)]
         if covering:
-            return min(covering, key=lambda p: (p.rows, p.penalized + p.logprobs))
-        return StepPlan(graph_bucket(rows), plan.penalized, plan.logprobs)  # run op by op
+            return min(covering, key=lambda p: (p.rows, p.extra_work))
+        return StepPlan(graph_bucket(rows), plan.penalized, plan.logprobs, plan.greedy)  # run op by op
 
     def _admit(self, updated: list[Request]) -> None:
         if not self.active and self.waiting:  # the one moment the cache may grow

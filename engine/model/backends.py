@@ -120,6 +120,9 @@ class Ops:
     # (x, ln_w, ln_b, w, b, k_cache, v_cache, cache_lens, eps, weight_scale) -> q; writes k, v
     ln_qkv_append: Callable
     ln_linear: Callable         # (x, ln_w, ln_b, w, b, activation, eps, weight_scale) -> y
+    # A greedy step's ln_f + lm_head, also writing each row's argmax into tokens: (x, ln_w, ln_b, w,
+    # tokens, b, eps, weight_scale) -> logits. None where the backend has no fused one (the runner samples).
+    ln_linear_argmax: Callable | None
     decode_attention: Callable  # (q, k_cache, v_cache, cache_lens) -> o
     # before the sampler, in steps whose batch has penalties
     apply_penalties: Callable   # (logits, counts, prompt_mask, last_tokens, rep, pres, freq) -> fp32 logits
@@ -136,6 +139,7 @@ EAGER = Ops(
     decode_embed=gpt2kernels.decode_embed_ref,
     ln_qkv_append=eager_ln_qkv_append,
     ln_linear=eager_ln_linear,
+    ln_linear_argmax=None,  # the reference keeps the sampler's greedy pass
     decode_attention=eager_decode_attention,
     apply_penalties=gpt2kernels.apply_penalties_ref,
     target_logprobs=eager_target_logprobs,
@@ -150,6 +154,7 @@ TRITON = Ops(
     decode_embed=gpt2kernels.decode_embed,
     ln_qkv_append=gpt2kernels.ln_qkv_append,
     ln_linear=gpt2kernels.ln_linear,
+    ln_linear_argmax=gpt2kernels.ln_linear_argmax,
     # The cache guarantees q_len <= cache_lens <= max_len: skip the check's host sync.
     decode_attention=functools.partial(gpt2kernels.decode_attention, check_lens=False),
     apply_penalties=gpt2kernels.apply_penalties,

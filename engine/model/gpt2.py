@@ -210,12 +210,21 @@ class GPT2(nn.Module):
         cache.set_lengths(prompt_lens, slots)
         return self._lm_head(h[torch.arange(b, device=h.device), prompt_lens.long() - 1])
 
+    @property
+    def fuses_greedy(self) -> bool:
+        """Whether ``decode`` can pick greedy tokens in its lm_head kernel (``greedy_into``)."""
+        return self.cpu_step is None and self.ops.ln_linear_argmax is not None
+
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: KVCache, kv_len: int | None = None,
+               greedy_into: torch.Tensor | None = None) -> torch.Tensor:
         """One step for slots [0, B): append ``tokens`` (B,) int64 at each slot's length, return logits (B, vocab).
 
         kv_len: attend over (and write into) only the cache's first ``kv_len`` positions, which must
         hold every slot's new length; None: the whole cache.
+        greedy_into: int64 (B,) (``tokens`` itself in a decode loop) that the lm_head kernel fills
+        with each row's greedy token (``gpt2kernels.ln_linear_argmax``: the sampler's argmax, -1 for
+        a row of NaN), where ``fuses_greedy``; None: only the logits.
 
         Five ops a layer, each one kernel on the triton backend: LayerNorm + QKV projection + cache
         write; attention; c_proj + residual; LayerNorm + c_fc + GELU; MLP c_proj + residual. Around
@@ -226,6 +235,8 @@ class GPT2(nn.Module):
 
         A model quantised on CPU runs the whole step in one C++ call instead (``cpu_step``).
         """
+        if greedy_into is not None and not self.fuses_greedy:
+            raise ValueError("greedy_into needs a model whose lm_head kernel picks greedy tokens (fuses_greedy)")
         if self.cpu_step is not None:
             out = self.cpu_step(tokens, cache)
             return out if self.cpu_step.head else self._lm_head(out)
@@ -235,5 +246,8 @@ class GPT2(nn.Module):
         x = ops.decode_embed(tokens, cache_lens, self.wte.weight, self.wpe.weight)  # now counting the new token
         for i, blk in enumerate(self.h):
             x = decode_layer(ops, blk, x, *cache.layer(i, b, kv_len), cache_lens, cfg.n_head, eps)
+        if greedy_into is not None:
+            return ops.ln_linear_argmax(x, self.ln_f.weight, self.ln_f.bias, self._lm_head_weight(), greedy_into,
+                                        None, eps, weight_scale=self.lm_head_scale)
         return ops.ln_linear(x, self.ln_f.weight, self.ln_f.bias, self._lm_head_weight(), None, None, eps,
                              weight_scale=self.lm_head_scale)

@@ -1,5 +1,7 @@
 """The decode core: a static, sync-free step; per-request randomness; a persistent cache; CUDA graphs (GPU)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from benchmarks.step_trace import kernel_budget, trace_step
 from engine import EOT_ID
 from engine.errors import EngineError
 from engine.core.request import Request, SamplingParams
-from engine.core.runner import GRAPH_BUCKETS, Runner, admit_batch, graph_bucket, runner_for
+from engine.core.runner import GRAPH_BUCKETS, Runner, StepPlan, admit_batch, graph_bucket, runner_for
 from engine.core.scheduler import Scheduler
 from gpt2kernels.sampling import sample_ref
 
@@ -65,14 +67,20 @@ def test_decode_kernel_budget(small_vocab_checkpoint, batch):
     # Penalties (only in a step whose batch has them): one kernel more, which also keeps the counts.
     penalized = kernel_budget(_model(small_vocab_checkpoint, "triton"), batch, penalized=True)
     assert penalized["per_layer"] == 5 and penalized["kernels"] == budget["kernels"] + 1, penalized
+    # A greedy batch: the lm_head kernel picks the tokens, no sampler runs (5 a layer + 2).
+    greedy = kernel_budget(_model(small_vocab_checkpoint, "triton"), batch, greedy=True)
+    assert greedy["per_layer"] == 5 and greedy["kernels"] == 5 * greedy["layers"] + 2, greedy
+    assert kernel_budget(_model(small_vocab_checkpoint, "eager"), batch, greedy=True)["kernels"] == eager["kernels"]
 
 
 def test_int8_decode_step_keeps_the_budget_and_static_shapes(small_vocab_checkpoint):
-    """int8 weights (scales in the epilogues) add no kernel and no host sync: 5 a layer, 3 outside."""
+    """int8 weights (scales in the epilogues) add no kernel and no host sync: 5 a layer, 3 outside
+    (2 in a greedy step)."""
     model = engine.load_model(str(small_vocab_checkpoint), device=TRITON_DEVICE, dtype="float32", backend="triton",
                               quantize="int8-all")
     budget = kernel_budget(model, 1)
     assert budget["kernels"] == 5 * budget["layers"] + 3, budget
+    assert kernel_budget(model, 1, greedy=True)["kernels"] == 5 * budget["layers"] + 2
     runner = _started_runner(model, [[5, 6, 7]], temperature=0)
     first, first_launches = trace_step(runner.step)
     second, second_launches = trace_step(runner.step)
@@ -92,6 +100,58 @@ def test_decode_step_traces_as_one_graph(small_vocab_checkpoint, backend):
         twin.step()
         assert torch.equal(runner.tokens[:2], twin.tokens[:2])
     assert torch.equal(runner.cache.cache_lens, twin.cache.cache_lens)
+
+
+def test_a_greedy_step_picks_its_tokens_in_the_lm_head(small_vocab_checkpoint):
+    """Every row greedy (none penalised): the lm_head kernel writes the tokens, and they, the cache
+    and the log-probabilities equal those of the same step through the sampler. Only the draws'
+    offsets stay, which a greedy request never reads."""
+    model = _model(small_vocab_checkpoint, "triton")
+    prompts = [[5, 6, 7], list(range(40)), [9]]
+    fused, sampled = (_Started(model, prompts, temperature=0) for _ in range(2))
+    for started in (fused, sampled):
+        started.runner.logprob_out.fill_(float("nan"))
+    assert fused.plan.greedy and model.fuses_greedy
+    sampled.plan = dataclasses.replace(fused.plan, greedy=False, logprobs=True)
+    fused.plan = dataclasses.replace(fused.plan, logprobs=True)
+    offsets = fused.runner.slots.offset.clone()
+    for _ in range(3):
+        fused.step()
+        sampled.step()
+        assert torch.equal(fused.tokens, sampled.tokens)
+        assert torch.equal(fused.runner.logprob_out, sampled.runner.logprob_out)
+    assert torch.equal(fused.cache.k, sampled.cache.k) and torch.equal(fused.cache.cache_lens, sampled.cache.cache_lens)
+    assert torch.equal(fused.runner.slots.offset, offsets)
+    assert torch.equal(sampled.runner.slots.offset, offsets + 3)
+
+
+def test_which_steps_are_greedy_and_which_graph_runs_them():
+    """A step is greedy when every request is (temperature 0 or top_k 1) and none is penalised. A
+    sampled step's graph also runs a greedy step (the sampler picks the argmax too); a greedy
+    step's graph never runs a sampled one; among the graphs that cover a step, the fewest rows,
+    then the least work beside it."""
+    def request(**sampling):
+        return Request([1], 4, SamplingParams(**sampling))
+
+    assert StepPlan.of(4, [request(temperature=0), request(top_k=1, temperature=0.7)]).greedy
+    assert not StepPlan.of(4, [request(temperature=0), request(temperature=0.7)]).greedy
+    assert not StepPlan.of(4, [request(temperature=0, repetition_penalty=1.3)]).greedy
+    assert StepPlan.of(4, []).greedy  # only free rows
+    greedy, sampled = StepPlan(4, greedy=True), StepPlan(4)
+    assert sampled.covers(greedy) and not greedy.covers(sampled) and StepPlan(8, logprobs=True).covers(greedy)
+    assert not StepPlan(2, greedy=True).covers(greedy) and not StepPlan(8, penalized=True, greedy=True).covers(sampled)
+    graphs = [StepPlan(4), StepPlan(4, greedy=True), StepPlan(4, logprobs=True, greedy=True), StepPlan(8, greedy=True)]
+    assert min((p for p in graphs if p.covers(greedy)), key=lambda p: (p.rows, p.extra_work)) == greedy
+    assert min((p for p in graphs if p.covers(sampled)), key=lambda p: (p.rows, p.extra_work)) == sampled
+
+
+def test_greedy_into_needs_a_fused_lm_head(tiny_checkpoint):
+    model = _model(tiny_checkpoint, "eager")
+    runner = _started_runner(model, [[1, 2]], temperature=0)
+    assert not model.fuses_greedy and runner.plan.greedy  # the eager step samples greedy rows itself
+    runner.step()
+    with pytest.raises(ValueError, match="fuses_greedy"):
+        model.decode(runner.tokens[:1], runner.cache, greedy_into=runner.tokens[:1])
 
 
 def _plain_loop(model, prompt, n, seed, **sampling):
@@ -251,9 +311,12 @@ def test_graphs_with_ragged_batches_and_eos(tiny_checkpoint, monkeypatch):
         real(logits, temperature, top_k, top_p, min_p, seed, offset, out)
         out.copy_(torch.where(at_third, EOT_ID, out))
 
+    # Sampled, so that the patched sampler runs (a greedy step's lm_head picks its tokens itself).
+    kw = dict(temperature=0.8, seed=[1, 2, 3])
+    want = engine.generate(model, prompts, 12, stop_at_eos=False, cuda_graph=False, **kw).tokens
     monkeypatch.setattr(engine.core.runner, "sample_next_", eos_at_third)
     runner_for(model).drop_graphs()  # recapture with the patched sampler
-    out = engine.generate(model, prompts, 12, temperature=0)
+    out = engine.generate(model, prompts, 12, **kw)
     assert len(out.tokens[1]) == 3 and out.tokens[1][-1] == EOT_ID
     for r in (0, 2):  # the others are untouched (up to an EOS of their own)
         assert out.tokens[r] == want[r][:len(out.tokens[r])]

@@ -126,13 +126,17 @@ def test_nan_logits_fail_one_request_only(model, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_graphed_scheduler_equals_generate_alone(tiny_checkpoint, backend):
-    """On CUDA every bucket's step is captured up front, with and without penalties and log-probabilities;
-    requests joining mid-flight still get exactly their solo tokens (fp32, so exact)."""
+    """On CUDA every bucket's step is captured up front, with and without penalties and log-probabilities,
+    and greedy where the lm_head picks greedy tokens; requests joining mid-flight still get exactly
+    their solo tokens (fp32, so exact)."""
+    from engine.core.runner import StepPlan
+
     model = engine.load_model(tiny_checkpoint, device="cuda", dtype=torch.float32, backend=backend)
     sched = Scheduler(model, max_batch=5)
     assert sched.cuda_graph and sched.capture_seconds > 0
-    modes = [(p, lp) for p in (False, True) for lp in (False, True)]  # penalties, log-probabilities
-    assert set(sched.runner.graphs) == {(b, *mode) for b in (1, 2, 4, 8) for mode in modes}
+    modes = [(p, lp, False) for p in (False, True) for lp in (False, True)]  # penalties, log-probabilities
+    modes += [(False, lp, True) for lp in (False, True)] if backend == "triton" else []  # greedy
+    assert set(sched.runner.graphs) == {StepPlan(b, *mode) for b in (1, 2, 4, 8) for mode in modes}
     specs = [(engine.encode(f"prompt {i}"), 5 + 3 * i,
               SamplingParams(temperature=[0, 1.0][i % 2], seed=i, top_p=0.9, repetition_penalty=1.0 + 0.2 * (i % 3)))
              for i in range(7)]

@@ -79,12 +79,14 @@ def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint, d
                               quantize=quantize)
     compiled_before = _jit_cache_keys()
     with record_launches(execute=device.type == "cuda") as run:
-        _run_requests(model, [list(range(7))], steps=2, temperature=0.0)               # batch 1: M = 1
+        _run_requests(model, [list(range(7))], steps=2, temperature=0.0)               # batch 1: M = 1, greedy
         _run_requests(model, [[1, 2, 3], list(range(20))], steps=2, temperature=1.0)   # ragged batch
+        _run_requests(model, [[1, 2, 3], list(range(20))], steps=2, temperature=0.0)   # greedy, tiled
     assert len(run.launches) > 20
     missing = sorted({run.jobs[90, key].label for _, key in run.launches if key not in aot.keys(90)})
     assert not missing, "launched but not compiled by gpt2kernels.aot:\n" + "\n".join(missing)
-    for label in ("M=1", "Lq=1", "NORM=True", "KV_CACHE=True"):  # batch 1's specialisations, the fused decode ops
+    # batch 1's specialisations, the fused decode ops, the greedy lm_head
+    for label in ("M=1", "Lq=1", "NORM=True", "KV_CACHE=True", "ARGMAX=True"):
         assert any(label in run.jobs[90, key].label for _, key in run.launches), label
     if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         # What the JIT itself compiled for this generation on a Hopper GPU, read from its kernel caches.

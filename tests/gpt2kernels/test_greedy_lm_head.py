@@ -86,11 +86,12 @@ def test_partials_reduced_in_several_steps(m, device, monkeypatch):
 
 @pytest.mark.parametrize("m,n,k", [(1, 4231, 96), (3, 200, 1600), (5, 4231, 96)])
 def test_ties_nan_and_infinities(m, n, k, device):
-    """Exact ties (equal biases on zero weight rows, in different programs' columns) go to the lowest
-    id; a row holding NaN, or only -inf, gets -1 and leaves the other rows alone; +inf wins."""
+    """Exact ties (equal biases on zero weight rows, within one program's columns and across
+    programs) go to the lowest id; a row holding NaN, or only -inf, gets -1 and leaves the other
+    rows alone; +inf wins."""
     x, w, ln_w, ln_b, bias = _inputs(m, n, k, torch.float32, device, seed=n)
-    w[[n - 1, 7, n // 2]] = 0.0
-    bias[[n - 1, 7, n // 2]] = 50.0  # far above every other logit: three tied maxima
+    w[[n - 1, 8, 7, n // 2]] = 0.0
+    bias[[n - 1, 8, 7, n // 2]] = 50.0  # far above every other logit: four tied maxima
     tokens = _garbage(m, device)
     gpt2kernels.ln_linear_argmax(x, ln_w, ln_b, w, tokens, bias)
     assert tokens.tolist() == [7] * m

@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu_check.sh sweep_decode_gemv
 #   bash benchmarks/gpu_check.sh bench_decode_layer_fp16 decode_timeline pdl_gap   # issue 30: where a step's time goes
 #   bash benchmarks/gpu_check.sh pytest_decode decode_timeline sweep_decode_attention e2e_gpt2_decode e2e_xl_decode
+#   bash benchmarks/gpu_check.sh pytest_decode decode_timeline e2e_gpt2_decode e2e_xl_decode   # issue 30: greedy lm_head
 #   bash benchmarks/gpu_check.sh e2e_gpt2
 #   bash benchmarks/gpu_check.sh serve_load
 #   bash benchmarks/gpu_check.sh pytest_scoring bench_cross_entropy eval_gpt2
@@ -73,7 +74,7 @@ declare -A STEPS=(
   [pdl_gap]="60 1 $PY -m benchmarks.pdl_gap"
   # Issue 30's decode path on the GPU: the GEMV and decode-attention tests (all of them, not only the
   # gpu-marked ones), then the attention split sweep and the end-to-end rows with their eager reference.
-  [pytest_decode]="170 0 $PY -m pytest -q -rs -p no:cacheprovider tests/gpt2kernels/test_gemv.py tests/gpt2kernels/test_linear.py tests/gpt2kernels/test_attention.py tests/gpt2kernels/test_quantize.py tests/engine/test_runner.py tests/engine/test_model_parity.py \$XDIST"
+  [pytest_decode]="170 0 $PY -m pytest -q -rs -p no:cacheprovider tests/gpt2kernels/test_gemv.py tests/gpt2kernels/test_greedy_lm_head.py tests/gpt2kernels/test_linear.py tests/gpt2kernels/test_attention.py tests/gpt2kernels/test_quantize.py tests/engine/test_runner.py tests/engine/test_model_parity.py \$XDIST"
   [sweep_decode_attention]="60 1 $PY -m benchmarks.sweep_decode_attention"
   [e2e_gpt2_decode]="120 1 $PY -m benchmarks.e2e --models gpt2 --dtypes fp16 --impls triton+graph eager+graph --name e2e_gpt2_fp16_decode"
   [e2e_xl_decode]="150 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes fp16 --impls triton+graph eager+graph --batch 1 8 --name e2e_xl_fp16_decode"

@@ -87,16 +87,18 @@ def test_int8_decode_step_keeps_the_budget_and_static_shapes(small_vocab_checkpo
     assert first.ops == second.ops and first_launches == second_launches and first.host_syncs() == []
 
 
-@pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_decode_step_traces_as_one_graph(small_vocab_checkpoint, backend):
-    """torch.compile(fullgraph=True) accepts the step: no graph break, so nothing data-dependent in it."""
+@pytest.mark.parametrize("backend,temperature", [("eager", 1.0), ("triton", 1.0), ("triton", 0.0)])
+def test_decode_step_traces_as_one_graph(small_vocab_checkpoint, backend, temperature):
+    """torch.compile(fullgraph=True) accepts the step: no graph break, so nothing data-dependent in it;
+    also the greedy step, whose lm_head writes the token buffer the step read."""
     model = _model(small_vocab_checkpoint, backend)
-    runner = _started_runner(model, [[1, 2], [3, 4, 5, 6]], temperature=1.0)
-    twin = _started_runner(model, [[1, 2], [3, 4, 5, 6]], temperature=1.0)
+    runner = _started_runner(model, [[1, 2], [3, 4, 5, 6]], temperature=temperature)
+    twin = _started_runner(model, [[1, 2], [3, 4, 5, 6]], temperature=temperature)
+    assert runner.plan.greedy == (temperature == 0)
     torch._dynamo.reset()
     compiled = torch.compile(runner.runner._decode_step, fullgraph=True, backend="aot_eager")
     for _ in range(2):
-        compiled(runner.rows)
+        compiled(runner.rows, greedy=runner.plan.greedy)
         twin.step()
         assert torch.equal(runner.tokens[:2], twin.tokens[:2])
     assert torch.equal(runner.cache.cache_lens, twin.cache.cache_lens)

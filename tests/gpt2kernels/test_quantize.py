@@ -128,6 +128,7 @@ def _int8_op_cases(device):
     return {
         "linear": (x, q, b, "gelu_tanh", r, scale),
         "ln_linear": (x, *ln, q, b, None, 1e-5, scale),
+        "ln_linear_argmax": (x, *ln, q, torch.zeros(3, dtype=torch.int64, device=device), b, 1e-5, scale),
         "gelu_mlp": (x, q, b, q_proj, ln[1], x.clone(), scale, s_proj),
         "ln_qkv_append": (xq, *ln32, qq, bq, store[0, :2], store[1, :2], lens, 1e-5, sq),
     }

@@ -135,9 +135,10 @@ def _label(fn, signature: dict, bound: dict, specialization: list, opts) -> str:
 
 
 def for_arch(kwargs: dict, arch: int) -> dict:
-    """A launch's keyword arguments as a device of sm_``arch`` gets them: a kernel with a ``USE_PDL``
-    constexpr (the batch-1 GEMV, decode attention) launches with programmatic dependent launch on
-    sm_90 and later, never before, whatever the recording process's device is."""
+    """A launch's keyword arguments as a device of sm_``arch`` gets them: a launch that passes
+    ``USE_PDL`` (the batch-1 GEMV, decode attention, the tiled linear at decode sizes) uses
+    programmatic dependent launch on sm_90 and later, never before, whatever the recording
+    process's device is."""
     if "USE_PDL" not in kwargs:
         return dict(kwargs)
     pdl = arch >= 90

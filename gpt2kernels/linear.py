@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .layernorm import layer_norm_ref
 from .quantize import dequantize_int8
@@ -33,10 +34,11 @@ from .matmul import grouped_tile
 from .epilogue import argmax_epilogue, linear_epilogue
 from .gemv import gemv_applies, gemv_launch
 from ._ops import (TRAIN_DTYPES, acc_dtype, arrival_counters, check_tensor, dot_precision, kernel_op,
-                   sm_count, tl_acc)
+                   sm_count, tl_acc, use_pdl)
 
 ACTIVATIONS = (None, "gelu_tanh")
 DECODE_MAX_ROWS = 16
+PDL_MAX_ROWS = 64  # the largest decode graph bucket (engine.core.runner.GRAPH_BUCKETS)
 # Argmax partials (rows x tiles) the last program of a row block reduces at a time: 16 rows x 64 tiles
 # at decode sizes (13 steps over gpt2's 786 lm_head tiles). 2048 spilled on sm_80 (24 bytes, 16-row
 # fp16 tiles; gpt2kernels.aot, Triton 3.9).
@@ -96,7 +98,11 @@ def _linear_fwd_kernel(
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, STATS_K: tl.constexpr,
     ACC: tl.constexpr,  # fp32; fp64 for fp64 inputs (gradcheck)
     ARGMAX: tl.constexpr, REDUCE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # passed by decode-sized launches only (``pdl_kwargs``)
 ):
+    if USE_PDL:  # the next kernel may launch now; this one reads nothing before the previous has finished
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -258,6 +264,19 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, int8_weigh
     return GemmConfig(128, 128, 64, 8, 3)
 
 
+def pdl_kwargs(m: int, device: torch.device) -> dict:
+    """The tiled kernel's launch options for programmatic dependent launch: decode-sized products
+    (``PDL_MAX_ROWS`` rows or fewer: a decode step at every graph bucket) pass ``USE_PDL`` (on
+    where the GPU has PDL, ``use_pdl``); larger ones (prefill, training) pass nothing and never
+    use it. Unlike the batch-1 GEMV, the tile waits before its first load, weights included: it
+    only lets the next kernel launch early (``gdc_launch_dependents``), so no input of any caller
+    can be read before the kernel that wrote it has finished."""
+    if m > PDL_MAX_ROWS:
+        return {}
+    pdl = use_pdl(device)
+    return {"USE_PDL": pdl, "launch_pdl": pdl}
+
+
 def argmax_warps(cfg: GemmConfig) -> int:
     """Warps for a tile that also runs ``argmax_epilogue``: the 64-row tiles (batches 32 and 64 at
     16 bits) spilled 8-200 bytes at 4 warps on sm_80 and sm_90 (gpt2kernels.aot, Triton 3.9); at 8,
@@ -384,7 +403,7 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         STATS_K=stats_block(cfg, k) if norm is not None else cfg.block_k,
         DOT_PRECISION=dot_precision(x.dtype), ACC=tl_acc(x.dtype), ARGMAX=tokens is not None,
         REDUCE=ARGMAX_PARTIALS // cfg.block_m, num_warps=argmax_warps(cfg) if tokens is not None else cfg.num_warps,
-        num_stages=cfg.num_stages)
+        num_stages=cfg.num_stages, **({} if gelu_grad else pdl_kwargs(m, x.device)))
     return y
 
 

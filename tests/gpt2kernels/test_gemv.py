@@ -124,25 +124,30 @@ def test_gemv_launches_fill_an_h100_with_tiles_in_registers(c, dtype):
 
 
 def test_pdl_weights_load_before_the_wait_in_hopper_ptx():
-    """Compiled ahead of time (batch 1's fused QKV projection, and decode attention), for sm_90: the GEMV
-    issues its weight loads before ``griddepcontrol.wait`` and triggers its dependents; decode attention waits
-    before any load; sm_80 builds carry no PDL instruction."""
+    """Compiled ahead of time (batch 1's fused QKV projection, decode attention, and the tiled linear at
+    decode sizes), for sm_90: the GEMV issues its weight loads before ``griddepcontrol.wait`` and triggers
+    its dependents; decode attention and the tiles wait before any load (a tile's weights may be any
+    caller's: nothing is read early); sm_80 builds carry no PDL instruction, nor do prefill tiles."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     script = """
 from gpt2kernels import aot
 jobs = aot.aot_recording().jobs.values()
 for arch in aot.ARCHS:
-    for kernel, label in (("gemv_kernel", "[fp16,"), ("decode_attn_fwd_kernel", "[fp16,")):
-        job = next(j for j in jobs if j.arch == arch and j.label.startswith(kernel + label)
-                   and ("KV_CACHE=True" in j.label or kernel != "gemv_kernel"))
+    for kernel, label, part in (("gemv_kernel", "[fp16,", "KV_CACHE=True"), ("decode_attn_fwd_kernel", "[fp16,", ""),
+                                ("linear_fwd_kernel", "[fp16,", "BLOCK_M=16,"),
+                                ("linear_fwd_kernel", "[fp16,", "BLOCK_M=128,")):
+        job = next(j for j in jobs if j.arch == arch and j.label.startswith(kernel + label) and part in j.label)
         r = aot.compile_job(job)
-        print(arch, kernel, r.get("PRE", -1), r.get("TRIGGER", -1))
+        print(arch, kernel + part.rstrip(","), r.get("PRE", -1), r.get("TRIGGER", -1))
 """
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {tuple(line.split()[:2]): tuple(map(int, line.split()[2:])) for line in r.stdout.splitlines()}
-    assert rows[("80", "gemv_kernel")] == (-1, -1) and rows[("80", "decode_attn_fwd_kernel")] == (-1, -1)
-    pre, trigger = rows[("90", "gemv_kernel")]
+    assert all(rows[key] == (-1, -1) for key in rows if key[0] == "80"), rows
+    pre, trigger = rows[("90", "gemv_kernelKV_CACHE=True")]
     assert pre >= 1 and trigger == 1  # its weight tile
     assert rows[("90", "decode_attn_fwd_kernel")] == (0, 1)
+    assert rows[("90", "linear_fwd_kernelBLOCK_M=16")] == (0, 1)
+    assert rows[("90", "linear_fwd_kernelBLOCK_M=128")] == (-1, -1)  # a prefill tile: no PDL
+    assert len(rows) == 8

@@ -200,14 +200,15 @@ class LlamaCpp:
 
 
 def kernel_counts(runners, batches) -> dict[tuple[str, str, int], int]:
-    """(impl, dtype, batch) -> kernels in one decode step, for our op-by-op and graphed runners."""
+    """(impl, dtype, batch) -> kernels in one greedy decode step (the steps measured here), for our
+    op-by-op and graphed runners."""
     from .step_trace import kernel_budget
 
     counts = {}
     for r in runners:
         if isinstance(r, Ours) and "compile" not in r.impl:
             for batch in batches:
-                counts[r.impl, r.dtype, batch] = kernel_budget(r.model, batch)["kernels"]
+                counts[r.impl, r.dtype, batch] = kernel_budget(r.model, batch, greedy=True)["kernels"]
     return counts
 
 

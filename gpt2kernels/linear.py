@@ -277,11 +277,13 @@ def pdl_kwargs(m: int, device: torch.device) -> dict:
     return {"USE_PDL": pdl, "launch_pdl": pdl}
 
 
-def argmax_warps(cfg: GemmConfig) -> int:
-    """Warps for a tile that also runs ``argmax_epilogue``: the 64-row tiles (batches 32 and 64 at
-    16 bits) spilled 8-200 bytes at 4 warps on sm_80 and sm_90 (gpt2kernels.aot, Triton 3.9); at 8,
-    which halve each thread's share of the tile, none does. The others keep their own."""
-    return max(cfg.num_warps, 8) if cfg.block_m > 16 else cfg.num_warps
+def tile_warps(cfg: GemmConfig, heavy_epilogue: bool) -> int:
+    """Warps for a tile whose epilogue also stores a fused QKV projection's key and value into the
+    cache or takes the greedy argmax (``heavy_epilogue``): the 64-row tiles of batches 32 and 64
+    spilled at 4 warps (the argmax 8-200 bytes on sm_80 and sm_90, the cache store with the
+    LayerNorm prologue 64-88 bytes on sm_80; gpt2kernels.aot, Triton 3.9); at 8, which halve each
+    thread's share of the tile, none does. Other tiles keep their own."""
+    return max(cfg.num_warps, 8) if heavy_epilogue and cfg.block_m > 16 else cfg.num_warps
 
 
 def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
@@ -402,7 +404,7 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         STATS_K=stats_block(cfg, k) if norm is not None else cfg.block_k,
         DOT_PRECISION=dot_precision(x.dtype), ACC=tl_acc(x.dtype), ARGMAX=tokens is not None,
-        REDUCE=ARGMAX_PARTIALS // cfg.block_m, num_warps=argmax_warps(cfg) if tokens is not None else cfg.num_warps,
+        REDUCE=ARGMAX_PARTIALS // cfg.block_m, num_warps=tile_warps(cfg, tokens is not None or kv_cache is not None),
         num_stages=cfg.num_stages, **({} if gelu_grad else pdl_kwargs(m, x.device)))
     return y
 
@@ -640,16 +642,15 @@ def qkv_append_ref(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
 # M: one row (the GEMV), the tiled kernel's decode tiles (5: 2 to 16 rows), prefill up to 64 rows (40)
 # and beyond (512).
 AOT_ROWS = (1, 5, 40, 512)
-AOT_DECODE_ROWS = (1, 5)  # the fused decode ops: the GEMV and the tiled decode tiles
-AOT_GREEDY_ROWS = (1, 5, 40)  # a greedy step's lm_head: also the 64-row tiles of batches 32 and 64
+AOT_DECODE_ROWS = (1, 5, 40)  # the fused decode ops: the GEMV, the decode tiles, and batches 32 and 64's tiles
 
 
 def aot_launches() -> None:
     """Call the launcher for GPT-2's linears at every size: c_attn (bias), attention c_proj (bias,
     and bias + residual as the fused API offers it), c_fc (bias + GELU), MLP c_proj (bias, bias +
-    residual) and lm_head (no bias, N = 50257), fp16/bf16/fp32, at ``AOT_ROWS`` rows; the fused
-    decode ops (``ln_qkv_append``, ``ln_linear`` for c_fc and lm_head) at ``AOT_DECODE_ROWS``; and
-    the greedy lm_head (``ln_linear_argmax``) at ``AOT_GREEDY_ROWS``.
+    residual) and lm_head (no bias, N = 50257), fp16/bf16/fp32, at ``AOT_ROWS`` rows; and the fused
+    decode ops (``ln_qkv_append``, ``ln_linear`` for c_fc and lm_head, ``ln_linear_argmax``) at
+    ``AOT_DECODE_ROWS``.
     For ``gpt2kernels.aot``, which records the launches without running them."""
     from .aot import GPT2_SIZES, GPT2_VOCAB
 
@@ -676,9 +677,8 @@ def aot_launches() -> None:
                 _linear_launch(x, torch.empty((4 * c, c), dtype=dtype), torch.empty(4 * c, dtype=dtype), "gelu_tanh",
                                None, norm=ln)
                 _linear_launch(x, torch.empty((GPT2_VOCAB, c), dtype=dtype), None, None, None, norm=ln)
-            for m in AOT_GREEDY_ROWS:
-                _linear_launch(torch.empty((m, c), dtype=dtype), torch.empty((GPT2_VOCAB, c), dtype=dtype), None,
-                               None, None, norm=ln, tokens=torch.empty(m, dtype=torch.int64))
+                _linear_launch(x, torch.empty((GPT2_VOCAB, c), dtype=dtype), None, None, None, norm=ln,
+                               tokens=torch.empty(m, dtype=torch.int64))  # a greedy step's
             for m in (40, 8192):  # the training backward's GELU gradient (linear_gelu_grad), both weight layouts
                 for w in (torch.empty((4 * c, c), dtype=dtype), torch.empty((c, 4 * c), dtype=dtype).t()):
                     _linear_launch(torch.empty((m, c), dtype=dtype), w, torch.empty(4 * c, dtype=dtype), None,
@@ -688,9 +688,10 @@ def aot_launches() -> None:
 
 def _int8_aot_launches() -> None:
     """int8 weights as a quantised model runs them: the prefill linears (bias, GELU after c_fc, no
-    residual) at ``AOT_ROWS``; at ``AOT_DECODE_ROWS`` the fused decode ops, the two c_proj with
-    their residual and the prefill's lm_head on each row's last position. fp16/bf16 activations at
-    every size; fp32 (the correctness path) at gpt2's width only, to keep the report's time down."""
+    residual) at ``AOT_ROWS``; at ``AOT_DECODE_ROWS`` the fused decode ops (the greedy lm_head
+    too), the two c_proj with their residual and the prefill's lm_head on each row's last position.
+    fp16/bf16 activations at every size; fp32 (the correctness path) at gpt2's width only, to keep
+    the report's time down."""
     from .aot import GPT2_SIZES, GPT2_VOCAB
 
     def int8(n, k):
@@ -715,9 +716,7 @@ def _int8_aot_launches() -> None:
                         _linear_launch(x, w, bias, activation, None, norm=ln, weight_scale=s)
                     else:  # both c_proj: the residual in the epilogue
                         _linear_launch(x, w, bias, None, torch.empty((m, n), dtype=dtype), weight_scale=s)
-                    if n == GPT2_VOCAB:  # a prefill's lm_head, on each row's last position
+                    if n == GPT2_VOCAB:  # a prefill's lm_head on each row's last position; a greedy step's
                         _linear_launch(x, w, None, None, None, weight_scale=s)
-                if n == GPT2_VOCAB:  # a greedy step's lm_head
-                    for m in AOT_GREEDY_ROWS:
-                        _linear_launch(torch.empty((m, k), dtype=dtype), w, None, None, None, norm=ln, weight_scale=s,
+                        _linear_launch(x, w, None, None, None, norm=ln, weight_scale=s,
                                        tokens=torch.empty(m, dtype=torch.int64))

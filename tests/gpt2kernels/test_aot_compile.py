@@ -82,6 +82,7 @@ def test_every_launch_of_a_generation_is_an_aot_variant(gpt2_width_checkpoint, d
         _run_requests(model, [list(range(7))], steps=2, temperature=0.0)               # batch 1: M = 1, greedy
         _run_requests(model, [[1, 2, 3], list(range(20))], steps=2, temperature=1.0)   # ragged batch
         _run_requests(model, [[1, 2, 3], list(range(20))], steps=2, temperature=0.0)   # greedy, tiled
+        _run_requests(model, [[r, 2, 3] for r in range(33)], steps=1, temperature=0.0)  # batch 64's tiles
     assert len(run.launches) > 20
     missing = sorted({run.jobs[90, key].label for _, key in run.launches if key not in aot.keys(90)})
     assert not missing, "launched but not compiled by gpt2kernels.aot:\n" + "\n".join(missing)

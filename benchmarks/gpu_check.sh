@@ -24,6 +24,7 @@
 #   bash benchmarks/gpu_check.sh bench_decode_layer_fp16 decode_timeline pdl_gap   # issue 30: where a step's time goes
 #   bash benchmarks/gpu_check.sh pytest_decode decode_timeline sweep_decode_attention e2e_gpt2_decode e2e_xl_decode
 #   bash benchmarks/gpu_check.sh pytest_decode decode_timeline e2e_gpt2_decode e2e_xl_decode   # issue 30: greedy lm_head
+#   bash benchmarks/gpu_check.sh sweep_decode_attention_blocks pdl_gap   # issue 30: attention's keys per block
 #   bash benchmarks/gpu_check.sh e2e_gpt2
 #   bash benchmarks/gpu_check.sh serve_load
 #   bash benchmarks/gpu_check.sh pytest_scoring bench_cross_entropy eval_gpt2
@@ -76,6 +77,7 @@ declare -A STEPS=(
   # gpu-marked ones), then the attention split sweep and the end-to-end rows with their eager reference.
   [pytest_decode]="170 0 $PY -m pytest -q -rs -p no:cacheprovider tests/gpt2kernels/test_gemv.py tests/gpt2kernels/test_greedy_lm_head.py tests/gpt2kernels/test_linear.py tests/gpt2kernels/test_attention.py tests/gpt2kernels/test_quantize.py tests/engine/test_runner.py tests/engine/test_model_parity.py \$XDIST"
   [sweep_decode_attention]="60 1 $PY -m benchmarks.sweep_decode_attention"
+  [sweep_decode_attention_blocks]="90 1 $PY -m benchmarks.sweep_decode_attention --blocks"
   [e2e_gpt2_decode]="120 1 $PY -m benchmarks.e2e --models gpt2 --dtypes fp16 --impls triton+graph eager+graph --name e2e_gpt2_fp16_decode"
   [e2e_xl_decode]="150 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes fp16 --impls triton+graph eager+graph --batch 1 8 --name e2e_xl_fp16_decode"
   [sweep_decode_gemv]="150 1 $PY -m benchmarks.sweep_decode_gemv"
@@ -96,7 +98,7 @@ declare -A STEPS=(
   [e2e_xl_bf16]="300 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes bf16 --impls triton+graph triton eager+graph hf --name e2e_xl_bf16"
 )
 ORDER=(pytest_gpu pytest_scoring aot pytest_rest bench_layernorm bench_sampling bench_attention bench_linear_fp16 bench_linear_bf16
-       bench_decode_layer_fp16 bench_decode_layer_bf16 decode_timeline pdl_gap pytest_decode sweep_decode_attention e2e_gpt2_decode e2e_xl_decode bench_cross_entropy bench_backward bench_train sweep_decode_gemv sweep_decode_gemv_int8 step_trace eval_gpt2 serve_load serve_load_text_on_engine e2e_gpt2_fp16 e2e_gpt2_int8 e2e_gpt2 e2e_xl_int8 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
+       bench_decode_layer_fp16 bench_decode_layer_bf16 decode_timeline pdl_gap pytest_decode sweep_decode_attention sweep_decode_attention_blocks e2e_gpt2_decode e2e_xl_decode bench_cross_entropy bench_backward bench_train sweep_decode_gemv sweep_decode_gemv_int8 step_trace eval_gpt2 serve_load serve_load_text_on_engine e2e_gpt2_fp16 e2e_gpt2_int8 e2e_gpt2 e2e_xl_int8 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
 SETUP_TIMEOUT=180  # pip install plus the nvcc build of the sampler, ~70 s of it on 2 cores
 
 pack_results() { tar czf "$OUT/results.tgz" benchmarks/results; }

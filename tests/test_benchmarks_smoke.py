@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ["benchmarks.bench_backward", "--smoke"],
     ["benchmarks.bench_train", "--smoke"],
     ["benchmarks.sweep_decode_gemv", "--smoke"],
+    ["benchmarks.sweep_decode_attention", "--smoke"],
+    ["benchmarks.sweep_decode_attention", "--smoke", "--blocks"],
     ["benchmarks.serve_load", "--smoke"],
     ["benchmarks.e2e", "--models", "gpt2", "--dtypes", "fp32", "--batch", "1", "2", "--prompt-len", "5",
      "--new-tokens", "4", "--repeats", "1"],

@@ -23,8 +23,8 @@
 #   bash benchmarks/gpu_check.sh sweep_decode_gemv
 #   bash benchmarks/gpu_check.sh bench_decode_layer_fp16 decode_timeline pdl_gap   # issue 30: where a step's time goes
 #   bash benchmarks/gpu_check.sh pytest_decode decode_timeline sweep_decode_attention e2e_gpt2_decode e2e_xl_decode
-#   bash benchmarks/gpu_check.sh pytest_decode decode_timeline e2e_gpt2_decode e2e_xl_decode   # issue 30: greedy lm_head
-#   bash benchmarks/gpu_check.sh sweep_decode_attention_blocks pdl_gap   # issue 30: attention's keys per block
+#   bash benchmarks/gpu_check.sh pytest_decode decode_timeline    # issue 30: greedy lm_head, PDL tiles (1 of 2)
+#   bash benchmarks/gpu_check.sh e2e_gpt2_decode e2e_xl_decode sweep_decode_attention_blocks   # (2 of 2)
 #   bash benchmarks/gpu_check.sh e2e_gpt2
 #   bash benchmarks/gpu_check.sh serve_load
 #   bash benchmarks/gpu_check.sh pytest_scoring bench_cross_entropy eval_gpt2

@@ -127,6 +127,19 @@ def test_counters_are_left_at_zero_for_the_next_launch(device):
             assert not counters.any()
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_strided_inputs(m, device):
+    """x a strided view, the weight in HF's Conv1D layout seen transposed ((N, K) with strides (1, N))."""
+    x, w, ln_w, ln_b, bias = _inputs(m, 300, 96, torch.float32, device, seed=8)
+    x_strided = torch.stack([x, torch.full_like(x, float("nan"))], dim=2)[:, :, 0]  # every other element
+    w_conv1d = w.t().contiguous().t()
+    assert not x_strided.is_contiguous() and w_conv1d.stride() == (1, 300)
+    tokens = _garbage(m, device)
+    logits = gpt2kernels.ln_linear_argmax(x_strided, ln_w, ln_b, w_conv1d, tokens, bias)
+    assert torch.equal(tokens, greedy_ref(logits))
+    torch.testing.assert_close(logits, gpt2kernels.ln_linear_ref(x, ln_w, ln_b, w, bias), atol=2e-5, rtol=2e-5)
+
+
 def test_int8_weights(device):
     x, w, ln_w, ln_b, _ = _inputs(1, 4231, 96, torch.float16, device, seed=4)
     q, scale = gpt2kernels.quantize_int8(w.float())

@@ -22,18 +22,21 @@
 #   bash benchmarks/gpu_check.sh bench_decode_layer_fp16 bench_decode_layer_bf16 step_trace
 #   bash benchmarks/gpu_check.sh sweep_decode_gemv
 #   bash benchmarks/gpu_check.sh bench_decode_layer_fp16 decode_timeline pdl_gap   # issue 30: where a step's time goes
-#   bash benchmarks/gpu_check.sh pytest_decode decode_timeline sweep_decode_attention e2e_gpt2_decode e2e_xl_decode
 #   bash benchmarks/gpu_check.sh pytest_decode decode_timeline    # issue 30: greedy lm_head, PDL tiles (1 of 2)
 #   bash benchmarks/gpu_check.sh e2e_gpt2_decode e2e_xl_decode sweep_decode_attention_blocks   # (2 of 2)
 #   bash benchmarks/gpu_check.sh e2e_gpt2
 #   bash benchmarks/gpu_check.sh serve_load
-#   bash benchmarks/gpu_check.sh pytest_scoring bench_cross_entropy eval_gpt2
-#   bash benchmarks/gpu_check.sh pytest_gpu bench_backward bench_train      # issue 33: the training path
-#   bash benchmarks/gpu_check.sh pytest_gpu e2e_gpt2_int8 sweep_decode_gemv_int8     # int8 weights, ~8 min
+#   bash benchmarks/gpu_check.sh pytest_scoring eval_gpt2
+#   bash benchmarks/gpu_check.sh bench_cross_entropy
+#   bash benchmarks/gpu_check.sh pytest_gpu bench_backward      # issue 33: the training path (1 of 2)
+#   bash benchmarks/gpu_check.sh bench_train                    # (2 of 2)
+#   bash benchmarks/gpu_check.sh pytest_gpu e2e_gpt2_int8      # int8 weights (1 of 2)
+#   bash benchmarks/gpu_check.sh sweep_decode_gemv_int8        # (2 of 2)
 #   bash benchmarks/gpu_check.sh e2e_xl_int8
 # A first look inside a short lease (15 device minutes: set-up ~45 s on a fresh machine, GPU tests ~70 s,
 # gpt2 fp16 end to end without the compile peers ~55 s, the decode layer's kernels, the GEMV sweep ~100 s):
-#   bash benchmarks/gpu_check.sh pytest_gpu e2e_gpt2_fp16 bench_decode_layer_fp16 sweep_decode_gemv
+#   bash benchmarks/gpu_check.sh pytest_gpu e2e_gpt2_fp16
+#   bash benchmarks/gpu_check.sh bench_decode_layer_fp16 sweep_decode_gemv
 #   bash benchmarks/gpu_check.sh e2e_medium
 #   bash benchmarks/gpu_check.sh e2e_large_fp16
 #   bash benchmarks/gpu_check.sh e2e_large_bf16

@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,16 @@ def test_failed_setup_fails_the_run(tmp_path):
 def test_unknown_step_fails_the_run(tmp_path):
     r = _run(tmp_path, "no_such_step")
     assert r.returncode == 1 and "unknown step no_such_step" in r.stdout
+
+
+def test_every_call_the_header_names_fits_nine_minutes():
+    """Each call the header suggests must end within the device tool's limit even if every step
+    runs to its timeout: set-up's timeout plus its steps' add up to at most 9 minutes."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    timeouts = {name: int(t) for name, t in re.findall(r'^\s+\[(\w+)\]="(\d+) ', script, re.M)}
+    setup = int(re.search(r"^SETUP_TIMEOUT=(\d+)", script, re.M)[1])
+    calls = [line.split() for line in re.findall(r"^#\s+bash benchmarks/gpu_check.sh ([^#\n]*)", script, re.M)]
+    assert len(calls) > 10
+    for steps in calls:
+        assert all(step in timeouts for step in steps), steps
+        assert setup + sum(timeouts[step] for step in steps) <= 9 * 60, steps

@@ -123,6 +123,22 @@ def test_nan_logits_fail_one_request_only(model, monkeypatch):
     assert a.finish_reason == "error" and b.finish_reason in ("length", "stop")
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_a_server_captures_every_mode_of_every_bucket(small_vocab_checkpoint, backend, monkeypatch):
+    """What a graphed server captures at start-up (captures recorded, not made: the CPU half of the
+    GPU test below): every bucket with and without penalties and log-probabilities, and greedy
+    steps where the lm_head picks the tokens (the triton backend)."""
+    from engine.core.runner import Runner, StepPlan
+
+    monkeypatch.setattr(Runner, "check_device", lambda self, cuda_graph: None)
+    monkeypatch.setattr(Runner, "capture", lambda self, plans: self.graphs.update(dict.fromkeys(plans)) or 0.0)
+    model = engine.load_model(small_vocab_checkpoint, device="cpu", dtype=torch.float32, backend=backend)
+    sched = Scheduler(model, max_batch=5, cuda_graph=True)
+    modes = [(p, lp, False) for p in (False, True) for lp in (False, True)]
+    modes += [(False, lp, True) for lp in (False, True)] if backend == "triton" else []
+    assert set(sched.runner.graphs) == {StepPlan(b, *mode) for b in (1, 2, 4, 8) for mode in modes}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_graphed_scheduler_equals_generate_alone(tiny_checkpoint, backend):

@@ -48,7 +48,7 @@ def linear_epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, st
     return out
 
 
-# Index a masked-out or -inf-only partial never wins with (any real column's index is lower).
+# Above every column index: what a column not holding its row's maximum offers to the minimum.
 NO_INDEX = tl.constexpr(2147483647)
 
 

@@ -367,10 +367,7 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
     if k == 0:
         if norm is not None or kv_cache is not None:
             raise ValueError("x has no columns (K = 0): there is nothing to normalise")
-        y = linear_ref(x, weight, bias, activation, residual, weight_scale)  # no product to compute
-        if tokens is not None:
-            tokens.copy_(greedy_ref(y))
-        return y
+        return linear_ref(x, weight, bias, activation, residual, weight_scale)  # no product to compute
     y2 = y.view(m, -1)
     r2 = residual.reshape(m, n) if residual is not None else y2
     b = bias if bias is not None else y2

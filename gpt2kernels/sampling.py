@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import _extension
+from .sampling_split import sample_split, sample_split_, split_max_rows
 
 Param = float | int | torch.Tensor
 
@@ -263,7 +264,9 @@ def prepare_sampler(device: torch.device) -> None:
 
 def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
            seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0, min_p: Param = 0.0) -> torch.Tensor:
-    """Draw one token per row with the compiled sampler (C++ on CPU, CUDA on GPU).
+    """Draw one token per row with the compiled sampler: C++ on CPU; on a GPU the split Triton
+    sampler (``gpt2kernels.sampling_split``: many programs per row) below as many rows as the GPU
+    has SMs, the CUDA one (a thread block per row) from there on.
 
     Args:
         logits: (B, V) fp32/fp16/bf16, any V >= 1; rows may be strided, even expanded (stride 0).
@@ -299,6 +302,11 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
         row_seeds(seed, rows, dev), row_offsets(offset, rows, dev))
 
 
+def _splits(logits: torch.Tensor) -> bool:
+    """Whether a batch is small enough for the split sampler (CUDA, fewer rows than the GPU has SMs)."""
+    return logits.is_cuda and logits.shape[0] < split_max_rows(logits.device)
+
+
 def sample_unchecked(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                      min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """``sample`` for a decode loop or a CUDA graph: no checks, no allocation beside the output, no host sync.
@@ -308,6 +316,8 @@ def sample_unchecked(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
     float64), then seed and offset int64, each (B,). Returns int64 (B,). Where the compiled sampler
     cannot be built, this is ``sample_ref`` (which syncs).
     """
+    if _splits(logits):
+        return sample_split(logits, temperature, top_k, top_p, min_p, seed, offset)
     if _extension.SAMPLE_OP is None and not load_extension():
         return sample_ref(logits, temperature, top_k, top_p, seed, offset, min_p)
     return _extension.SAMPLE_OP(logits, temperature, top_k, top_p, min_p, seed, offset)
@@ -323,6 +333,9 @@ def sample_next_(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     otherwise). Where the compiled sampler cannot be built, this is ``sample_ref`` plus two in-place
     updates (and syncs).
     """
+    if _splits(logits):
+        sample_split_(logits, temperature, top_k, top_p, min_p, seed, offset, out)
+        return
     if _extension.SAMPLE_NEXT_OP is None and not load_extension():
         out.copy_(sample_ref(logits, temperature, top_k, top_p, seed, offset, min_p))
         offset += 1

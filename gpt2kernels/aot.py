@@ -32,7 +32,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns unles
 
 MODULES = ["gpt2kernels.embedding", "gpt2kernels.layernorm", "gpt2kernels.linear", "gpt2kernels.gemv",
            "gpt2kernels.linear_backward", "gpt2kernels.attention", "gpt2kernels.attention_backward",
-           "gpt2kernels.penalties", "gpt2kernels.loss"]
+           "gpt2kernels.penalties", "gpt2kernels.loss", "gpt2kernels.sampling_split"]
 ARCHS = (80, 90)
 GPT2_SIZES = ((768, 12), (1024, 16), (1280, 20), (1600, 25))  # (n_embd, n_head): gpt2 ... gpt2-xl, head dim 64
 GPT2_VOCAB = 50257

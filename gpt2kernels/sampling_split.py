@@ -609,6 +609,9 @@ ROUNDS = 3  # multi-program rounds before a row finishes in one program (round 0
 CAP = 1024  # tokens one program sorts to settle a bracket
 INTERPRETER_CAP = 64
 PARTIAL_CHUNK = 64  # slices' partials one program reduces at a time
+# A round holds a (64 tokens x 64 edges) float64 tile and sorts CAP keys: at 4 warps that took
+# 240-255 registers and spilled on sm_80 (AOT report); 8 warps halve each thread's share.
+ROUND_WARPS = 8
 _SCRATCH: dict = {}
 
 
@@ -660,7 +663,7 @@ def split_launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     for r in range(rounds):
         _round_kernel[grid](*x, temperature, top_k, top_p, s["rowi"], s["rowf"], s["edges"], s["part_cnt"],
                             s["part_mass"], s["part_ext"], s["buf"], counters, LAST=r == rounds - 1, BLOCK=block,
-                            CH=chunk, PCH=PARTIAL_CHUNK, CAP=cap)
+                            CH=chunk, PCH=PARTIAL_CHUNK, CAP=cap, num_warps=ROUND_WARPS)
     _draw_kernel[grid](*x, temperature, min_p, seed, offset, out, s["rowi"], s["rowf"], s["part_f"], s["part_i"],
                        counters, ADVANCE=advance, BLOCK=block, PCH=PARTIAL_CHUNK)
 
@@ -713,4 +716,4 @@ def aot_launches() -> None:
                          torch.empty(rows, dtype=torch.int64, **rowf), torch.empty(rows, dtype=torch.float64, **rowf),
                          torch.empty(rows, dtype=torch.float64, **rowf), torch.empty(rows, dtype=torch.int64, **rowf),
                          torch.empty(rows, dtype=torch.int64, **rowf), torch.empty(rows, dtype=torch.int64, **rowf),
-                         advance=True, chunk=64)
+                         advance=True, cap=CAP, chunk=64)

@@ -1,5 +1,6 @@
-"""The samplers (PyTorch reference and the compiled C++/CUDA one): hard invariants, agreement with
-each other, and a chi-square fit against the exact distribution, with the harness's power shown."""
+"""The samplers (PyTorch reference, the compiled C++/CUDA one and, on a GPU, the split one): hard
+invariants, agreement with each other, and a chi-square fit against the exact distribution, with the
+harness's power shown."""
 
 import math
 import subprocess
@@ -10,7 +11,8 @@ import pytest
 import torch
 from scipy import stats
 
-from gpt2kernels.sampling import sample, sample_ref
+from gpt2kernels.sampling import row_seeds, sample, sample_ref
+from gpt2kernels.sampling_split import sample_split
 
 SAMPLERS = {"ref": sample_ref, "compiled": sample}
 
@@ -71,6 +73,34 @@ def test_chi_square_fit(name, vocab, temperature, top_k, top_p, min_p, device):
     draws = DRAWS if vocab < 1000 else (5_000 if name == "ref" else 20_000)
     counts = _draw(SAMPLERS[name], logits, draws, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    seed=5).cpu()
+    assert _chi2_pvalue(counts, _expected(logits[0].cpu(), temperature, top_k, top_p, min_p)) > 1e-6
+
+
+def _split_sampler(rows):
+    """The split sampler (``gpt2kernels.sampling_split``) with ``sample``'s arguments, fed ``rows``
+    rows a call; row r still draws with seed ``seed + r``."""
+    def sampler(logits, temperature=1.0, top_k=0, top_p=1.0, seed=0, offset=0, min_p=0.0):
+        n, dev = logits.shape[0], logits.device
+        def full(v, dtype):
+            return torch.full((n,), v, dtype=dtype, device=dev)
+        per_row = (full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float64),
+                   full(min_p, torch.float64), row_seeds(seed, n, dev), full(offset, torch.int64))
+        return torch.cat([sample_split(logits[i:i + rows], *(t[i:i + rows] for t in per_row))
+                          for i in range(0, n, rows)])
+    return sampler
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab,temperature,top_k,top_p,min_p", SETTINGS)
+@pytest.mark.parametrize("rows", [1, 100])
+def test_chi_square_fit_of_the_split_sampler(rows, vocab, temperature, top_k, top_p, min_p):
+    """The split sampler at batch 1 and at 100 rows a call (``compiled`` above takes the CUDA
+    one-block-per-row sampler on a GPU: its calls hold >= 994 rows). A batch-1 call costs ~6
+    launches through Python, so batch 1 draws fewer (and its test has less power)."""
+    logits = (torch.randn(1, vocab, generator=torch.Generator().manual_seed(vocab)) * 2).cuda()
+    draws = 20_000 if rows == 1 or vocab >= 1000 else DRAWS
+    counts = _draw(_split_sampler(rows), logits, draws, temperature=temperature, top_k=top_k, top_p=top_p,
+                   min_p=min_p, seed=5).cpu()
     assert _chi2_pvalue(counts, _expected(logits[0].cpu(), temperature, top_k, top_p, min_p)) > 1e-6
 
 

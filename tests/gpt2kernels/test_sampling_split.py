@@ -148,13 +148,36 @@ def test_ops_agree_with_each_other_and_opcheck():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 8, 131, 132, 256])
-def test_cuda_dispatch_splits_small_batches_and_both_paths_draw_the_reference(rows):
-    """Below the SM count ``sample`` splits rows (H100 / H200: 132); both samplers give the
-    reference's tokens at gpt2's vocabulary."""
+def test_cuda_dispatch_and_both_cuda_samplers_draw_the_reference(rows):
+    """``sample`` splits rows below the SM count (H100 / H200: 132); the split sampler and the CUDA
+    one-block-per-row sampler, each called directly, give the reference's tokens at gpt2's vocabulary."""
+    from gpt2kernels import _extension
+
     x = (torch.randn(rows, 50257, generator=torch.Generator().manual_seed(rows)) * 3).cuda()
     kw = dict(temperature=0.8, top_k=50, top_p=0.95, seed=3, offset=1)
     want = sample_ref(x, **kw)
     assert torch.equal(sample(x, **kw), want)
-    params = _rows(rows, x.device, 0.8, 50, 0.95)
-    split = sample_split(x, *params, row_seeds(3, rows, x.device), torch.ones(rows, dtype=torch.int64, device="cuda"))
-    assert torch.equal(split, want)
+    assert (rows < sampling_split.split_max_rows(x.device)) == (rows < 132)  # H100 / H200
+    per_row = (*_rows(rows, x.device, 0.8, 50, 0.95), row_seeds(3, rows, x.device),
+               torch.ones(rows, dtype=torch.int64, device="cuda"))
+    assert torch.equal(sample_split(x, *per_row), want)
+    assert _extension.load() and torch.equal(_extension.SAMPLE_OP(x, *per_row), want)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_draw_fresh_tokens():
+    """Captured once, replayed as a decode loop does: each replay reads the advanced offsets."""
+    x = (torch.randn(2, 50257, generator=torch.Generator().manual_seed(1)) * 3).cuda()
+    per_row = (*_rows(2, x.device, 0.8, 50, 0.95), row_seeds(9, 2, x.device))
+    offsets = torch.zeros(2, dtype=torch.int64, device="cuda")
+    out = torch.full((2,), -9, dtype=torch.int64, device="cuda")
+    sample_split_(x, *per_row, offsets, out)  # warm-up: compiles, allocates the work buffers
+    offsets.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sample_split_(x, *per_row, offsets, out)
+    offsets.zero_()  # the capture did not run the kernels: reset anyway
+    for step in range(4):
+        graph.replay()
+        assert torch.equal(out, sample_ref(x, 0.8, 50, 0.95, seed=9, offset=step))
+    assert offsets.tolist() == [4, 4]

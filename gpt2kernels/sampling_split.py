@@ -470,7 +470,8 @@ def _plan(row, V, P, k, p, rowi, rowf, edges_ptr, part_cnt, part_mass, part_ext,
         # the bracket's own tokens where they fit; top-p's only once top-k is solved (its total known).
         top_fit = tl.where(k_open, kca <= CAP, total_known & (pca <= CAP))
         range_fit = tl.where(k_open, kca - kcb <= CAP, total_known & (pca - pcb <= CAP))
-        next_gather = tl.where(top_fit, GATHER_TOP, tl.where(range_fit, tl.where(k_open, GATHER_K, GATHER_P), NO_GATHER))
+        range_kind = tl.where(k_open, GATHER_K, GATHER_P)
+        next_gather = tl.where(top_fit, GATHER_TOP, tl.where(range_fit, range_kind, NO_GATHER))
         g_lo = tl.where(k_open, ka, pa)
         g_hi = tl.where(top_fit, float("inf"), tl.where(k_open, kb, pb))
         g_c = tl.where(k_open, kcb, pcb)

@@ -1,4 +1,4 @@
-"""End-to-end greedy generation: our runner in each mode vs its peers, same weights, same run, round-robin.
+"""End-to-end generation: our runner in each mode vs its peers, same weights, same run, round-robin.
 
     python -m benchmarks.e2e                      # gpt2 on CPU, or all four sizes on a GPU
     python -m benchmarks.e2e --models gpt2-xl --dtypes fp16 --batch 1 8 64 --name e2e_xl_fp16
@@ -10,6 +10,11 @@ Implementations (``--impls``; those that apply to the device by default):
 - ``hf``: HF transformers ``generate``; ``hf static+compile``: with a static cache and a compiled forward;
 - on CPU: ``eager``, ``hf``, ``ct2`` (CTranslate2, when installed: ``pip install -e .[bench]``) and
   ``llama.cpp`` (llama-cpp-python, when installed, with ``--llama-convert``: benchmarks.peer_llama_cpp).
+
+Greedy decoding throughout, and sampled rows beside it (``--sampled-impls`` at ``--sampled-batch``:
+by default ours and HF at batch 1 and 8): ``SAMPLED``'s temperature 0.8, top-k 50 and top-p 0.95,
+the way GPT-2 is usually run. Each row says which (``sampling``: "greedy" or "T=0.8,top_k=50,top_p=0.95");
+a sampled row's ``sampled_vs_greedy`` is its tok/s over the same implementation's greedy row.
 
 Dtypes (``--dtypes``): fp32, fp16, bf16, and our weight-only ``int8`` / ``int8-all`` (with the
 lm_head), whose activations are fp16 on a GPU and fp32 on CPU (``engine.load_model(quantize=...)``);
@@ -54,6 +59,9 @@ DTYPES = {"fp32": (torch.float32, None), "fp16": (torch.float16, None), "bf16": 
 # f16 KV cache per value
 LLAMA_DTYPES = {"q8_0": 34 / 32, "f16": 2.0}
 LLAMA_KV_BYTES = 2
+SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+SAMPLED_NAME = "T=0.8,top_k=50,top_p=0.95"
+GREEDY = "greedy"
 
 
 def save_random_checkpoint(name: str, directory: Path) -> Path:
@@ -114,12 +122,13 @@ class Ours:
         if mode == "compile":
             self.step = torch.compile(self.runner._decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
-    def measure(self, ids, new_tokens):
-        """(prefill ms, decode tok/s summed over the batch, row 0's tokens)."""
+    def measure(self, ids, new_tokens, sampling=None):
+        """(prefill ms, decode tok/s summed over the batch, row 0's tokens); greedy, or drawn with
+        ``sampling`` (``generate``'s temperature / top_k / top_p)."""
         self.runner.decode_step = self.step
+        controls = {"temperature": 0} if sampling is None else {**sampling, "seed": 0}
         try:
-            out = engine.generate(self.model, ids, new_tokens, temperature=0, stop_at_eos=False,
-                                  cuda_graph=self.graph)
+            out = engine.generate(self.model, ids, new_tokens, stop_at_eos=False, cuda_graph=self.graph, **controls)
         finally:
             self.runner.decode_step = self.runner._decode_step
         return out.prefill_seconds * 1e3, out.decode_tokens_per_second, out.tokens[0]
@@ -143,15 +152,16 @@ class HF:
             self.kwargs = {"cache_implementation": "static"}
             self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
 
-    def _generate(self, ids, n):
+    def _generate(self, ids, n, sampling):
+        controls = {"do_sample": False} if sampling is None else {"do_sample": True, **sampling}
         with torch.inference_mode():
             return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                       do_sample=False, pad_token_id=50256, **self.kwargs)
+                                       pad_token_id=50256, **controls, **self.kwargs)
 
-    def measure(self, ids, new_tokens):
+    def measure(self, ids, new_tokens, sampling=None):
         ids = ids.to(self.device)
-        _, first = wall(lambda: self._generate(ids, 1), self.device)
-        out, full = wall(lambda: self._generate(ids, new_tokens), self.device)
+        _, first = wall(lambda: self._generate(ids, 1, sampling), self.device)
+        out, full = wall(lambda: self._generate(ids, new_tokens, sampling), self.device)
         return first * 1e3, ids.shape[0] * (new_tokens - 1) / (full - first), out[0, ids.shape[1]:].tolist()
 
 
@@ -199,16 +209,38 @@ class LlamaCpp:
         return prefill_ms, tok_s, tokens
 
 
-def kernel_counts(runners, batches) -> dict[tuple[str, str, int], int]:
-    """(impl, dtype, batch) -> kernels in one greedy decode step (the steps measured here), for our
-    op-by-op and graphed runners."""
+class Sampled:
+    """An implementation drawing with ``SAMPLED``'s controls instead of greedily."""
+
+    sampling = SAMPLED_NAME
+
+    def __init__(self, inner):
+        self.inner, self.impl, self.dtype = inner, inner.impl, inner.dtype
+
+    @property
+    def load_s(self):
+        return self.inner.load_s
+
+    def measure(self, ids, new_tokens):
+        return self.inner.measure(ids, new_tokens, sampling=SAMPLED)
+
+
+def sampling_of(runner) -> str:
+    return getattr(runner, "sampling", GREEDY)
+
+
+def kernel_counts(runners, batches) -> dict[tuple[str, str, int, str], int]:
+    """(impl, dtype, batch, sampling) -> kernels in one decode step (greedy or sampled, as measured
+    here), for our op-by-op and graphed runners."""
     from .step_trace import kernel_budget
 
     counts = {}
     for r in runners:
         if isinstance(r, Ours) and "compile" not in r.impl:
             for batch in batches:
-                counts[r.impl, r.dtype, batch] = kernel_budget(r.model, batch, greedy=True)["kernels"]
+                for sampling in (GREEDY, SAMPLED_NAME):
+                    counts[r.impl, r.dtype, batch, sampling] = kernel_budget(r.model, batch,
+                                                                             greedy=sampling == GREEDY)["kernels"]
     return counts
 
 
@@ -248,7 +280,7 @@ def measure_round_robin(runners, batch, prompt_len, new_tokens, repeats) -> tupl
     rows = []
     for i, r in enumerate(working):
         runs = [round_[i] for round_ in samples]
-        rows.append({"impl": r.impl, "dtype": r.dtype, "batch": batch, "load_s": r.load_s,
+        rows.append({"impl": r.impl, "dtype": r.dtype, "batch": batch, "sampling": sampling_of(r), "load_s": r.load_s,
                      "prefill_ms": statistics.median(x[0] for x in runs),
                      "decode_tok_s": statistics.median(x[1] for x in runs), "tokens": runs[0][2]})
     return rows, failures
@@ -256,6 +288,9 @@ def measure_round_robin(runners, batch, prompt_len, new_tokens, repeats) -> tupl
 
 CUDA_IMPLS = ["triton+graph", "triton", "eager+graph", "eager+compile", "hf", "hf static+compile"]
 CPU_IMPLS = ["eager", "hf", "ct2", "llama.cpp"]
+# Those with sampled rows by default: ours as it runs on the device, and HF.
+CUDA_SAMPLED_IMPLS = ["triton+graph", "hf"]
+CPU_SAMPLED_IMPLS = ["eager", "hf"]
 
 
 def _importable(module: str) -> bool:
@@ -289,6 +324,11 @@ def main(argv=None):
                    choices=list(DTYPES) + list(LLAMA_DTYPES), help="the first is the reference of greedy_same_as_ref")
     p.add_argument("--impls", nargs="+", default=CUDA_IMPLS if cuda else CPU_IMPLS, choices=CUDA_IMPLS + CPU_IMPLS)
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 64] if cuda else [1, 8])
+    p.add_argument("--sampled-impls", nargs="*", default=CUDA_SAMPLED_IMPLS if cuda else CPU_SAMPLED_IMPLS,
+                   choices=CUDA_IMPLS[:4] + CPU_IMPLS[:2] + ["hf static+compile"],
+                   help=f"implementations that also run sampled ({SAMPLED_NAME}); none: greedy only")
+    p.add_argument("--sampled-batch", nargs="*", type=int, default=[1, 8],
+                   help="batch sizes of the sampled rows (among --batch)")
     p.add_argument("--compile-batch", nargs="+", type=int, default=[1],
                    help="batch sizes the torch.compile peers run at (each costs a compile of a minute or more)")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -315,29 +355,37 @@ def main(argv=None):
         for name in args.models:
             ckpt = save_random_checkpoint(name, Path(tmp) / name)
             runners = [make(impl, ckpt, device, d) for d in args.dtypes for impl in impls if applies(impl, d, device)]
+            sampled = [Sampled(r) for r in runners if r.impl in args.sampled_impls]
             model_rows = []
             for batch in args.batch:
-                here = [r for r in runners if "compile" not in r.impl or batch in args.compile_batch]
+                here = runners + (sampled if batch in args.sampled_batch else [])
+                here = [r for r in here if "compile" not in r.impl or batch in args.compile_batch]
                 got, failed = measure_round_robin(here, batch, args.prompt_len, args.new_tokens, args.repeats)
                 model_rows += got
                 failures += failed
             budgets = kernel_counts(runners, args.batch)
             activations = {r.dtype: r.model.dtype for r in runners if isinstance(r, Ours)}
-            del runners
+            del runners, sampled
             Ours._models.clear()
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             # The reference: our run in the first dtype, eager where it ran (the plain-PyTorch path).
-            first = [r for r in model_rows if r["dtype"] == args.dtypes[0] and r["impl"] in ("eager", *CUDA_IMPLS[:4])]
+            first = [r for r in model_rows if r["dtype"] == args.dtypes[0] and r["impl"] in ("eager", *CUDA_IMPLS[:4])
+                     and r["sampling"] == GREEDY]
             first.sort(key=lambda r: not r["impl"].startswith("eager"))
             reference = {}
             for r in first:
                 reference.setdefault(r["batch"], r["tokens"])
             kv_len = args.prompt_len + args.new_tokens / 2
+            greedy_speed = {(r["impl"], r["dtype"], r["batch"]): r["decode_tok_s"] for r in model_rows
+                            if r["sampling"] == GREEDY}
             for r in model_rows:
                 r["model"] = name
-                r["kernels_per_step"] = budgets.get((r["impl"], r["dtype"], r["batch"]))
+                r["kernels_per_step"] = budgets.get((r["impl"], r["dtype"], r["batch"], r["sampling"]))
+                greedy = greedy_speed.get((r["impl"], r["dtype"], r["batch"]))
+                if r["sampling"] != GREEDY and greedy:
+                    r["sampled_vs_greedy"] = r["decode_tok_s"] / greedy
                 tokens = r.pop("tokens")
                 if r["dtype"] in LLAMA_DTYPES:
                     bytes_per_step = llama_step_bytes(engine.CONFIGS[name], r["dtype"], r["batch"], kv_len)
@@ -346,7 +394,7 @@ def main(argv=None):
                     dtype = dtype or activations.get(r["dtype"], torch.float32)
                     bytes_per_step = step_bytes(engine.CONFIGS[name], dtype, r["batch"], kv_len, quantize)
                 r["roofline_frac"] = bytes_per_step * r["decode_tok_s"] / r["batch"] / copy_bps
-                if r["batch"] in reference:
+                if r["batch"] in reference and r["sampling"] == GREEDY:
                     ref = reference[r["batch"]]
                     same = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(tokens))
                     r["greedy_same_as_ref"] = f"{same}/{len(tokens)}"
@@ -354,14 +402,17 @@ def main(argv=None):
             rows += model_rows
             shutil.rmtree(ckpt, ignore_errors=True)
 
-    extra = {"roofline": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
+    extra = {"roofline": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+             "sampled": {**SAMPLED, "seed": 0, "impls": args.sampled_impls, "batch": args.sampled_batch},
              "weights": "random (seed 0), same safetensors for every implementation", "failures": failures}
     if device.type == "cpu":  # what a load with no dtype runs here (engine.model.cpu's measured choice)
         extra["cpu_default"] = default_cpu_choice(eager_linear)[0]
-    columns = ["model", "dtype", "batch", "impl", "load_s", "prefill_ms", "decode_tok_s", "roofline_frac",
-               "kernels_per_step", "greedy_same_as_ref"]
+    columns = ["model", "dtype", "batch", "impl", "sampling", "load_s", "prefill_ms", "decode_tok_s", "roofline_frac",
+               "kernels_per_step", "greedy_same_as_ref", "sampled_vs_greedy"]
     out = write_results(args.name, device, rows, columns, extra,
-                        notes="decode_tok_s sums over the batch; greedy_same_as_ref counts tokens of row 0 equal "
+                        notes="decode_tok_s sums over the batch; sampled rows draw with "
+                              f"{SAMPLED_NAME} (seed 0) and sampled_vs_greedy is their tok/s over the same "
+                              "implementation's greedy row; greedy_same_as_ref counts tokens of row 0 equal "
                               f"to our {args.dtypes[0]} run (eager where it ran) before the first difference; "
                               "int8 rows are ours: weight-only int8 with fp16 activations on a GPU; on CPU int8 x "
                               "uint8 with activations quantised per row, the whole decode step in one C++ call "
@@ -376,8 +427,10 @@ def main(argv=None):
     labels = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda x: (list(engine.CONFIGS).index(x[0]), x[1]))
     series = {}
     for r in rows:
-        series.setdefault(f"{r['impl']} {r['dtype']}", {})[(r["model"], r["batch"])] = r["decode_tok_s"]
-    bar_plot(out / f"{args.name}.png", f"GPT-2 greedy decode, {device_slug(device)}", [f"{m} b{b}" for m, b in labels],
+        label = f"{r['impl']} {r['dtype']}" + ("" if r["sampling"] == GREEDY else " sampled")
+        series.setdefault(label, {})[(r["model"], r["batch"])] = r["decode_tok_s"]
+    title = f"GPT-2 decode (greedy; sampled: {SAMPLED_NAME}), {device_slug(device)}"
+    bar_plot(out / f"{args.name}.png", title, [f"{m} b{b}" for m, b in labels],
              {k: [v.get(label, 0.0) for label in labels] for k, v in series.items()}, "tokens / s (sum over batch)")
     print(f"results written to {out}")
 

@@ -1,5 +1,6 @@
 """Every benchmark runs end to end at small sizes on CPU, so a GPU session finds it working."""
 
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,10 @@ def test_benchmark_runs(args, tmp_path):
     if args[0] == "benchmarks.e2e":  # written under the device it ran on: cpu/, or the GPU's name
         device = device_slug("cuda" if torch.cuda.is_available() else "cpu")
         assert (tmp_path / device / "e2e.json").exists() and (tmp_path / device / "e2e.md").exists()
+        rows = json.loads((tmp_path / device / "e2e.json").read_text())["rows"]
+        sampled = [r for r in rows if r["sampling"] == "T=0.8,top_k=50,top_p=0.95"]
+        assert sampled and all(r["batch"] == 1 and r["sampled_vs_greedy"] > 0 for r in sampled)
+        assert {r["impl"] for r in sampled} <= {r["impl"] for r in rows if r["sampling"] == "greedy"}
 
 
 def test_the_peers_gpt2_tokenizer_is_ours(tmp_path):

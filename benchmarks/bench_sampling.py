@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_sampling            # batch 1, 8, 64, 256 x vocab 50257
     python -m benchmarks.bench_sampling --smoke    # batch 1, 8 only
+    python -m benchmarks.bench_sampling --sweep    # the split sampler's sizes (block, rounds) at batch 1
 
 The torch baseline is what HF's warpers do: temperature, top-k by ``topk``, softmax, sort,
 cumsum for top-p, min-p against the top probability, then ``torch.multinomial``;
@@ -72,8 +73,49 @@ def implementations(logits: torch.Tensor, kw: dict) -> dict:
     return fns
 
 
+SWEEP_BLOCKS = (512, 1024, 2048, 4096)
+SWEEP_ROUNDS = (2, 3)
+
+
+def sweep_split(device: torch.device, smoke: bool) -> None:
+    """Graph-replay latency of the split sampler at batch 1 for each (tokens per program, rounds),
+    every setting, all drawing the same tokens (checked); on CPU (the interpreter) a small vocabulary
+    and one call each, which shows only that every size runs."""
+    vocab = 50257 if device.type == "cuda" else 3000
+    logits = torch.randn(1, vocab, device=device) * 3
+    rows = []
+    for name, kw in SETTINGS.items():
+        params = row_params(1, device, **kw)
+        out = torch.empty(1, dtype=torch.int64, device=device)
+        tokens = set()
+        for block in SWEEP_BLOCKS:
+            for rounds in SWEEP_ROUNDS:
+                def fn():
+                    sampling_split.split_launch(logits, *params, out, advance=False,
+                                                block=block, rounds=rounds)
+                fn()
+                tokens.add(int(out.item()))
+                timed = graph_bench(fn, device, warmup=0, reps=1) if device.type == "cpu" else graph_bench(fn, device)
+                row = {"setting": name, "block": block, "rounds": rounds, "graph_us": timed["ms"] * 1e3}
+                rows.append(row)
+                print_row(row)
+        assert len(tokens) == 1, f"{name}: the sizes drew different tokens {tokens}"
+    if device.type == "cpu" or smoke:
+        print("sweep on CPU (interpreter) or smoke: nothing written")
+        return
+    write_results("sampling_split_sweep", device, rows, ["setting", "block", "rounds", "graph_us"],
+                  {"vocab": vocab, "batch": 1, "temperature": TEMPERATURE},
+                  notes="One call of the split sampler replayed from a CUDA graph (µs, median); block = tokens "
+                        "per program, rounds = multi-program rounds before a row finishes in one program.")
+
+
 def main(argv=None):
-    args, device, _ = parse(__doc__, argv, real_cpu_timings=True)  # the C++ sampler's
+    args, device, _ = parse(__doc__, argv, real_cpu_timings=True,  # the C++ sampler's
+                            add_arguments=lambda p: p.add_argument("--sweep", action="store_true",
+                                                                   help="time the split sampler's sizes instead"))
+    if args.sweep:
+        sweep_split(device, args.smoke)
+        return
     batches = [1, 8] if args.smoke else [1, 8, 64, 256]
     gpt2kernels.sample(torch.randn(1, 10, device=device))  # build / load the extension outside the timings
     timings = ["python", "graph"] if device.type == "cuda" else ["python"]

@@ -17,13 +17,15 @@
 # (the tool allows 10 a command); on a machine still warm from the last call set-up takes seconds:
 #   bash benchmarks/gpu_check.sh pytest_gpu aot
 #   bash benchmarks/gpu_check.sh pytest_rest
-#   bash benchmarks/gpu_check.sh bench_layernorm bench_sampling bench_attention
+#   bash benchmarks/gpu_check.sh bench_layernorm bench_attention
 #   bash benchmarks/gpu_check.sh bench_linear_fp16 bench_linear_bf16
 #   bash benchmarks/gpu_check.sh bench_decode_layer_fp16 bench_decode_layer_bf16 step_trace
 #   bash benchmarks/gpu_check.sh sweep_decode_gemv
 #   bash benchmarks/gpu_check.sh bench_decode_layer_fp16 decode_timeline pdl_gap   # issue 30: where a step's time goes
 #   bash benchmarks/gpu_check.sh pytest_decode decode_timeline    # issue 30: greedy lm_head, PDL tiles (1 of 2)
 #   bash benchmarks/gpu_check.sh e2e_gpt2_decode e2e_xl_decode sweep_decode_attention_blocks   # (2 of 2)
+#   bash benchmarks/gpu_check.sh pytest_sampling bench_sampling            # issue 31: the batch-1 sampler (1 of 2)
+#   bash benchmarks/gpu_check.sh sweep_sampling_split e2e_gpt2_sampled     # (2 of 2)
 #   bash benchmarks/gpu_check.sh e2e_gpt2
 #   bash benchmarks/gpu_check.sh serve_load
 #   bash benchmarks/gpu_check.sh pytest_scoring eval_gpt2
@@ -65,7 +67,13 @@ declare -A STEPS=(
   [pytest_rest]="300 0 $PY -m pytest -q -rs -p no:cacheprovider -m 'not gpu'"
   [aot]="120 0 mkdir -p benchmarks/results/aot && $PY -m gpt2kernels.aot | tee benchmarks/results/aot/triton-\$($PY -c 'import triton; print(triton.__version__)').txt"
   [bench_layernorm]="60 1 $PY -m benchmarks.bench_layernorm"
-  [bench_sampling]="90 1 $PY -m benchmarks.bench_sampling"
+  [bench_sampling]="150 1 $PY -m benchmarks.bench_sampling"
+  # Issue 31's small-batch sampler: every sampling test on the GPU (the split sampler against the
+  # reference, its chi-square fits at batch 1 and 100 rows, the CUDA one's at >= 994), the split
+  # sampler's sizes, and the end-to-end sampled rows beside the greedy ones.
+  [pytest_sampling]="150 0 $PY -m pytest -q -rs -p no:cacheprovider tests/gpt2kernels/test_sampling.py tests/gpt2kernels/test_sampling_split.py tests/engine/test_sampling_controls.py \$XDIST"
+  [sweep_sampling_split]="90 1 $PY -m benchmarks.bench_sampling --sweep"
+  [e2e_gpt2_sampled]="150 1 $PY -m benchmarks.e2e --models gpt2 --dtypes fp16 --impls triton+graph hf --batch 1 8 --name e2e_gpt2_sampled"
   [bench_attention]="180 1 $PY -m benchmarks.bench_attention"
   [bench_linear_fp16]="180 1 $PY -m benchmarks.bench_linear --dtype fp16"
   [bench_linear_bf16]="180 1 $PY -m benchmarks.bench_linear --dtype bf16"
@@ -100,7 +108,7 @@ declare -A STEPS=(
   [e2e_xl_fp16]="360 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes fp16 --name e2e_xl_fp16"
   [e2e_xl_bf16]="300 1 $PY -m benchmarks.e2e --models gpt2-xl --dtypes bf16 --impls triton+graph triton eager+graph hf --name e2e_xl_bf16"
 )
-ORDER=(pytest_gpu pytest_scoring aot pytest_rest bench_layernorm bench_sampling bench_attention bench_linear_fp16 bench_linear_bf16
+ORDER=(pytest_gpu pytest_scoring aot pytest_rest bench_layernorm bench_sampling pytest_sampling sweep_sampling_split e2e_gpt2_sampled bench_attention bench_linear_fp16 bench_linear_bf16
        bench_decode_layer_fp16 bench_decode_layer_bf16 decode_timeline pdl_gap pytest_decode sweep_decode_attention sweep_decode_attention_blocks e2e_gpt2_decode e2e_xl_decode bench_cross_entropy bench_backward bench_train sweep_decode_gemv sweep_decode_gemv_int8 step_trace eval_gpt2 serve_load serve_load_text_on_engine e2e_gpt2_fp16 e2e_gpt2_int8 e2e_gpt2 e2e_xl_int8 e2e_medium e2e_large_fp16 e2e_large_bf16 e2e_xl_fp16 e2e_xl_bf16)
 SETUP_TIMEOUT=180  # pip install plus the nvcc build of the sampler, ~70 s of it on 2 cores
 

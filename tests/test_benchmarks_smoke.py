@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ["benchmarks.bench_decode_layer", "--smoke"],
     ["benchmarks.bench_attention", "--smoke"],
     ["benchmarks.bench_sampling", "--smoke"],
+    ["benchmarks.bench_sampling", "--smoke", "--sweep"],
     ["benchmarks.bench_cross_entropy", "--smoke"],
     ["benchmarks.bench_backward", "--smoke"],
     ["benchmarks.bench_train", "--smoke"],

@@ -26,8 +26,8 @@ from .report import bar_plot, write_results
 from .timing import bench, graph_bench
 
 import gpt2kernels  # noqa: E402
-from gpt2kernels import _extension, sampling_split  # noqa: E402
-from gpt2kernels.sampling import row_seeds, sample_unchecked  # noqa: E402
+from gpt2kernels import sampling_split  # noqa: E402
+from gpt2kernels.sampling import row_seeds, sample_blockwise, sample_unchecked  # noqa: E402
 
 TEMPERATURE = 0.8
 SETTINGS = {"top_k=50": dict(top_k=50), "top_p=0.9": dict(top_p=0.9), "top_k=50,top_p=0.9": dict(top_k=50, top_p=0.9),
@@ -69,7 +69,7 @@ def implementations(logits: torch.Tensor, kw: dict) -> dict:
     if logits.is_cuda:
         if logits.shape[0] < sampling_split.split_max_rows(logits.device):
             fns["split"] = lambda: sampling_split.sample_split(logits, *params)
-        fns["block"] = lambda: _extension.SAMPLE_OP(logits, *params)
+        fns["block"] = lambda: sample_blockwise(logits, *params)
     return fns
 
 

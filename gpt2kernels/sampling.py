@@ -318,6 +318,14 @@ def sample_unchecked(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
     """
     if _splits(logits):
         return sample_split(logits, temperature, top_k, top_p, min_p, seed, offset)
+    return sample_blockwise(logits, temperature, top_k, top_p, min_p, seed, offset)
+
+
+def sample_blockwise(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                     min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``sample_unchecked`` on the compiled sampler whatever the batch size: one thread block per row
+    on a GPU (what batches from the SM count up get), the C++ sampler on CPU. Same arguments and
+    result as ``sample_unchecked``; for benchmarks and tests that compare the two GPU samplers."""
     if _extension.SAMPLE_OP is None and not load_extension():
         return sample_ref(logits, temperature, top_k, top_p, seed, offset, min_p)
     return _extension.SAMPLE_OP(logits, temperature, top_k, top_p, min_p, seed, offset)

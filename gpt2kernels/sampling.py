@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import _extension
-from .sampling_split import sample_split, sample_split_, split_max_rows
+from .sampling_split import sample_split, sample_split_, split_launches, split_max_rows
 
 Param = float | int | torch.Tensor
 
@@ -305,6 +305,15 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
 def _splits(logits: torch.Tensor) -> bool:
     """Whether a batch is small enough for the split sampler (CUDA, fewer rows than the GPU has SMs)."""
     return logits.is_cuda and logits.shape[0] < split_max_rows(logits.device)
+
+
+def sampler_launches(rows: int, device: torch.device) -> int:
+    """Kernels one ``sample_unchecked`` / ``sample_next_`` of ``rows`` rows launches on ``device``:
+    the split sampler's stats, rounds and draw on a GPU below its SM count, else one."""
+    device = torch.device(device)
+    if device.type == "cuda" and rows < split_max_rows(device):
+        return split_launches()
+    return 1
 
 
 def sample_unchecked(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

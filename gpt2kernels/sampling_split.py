@@ -676,6 +676,11 @@ def split_launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
                        counters, ADVANCE=advance, BLOCK=block, PCH=PARTIAL_CHUNK)
 
 
+def split_launches(rounds: int = ROUNDS) -> int:
+    """Kernels one split draw launches: stats, ``rounds`` rounds, the draw."""
+    return rounds + 2
+
+
 @torch.compiler.assume_constant_result
 def split_max_rows(device: torch.device) -> int:
     """The batch sizes below which ``sample`` splits rows over programs on ``device``: its SM count

@@ -215,6 +215,24 @@ def _stats_kernel(x_ptr, stride_r, stride_c, V, P, temp_ptr, k_ptr, p_ptr, seed_
 
 
 @triton.jit
+def _extremes(s, inside, mn, mnf, mx):
+    """The running smallest, smallest finite and largest ``s`` among the tokens ``inside`` a bracket."""
+    mn = tl.minimum(mn, tl.min(tl.where(inside, s, float("inf"))))
+    mnf = tl.minimum(mnf, tl.min(tl.where(inside & (s > float("-inf")), s, float("inf"))))
+    mx = tl.maximum(mx, tl.max(tl.where(inside, s, float("-inf"))))
+    return mn, mnf, mx
+
+
+@triton.jit
+def _reduce_extremes(ext, live, mn, mnf, mx):
+    """``_extremes`` across slices: their stored (min, finite min, max) at ``ext`` (one per slice)."""
+    mn = tl.minimum(mn, tl.min(tl.load(ext + 0, mask=live, other=float("inf"), cache_modifier=".cg")))
+    mnf = tl.minimum(mnf, tl.min(tl.load(ext + 1, mask=live, other=float("inf"), cache_modifier=".cg")))
+    mx = tl.maximum(mx, tl.max(tl.load(ext + 2, mask=live, other=float("-inf"), cache_modifier=".cg")))
+    return mn, mnf, mx
+
+
+@triton.jit
 def _round_slice(x_ptr, stride_r, stride_c, V, row, sl, temp, top, rowi, rowf, edges_ptr, part_cnt, part_mass,
                  part_ext, buf_ptr, P, BLOCK: tl.constexpr, CH: tl.constexpr, CAP: tl.constexpr):
     """One slice's share of a round: counts and weights of its tokens at or above each edge, the
@@ -245,14 +263,8 @@ def _round_slice(x_ptr, stride_r, stride_c, V, row, sl, temp, top, rowi, rowf, e
         above = ok[:, None] & (s[:, None] >= e[None, :])
         cnt += tl.sum(above.to(tl.int32), axis=0)
         mass += tl.sum(tl.where(above, w[:, None], 0.0), axis=0)
-        in_k = ok & (s >= ka) & (s < kb)
-        k_mn = tl.minimum(k_mn, tl.min(tl.where(in_k, s, float("inf"))))
-        k_mnf = tl.minimum(k_mnf, tl.min(tl.where(in_k & (s > float("-inf")), s, float("inf"))))
-        k_mx = tl.maximum(k_mx, tl.max(tl.where(in_k, s, float("-inf"))))
-        in_p = ok & (s >= pa) & (s < pb)
-        p_mn = tl.minimum(p_mn, tl.min(tl.where(in_p, s, float("inf"))))
-        p_mnf = tl.minimum(p_mnf, tl.min(tl.where(in_p & (s > float("-inf")), s, float("inf"))))
-        p_mx = tl.maximum(p_mx, tl.max(tl.where(in_p, s, float("-inf"))))
+        k_mn, k_mnf, k_mx = _extremes(s, ok & (s >= ka) & (s < kb), k_mn, k_mnf, k_mx)
+        p_mn, p_mnf, p_mx = _extremes(s, ok & (s >= pa) & (s < pb), p_mn, p_mnf, p_mx)
         if gather != NO_GATHER:
             g = ok & (s >= g_lo) & (s < g_hi)  # a top gather's g_hi is +inf
             base = tl.atomic_add(ri + I_FILL, tl.sum(g.to(tl.int32)).to(tl.int64))
@@ -361,12 +373,8 @@ def _plan(row, V, P, k, p, rowi, rowf, edges_ptr, part_cnt, part_mass, part_ext,
         gc += tl.sum(tl.load(part_cnt + at, mask=live[:, None], other=0, cache_modifier=".cg").to(tl.int64), axis=0)
         gm += tl.sum(tl.load(part_mass + at, mask=live[:, None], other=0.0, cache_modifier=".cg"), axis=0)
         ext = part_ext + (row * P + pp) * EXTREMES
-        k_mn = tl.minimum(k_mn, tl.min(tl.load(ext + 0, mask=live, other=float("inf"), cache_modifier=".cg")))
-        k_mnf = tl.minimum(k_mnf, tl.min(tl.load(ext + 1, mask=live, other=float("inf"), cache_modifier=".cg")))
-        k_mx = tl.maximum(k_mx, tl.max(tl.load(ext + 2, mask=live, other=float("-inf"), cache_modifier=".cg")))
-        p_mn = tl.minimum(p_mn, tl.min(tl.load(ext + 3, mask=live, other=float("inf"), cache_modifier=".cg")))
-        p_mnf = tl.minimum(p_mnf, tl.min(tl.load(ext + 4, mask=live, other=float("inf"), cache_modifier=".cg")))
-        p_mx = tl.maximum(p_mx, tl.max(tl.load(ext + 5, mask=live, other=float("-inf"), cache_modifier=".cg")))
+        k_mn, k_mnf, k_mx = _reduce_extremes(ext, live, k_mn, k_mnf, k_mx)
+        p_mn, p_mnf, p_mx = _reduce_extremes(ext + 3, live, p_mn, p_mnf, p_mx)
     e = tl.load(edges_ptr + row * EDGES + i)
     top = tl.load(rf + F_TOP).to(tl.float32)
     round_ = tl.load(ri + I_ROUND)

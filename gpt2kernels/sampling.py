@@ -156,6 +156,15 @@ def row_offsets(offset: int | torch.Tensor, rows: int, device: torch.device) -> 
     return _row_tensor(offset, rows, torch.int64, device)
 
 
+def row_parameters(rows: int, device: torch.device, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
+                   min_p: Param = 0.0) -> tuple[torch.Tensor, ...]:
+    """The per-row controls ``sample_unchecked`` takes, in ``SAMPLING_CONTROLS``' order and dtypes,
+    each (rows,) on ``device``, from numbers or 1- or rows-value tensors. Unchecked: values are
+    checked by ``check_sampling_params``."""
+    return tuple(_row_tensor(v, rows, control.dtype, device)
+                 for v, control in zip((temperature, top_k, top_p, min_p), SAMPLING_CONTROLS))
+
+
 def _row_tensor(v: Param, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         if v.numel() not in (1, rows):
@@ -296,10 +305,8 @@ def sample(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = 0, top
         return sample_ref(logits, temperature, top_k, top_p, seed, offset, min_p)
     rows, dev = logits.shape[0], logits.device
     _extension.check_device(dev)
-    return sample_unchecked(
-        logits, _row_tensor(temperature, rows, torch.float32, dev), _row_tensor(top_k, rows, torch.int64, dev),
-        _row_tensor(top_p, rows, torch.float64, dev), _row_tensor(min_p, rows, torch.float64, dev),
-        row_seeds(seed, rows, dev), row_offsets(offset, rows, dev))
+    return sample_unchecked(logits, *row_parameters(rows, dev, temperature, top_k, top_p, min_p),
+                            row_seeds(seed, rows, dev), row_offsets(offset, rows, dev))
 
 
 def _splits(logits: torch.Tensor) -> bool:

@@ -53,7 +53,6 @@ I_PCA = tl.constexpr(8)
 I_PCB = tl.constexpr(9)
 I_TIES = tl.constexpr(10)  # t: how many tokens equal to s* are kept, in vocabulary order
 I_GBASE = tl.constexpr(11)  # tokens above a gathered range
-I_ARGMAX = tl.constexpr(12)
 ROW_I = tl.constexpr(16)
 # ... and float64 (ROW_F per row); the s values are float32 numbers, exact in float64.
 F_TOP = tl.constexpr(0)
@@ -141,7 +140,7 @@ def _last_arrival(count_ptr, n):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, stride_r, stride_c, V, P, temp_ptr, k_ptr, p_ptr, seed_ptr, off_ptr, out_ptr,
+def _stats_kernel(x_ptr, stride_r, stride_c, V, P, temp_ptr, k_ptr, p_ptr, off_ptr, out_ptr,
                   rowi, rowf, edges_ptr, part_f, part_i, count_ptr, ADVANCE: tl.constexpr,
                   BLOCK: tl.constexpr, PCH: tl.constexpr):
     sl = tl.program_id(0)
@@ -193,7 +192,6 @@ def _stats_kernel(x_ptr, stride_r, stride_c, V, P, temp_ptr, k_ptr, p_ptr, seed_
             tl.store(ri + I_GATHER, NO_GATHER)
             tl.store(ri + I_FILL, 0)
             tl.store(ri + I_TIES, ALL)
-            tl.store(ri + I_ARGMAX, run_i.to(tl.int64))
             tl.store(rf + F_TOP, top.to(tl.float64))
             tl.store(rf + F_SSTAR, float("-inf"))  # no filter: every token is kept (before min-p)
             # Both brackets start as [-inf, +inf): every token is at or above -inf, none above +inf.
@@ -513,11 +511,11 @@ def _round_kernel(x_ptr, stride_r, stride_c, V, P, temp_ptr, k_ptr, p_ptr, rowi,
     if tl.load(rowi + row * ROW_I + I_STATE) == SEARCH:
         temp = tl.load(temp_ptr + row)
         top = tl.load(rowf + row * ROW_F + F_TOP).to(tl.float32)
-        k = tl.load(k_ptr + row)
-        p = tl.load(p_ptr + row)
         _round_slice(x_ptr, stride_r, stride_c, V, row, sl, temp, top, rowi, rowf, edges_ptr, part_cnt, part_mass,
                      part_ext, buf_ptr, P, BLOCK, CH, CAP)
         if _last_arrival(count_ptr + row, P):
+            k = tl.load(k_ptr + row)
+            p = tl.load(p_ptr + row)
             _plan(row, V, P, k, p, rowi, rowf, edges_ptr, part_cnt, part_mass, part_ext, buf_ptr, PCH, CAP)
             if LAST:  # a row still open finishes here, in this one program
                 for _ in range(FALLBACK_ROUNDS):
@@ -600,6 +598,8 @@ def _draw_kernel(x_ptr, stride_r, stride_c, V, P, temp_ptr, minp_ptr, seed_ptr, 
                     last_seen = _pick(before, pp, lp)
                 cum += tl.sum(kept)
                 seen += tl.sum(mi)
+            # Some slice keeps weight (the top token's is 1, and every filter keeps it or a tie of it),
+            # so ``last`` is a slice.
             if pick < 0:  # rounding left u * total at the very end: the last slice with weight
                 pick = last
                 pick_cum = last_cum
@@ -615,7 +615,6 @@ def _draw_kernel(x_ptr, stride_r, stride_c, V, P, temp_ptr, minp_ptr, seed_ptr, 
             first = tl.min(tl.where(kept & (run > target), offs, 2147483647))
             last_pos = tl.max(tl.where(kept & (w > 0), offs, -1))
             token = tl.where(first < 2147483647, first, last_pos)
-            token = tl.where(pick < 0, tl.load(ri + I_ARGMAX).to(tl.int32), token)  # no weight: cannot happen
             tl.store(out_ptr + row, token.to(tl.int64))
             if ADVANCE:
                 tl.store(off_ptr + row, offset + 1)
@@ -679,7 +678,7 @@ def split_launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     counters = arrival_counters(logits.device, rows)
     grid = (slices, rows)
     x = (logits, logits.stride(0), logits.stride(1), vocab, slices)
-    _stats_kernel[grid](*x, temperature, top_k, top_p, seed, offset, out, s["rowi"], s["rowf"], s["edges"],
+    _stats_kernel[grid](*x, temperature, top_k, top_p, offset, out, s["rowi"], s["rowf"], s["edges"],
                         s["part_max"], s["part_arg"], counters, ADVANCE=advance, BLOCK=block, PCH=PARTIAL_CHUNK)
     for r in range(rounds):
         _round_kernel[grid](*x, temperature, top_k, top_p, s["rowi"], s["rowf"], s["edges"], s["part_cnt"],

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from gpt2kernels.sampling import row_seeds, sample, sample_ref
+from gpt2kernels.sampling import row_parameters, row_seeds, sample, sample_ref
 from gpt2kernels.sampling_split import sample_split
 
 SAMPLERS = {"ref": sample_ref, "compiled": sample}
@@ -81,10 +81,8 @@ def _split_sampler(rows):
     rows a call; row r still draws with seed ``seed + r``."""
     def sampler(logits, temperature=1.0, top_k=0, top_p=1.0, seed=0, offset=0, min_p=0.0):
         n, dev = logits.shape[0], logits.device
-        def full(v, dtype):
-            return torch.full((n,), v, dtype=dtype, device=dev)
-        per_row = (full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float64),
-                   full(min_p, torch.float64), row_seeds(seed, n, dev), full(offset, torch.int64))
+        per_row = (*row_parameters(n, dev, temperature, top_k, top_p, min_p), row_seeds(seed, n, dev),
+                   torch.full((n,), offset, dtype=torch.int64, device=dev))
         return torch.cat([sample_split(logits[i:i + rows], *(t[i:i + rows] for t in per_row))
                           for i in range(0, n, rows)])
     return sampler

@@ -6,22 +6,14 @@ import pytest
 import torch
 
 from gpt2kernels import sampling_split
-from gpt2kernels.sampling import row_seeds, sample, sample_blockwise, sample_ref, uniforms
+from gpt2kernels.sampling import row_parameters, row_seeds, sample, sample_blockwise, sample_ref, uniforms
 from gpt2kernels.sampling_split import sample_split, sample_split_, split_launch
-
-
-def _rows(rows, device, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    def per_row(v, dtype):
-        t = v if isinstance(v, torch.Tensor) else torch.full((rows,), v)
-        return t.to(device, dtype).contiguous()
-    return (per_row(temperature, torch.float32), per_row(top_k, torch.int64), per_row(top_p, torch.float64),
-            per_row(min_p, torch.float64))
 
 
 def _split(x, seed, offset, block, cap, rounds, **kw):
     """The split sampler's tokens (and the advanced offsets), out poisoned beforehand."""
     rows = x.shape[0]
-    params = _rows(rows, x.device, **kw)
+    params = row_parameters(rows, x.device, **kw)
     seeds = row_seeds(seed, rows, x.device)
     offsets = torch.full((rows,), offset, dtype=torch.int64, device=x.device)
     out = torch.full((rows,), -99, dtype=torch.int64, device=x.device)
@@ -74,8 +66,8 @@ def test_split_at_odd_widths(path):
     for vocab, scale in ((1600, 3.0), (4231, 1.0)):
         x = torch.randn(2, vocab, generator=torch.Generator().manual_seed(vocab)) * scale
         block, cap, rounds = PATHS[path]
-        _check(*_sweep_rows(x, settings)[:1], block * 4, cap * 4 if path != "wide" else cap, rounds,
-               **_sweep_rows(x, settings)[1])
+        rows, kw = _sweep_rows(x, settings)
+        _check(rows, block * 4, cap * 4 if path != "wide" else cap, rounds, **kw)
 
 
 def test_split_at_gpt2_vocabulary_with_default_sizes():
@@ -139,7 +131,7 @@ def test_a_split_draw_is_a_fixed_launch_sequence_with_no_host_sync():
     call, whatever the row's values (a greedy row, a flat one), and no op that syncs the host."""
     from benchmarks.step_trace import trace_step
 
-    params = _rows(2, "cpu", 0.8, 50, 0.9)
+    params = row_parameters(2, "cpu", 0.8, 50, 0.9)
     seeds, offsets, out = torch.tensor([1, 2]), torch.zeros(2, dtype=torch.int64), torch.empty(2, dtype=torch.int64)
     traces = []
     for x in (torch.randn(2, 700) * 3, torch.zeros(2, 700), torch.full((2, 700), float("nan"))):
@@ -150,18 +142,17 @@ def test_a_split_draw_is_a_fixed_launch_sequence_with_no_host_sync():
 
 
 def test_the_uniform_is_philox_bit_for_bit():
-    """With no filter and one token of all the weight per slice boundary... simplest: a two-token
-    row (weights 1 and 1) draws token 1 exactly when the row's uniform is >= 0.5."""
+    """A two-token row of equal weights draws token 1 exactly when the row's uniform is >= 0.5."""
     x = torch.zeros(64, 2)
     seeds = torch.arange(64, dtype=torch.int64) * 7919 - 2**40
     u = uniforms(seeds, torch.full((64,), 3, dtype=torch.int64))
-    out = sample_split(x, *_rows(64, x.device), seeds, torch.full((64,), 3, dtype=torch.int64))
+    out = sample_split(x, *row_parameters(64, x.device), seeds, torch.full((64,), 3, dtype=torch.int64))
     assert torch.equal(out, (u >= 0.5).long())
 
 
 def test_ops_agree_with_each_other_and_opcheck():
     x = torch.randn(3, 90, generator=torch.Generator().manual_seed(2))
-    params = _rows(3, x.device, top_k=20, top_p=0.8)
+    params = row_parameters(3, x.device, top_k=20, top_p=0.8)
     seeds, offsets = torch.tensor([5, 6, 7]), torch.tensor([0, 9, 2**40])
     drawn = sample_split(x, *params, seeds, offsets)
     out = torch.full((3,), -5)
@@ -181,7 +172,7 @@ def test_cuda_dispatch_and_both_cuda_samplers_draw_the_reference(rows):
     want = sample_ref(x, **kw)
     assert torch.equal(sample(x, **kw), want)
     assert (rows < sampling_split.split_max_rows(x.device)) == (rows < 132)  # H100 / H200
-    per_row = (*_rows(rows, x.device, 0.8, 50, 0.95), row_seeds(3, rows, x.device),
+    per_row = (*row_parameters(rows, x.device, 0.8, 50, 0.95), row_seeds(3, rows, x.device),
                torch.ones(rows, dtype=torch.int64, device="cuda"))
     assert torch.equal(sample_split(x, *per_row), want)
     assert torch.equal(sample_blockwise(x, *per_row), want)
@@ -191,7 +182,7 @@ def test_cuda_dispatch_and_both_cuda_samplers_draw_the_reference(rows):
 def test_cuda_graph_replays_draw_fresh_tokens():
     """Captured once, replayed as a decode loop does: each replay reads the advanced offsets."""
     x = (torch.randn(2, 50257, generator=torch.Generator().manual_seed(1)) * 3).cuda()
-    per_row = (*_rows(2, x.device, 0.8, 50, 0.95), row_seeds(9, 2, x.device))
+    per_row = (*row_parameters(2, x.device, 0.8, 50, 0.95), row_seeds(9, 2, x.device))
     offsets = torch.zeros(2, dtype=torch.int64, device="cuda")
     out = torch.full((2,), -9, dtype=torch.int64, device="cuda")
     sample_split_(x, *per_row, offsets, out)  # warm-up: compiles, allocates the work buffers
